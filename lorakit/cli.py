@@ -1,0 +1,298 @@
+"""The `lorakit` command line: parse arguments, call one function per command, render the result.
+
+Nothing here knows how a model is built or trained. Heavy libraries are imported by the functions
+that the commands call, so `lorakit --help` and `lorakit validate` on a schema problem stay fast.
+Every `LorakitError` becomes one message and its exit code (2 bad input, 1 runtime failure); other
+exceptions print one line unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lorakit import __version__
+from lorakit.errors import EXIT_RUNTIME, EXIT_SIGINT, Interrupted, LorakitError
+
+app = typer.Typer(
+    name="lorakit",
+    help="Fine-tune language models with LoRA and QLoRA from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state: dict[str, Any] = {"debug": False}
+
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (parsed as YAML), e.g. --set lora.r=32.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for CI scripts).")]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+
+
+def ci_mode() -> bool:
+    """Plain output (no colour, no spinners) when CI=true or stdout is not a terminal."""
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or not sys.stdout.isatty()
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    plain = ci_mode()
+    return Console(stderr=stderr, no_color=plain, highlight=not plain, soft_wrap=plain,
+                   force_terminal=False if plain else None, width=120 if plain else None)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
+    """Run a command body; turn errors into a message and an exit code."""
+    try:
+        return fn()
+    except LorakitError as e:
+        if json_mode:
+            _print_json({"ok": False, **e.to_json()})
+        else:
+            console(stderr=True).print(f"[bold red]error:[/] {e.render()}", markup=True, highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    except Interrupted as e:  # stopped by a signal after saving a checkpoint; train printed how to resume
+        if json_mode:
+            _print_json({"ok": False, "interrupted": e.signal_name, "checkpoint": e.checkpoint,
+                         "exit_code": e.exit_code})
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        console(stderr=True).print("interrupted")
+        raise typer.Exit(EXIT_SIGINT) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+        if _state["debug"]:
+            raise
+        console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {e}\n"
+                                   "This is a bug or an environment problem; run with --debug for the traceback.",
+                                   markup=True, highlight=False)
+        raise typer.Exit(EXIT_RUNTIME) from None
+
+
+def _load(recipe_path: Path, overrides: list[str] | None):
+    from lorakit.recipe import load_recipe
+
+    return load_recipe(recipe_path, overrides or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for unexpected errors.")] = False,
+) -> None:
+    """Fine-tune language models with LoRA and QLoRA from one YAML recipe."""
+    _state["debug"] = debug
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = False,
+             offline: Annotated[bool, typer.Option("--schema-only", help="Check the schema only (no files, no model).")] = False) -> None:
+    """Check a recipe: schema, files, model config and target modules. Loads no weights."""
+    from lorakit.validate import validate_recipe
+
+    def body():
+        r = _load(recipe, set_)
+        report = {"ok": True, "recipe": str(recipe), "checks": []} if offline else validate_recipe(r)
+        if json_out:
+            _print_json(report)
+            return
+        out = console()
+        for check in report["checks"]:
+            out.print(f"  ok  {check}", highlight=False)
+        for warning in report.get("warnings", []):
+            out.print(f"  [yellow]warning[/]  {warning}", highlight=False)
+        out.print(f"{recipe}: valid", highlight=False)
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", flag_value="latest", metavar="[RUN_DIR]",
+        help="Continue from the latest complete checkpoint (of RUN_DIR, or of the recipe's output dir).")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Launch on N GPUs through accelerate.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train an adapter (SFT or GRPO) from a recipe and write the run directory."""
+    if gpus and gpus > 1 and "LOCAL_RANK" not in os.environ:
+        from lorakit.launch import relaunch
+
+        raise typer.Exit(relaunch(gpus, [a for a in sys.argv[1:]]))
+
+    def body():
+        from lorakit.train import run_training
+
+        r = _load(recipe, set_)
+        summary = run_training(r, overwrite=overwrite, resume=resume, console=console(), json_mode=json_out)
+        if json_out:
+            _print_json({"ok": True, **summary})
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def estimate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 24GiB or 80GB.")] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="A GPU name (e.g. rtx4090, a100-80gb, h100).")] = None,
+    device: Annotated[str, typer.Option("--device", help="Device to estimate for: cuda or cpu.")] = "cuda",
+    json_out: JsonOpt = False,
+) -> None:
+    """Exact parameter counts and a memory forecast for a recipe, without loading weights."""
+
+    def body():
+        from lorakit.estimate import estimate as run_estimate
+        from lorakit.estimate import parse_bytes
+
+        if device not in ("cuda", "cpu"):
+            raise LorakitError(f"--device: expected cuda or cpu (got {device!r})")
+        r = _load(recipe, set_)
+        budget_bytes = parse_bytes(budget) if budget else None
+        result = run_estimate(r, device=device, budget_bytes=budget_bytes, gpu=gpu)
+        if json_out:
+            _print_json(result)
+            return
+        from lorakit.estimate_view import render
+
+        render(result, console())
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def merge(
+    source: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: from the run or adapter).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
+    verify: Annotated[bool, typer.Option("--verify", help="Compare logits of merged vs base+adapter.")] = False,
+    from_quantized: Annotated[bool, typer.Option(
+        "--from-quantized", help="Merge into the 4-bit-rounded base weights the adapter was trained on.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fold an adapter into its base, shard by shard, and write a standard checkpoint."""
+
+    def body():
+        from lorakit.merge import merge_adapter
+
+        if dtype not in ("bf16", "fp16", "fp32"):
+            raise LorakitError(f"--dtype: expected bf16, fp16 or fp32 (got {dtype!r})")
+        report = merge_adapter(source, out, base=base, dtype=dtype, verify=verify,
+                               overwrite=overwrite, from_quantized=from_quantized)
+        if json_out:
+            _print_json({"ok": True, **report})
+            return
+        c = console()
+        for key, value in report.items():
+            c.print(f"  {key}: {value}", highlight=False)
+        c.print(f"merged checkpoint written to {out}", highlight=False)
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `lorakit train`.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],
+    base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model, without the adapter.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+) -> None:
+    """Answer a prompt with the trained adapter (or the base alone) to see what training changed."""
+
+    def body():
+        from lorakit.generate import generate as run_generate
+
+        typer.echo(run_generate(run_dir, prompt, base_only=base_only, max_new_tokens=max_new_tokens))
+
+    _run(body)
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the recipe.")] = Path("recipe.yaml"),
+    preset: Annotated[str, typer.Option("--preset", help="Starting point: see `lorakit recipes`.")] = "quickstart",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented starter recipe."""
+
+    def body():
+        from lorakit.shipped import write_starter
+
+        write_starter(preset, path, force=force)
+        console().print(f"wrote {path} (preset {preset}); check it with: lorakit validate {path}", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None) -> None:
+    """Print the recipe's JSON Schema (for editors' YAML language servers)."""
+
+    def body():
+        from lorakit.atomic import atomic_write_text
+        from lorakit.recipe import json_schema
+
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if out:
+            atomic_write_text(out, text)
+        else:
+            sys.stdout.write(text)
+
+    _run(body)
+
+
+@app.command()
+def recipes(json_out: JsonOpt = False) -> None:
+    """List the shipped recipes, one line each."""
+
+    def body():
+        from lorakit.shipped import list_recipes
+
+        items = list_recipes()
+        if json_out:
+            _print_json([{"name": n, "path": str(p), "description": d} for n, p, d in items])
+            return
+        from rich.table import Table
+
+        table = Table("recipe", "description", box=None, show_edge=False)
+        for name, _, description in items:
+            table.add_row(name, description)
+        console().print(table)
+
+    _run(body, json_mode=json_out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

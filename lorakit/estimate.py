@@ -1,0 +1,459 @@
+"""`lorakit estimate`: exact parameter counts and a memory forecast for a recipe, without weights.
+
+Parameters are counted from the model's shape (shapes.py) the way peft counts them: LoRA adds
+r*(in+out) per adapted module, DoRA a magnitude vector of out_features, `modules_to_save` a full
+trainable copy of the module, `bias: all|lora_only` unfreezes biases.
+
+Memory is a model of one training step on one device, term by term (weights in their storage
+format, adapter, gradients, optimizer states, activations saved for backward, logits and loss
+buffers, runtime overhead). The activation term follows what autograd saves in a transformers
+decoder layer under bf16 autocast (RMSNorm's fp32 upcast, the SDPA inputs and output, the SwiGLU
+operands, LoRA dropout masks and inputs). `CONSTANTS` holds the few numbers fitted on a GPU run
+(scripts/bench_estimate.py, bench/estimate.md); change them there, nowhere else.
+
+Only pydantic-free stdlib code here: no torch, so the answer comes in milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from lorakit.errors import LorakitError
+from lorakit.shapes import ModelShape, check_modules_to_save, check_targets, load_shape
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Calibratable constants of the memory model (fitted with scripts/bench_estimate.py)."""
+
+    context_bytes: int = 768 * MiB
+    """CUDA context + kernels loaded by torch/cuBLAS/bitsandbytes: device memory outside torch's allocator
+    (measured 767 MiB on an H100 with torch 2.11 + CUDA 13)."""
+    workspace_bytes: int = 64 * MiB
+    """cuBLAS/cuBLASLt workspaces and small buffers taken through torch's allocator."""
+    fragmentation: float = 0.02
+    """Reserved / allocated - 1 at the peak: the caching allocator's rounding and fragmentation."""
+    logits_cached_bytes_per_elem: float = 3.0
+    """Reserved but unallocated at the peak per (token x vocab): the caching allocator keeps the block of
+    a freed fp32 logits-sized tensor that the loss's backward cannot reuse (fitted on 14 configs: 3.0; single configs 2.4 to 5.6)."""
+    activation_factor: float = 1.0
+    """Multiplier on the analytic activation bytes (saved tensors) per layer (fitted: 1.0)."""
+    backward_factor: float = 1.0
+    """Multiplier on the backward pass's transient gradient buffers of one layer (1.0; not yet the peak in bench)."""
+    logits_bytes_per_elem: float = 12.0
+    """Bytes per (token x vocab) at the loss: fp32 log-softmax saved + its gradient + the input grad."""
+    liger_logits_bytes_per_hidden: float = 16.0
+    """With Liger's fused linear cross-entropy: bytes per (token x hidden) (chunked logits, input grad)."""
+
+
+CONSTANTS = Constants()
+
+# Common GPUs: usable memory (what the card reports), for --gpu.
+GPUS: dict[str, int] = {
+    "t4": 15 * GiB, "l4": 22 * GiB, "a10": 22 * GiB, "a10g": 22 * GiB, "rtx3090": 24 * GiB, "rtx4090": 24 * GiB,
+    "rtx5090": 32 * GiB, "rtx4080": 16 * GiB, "rtx3060": 12 * GiB, "v100": 16 * GiB, "v100-32gb": 32 * GiB,
+    "a100-40gb": 40 * GiB, "a100": 80 * GiB, "a100-80gb": 80 * GiB, "l40s": 45 * GiB, "a6000": 48 * GiB,
+    "h100": 80 * GiB, "h100-80gb": 80 * GiB, "h100-94gb": 94 * GiB, "h200": 141 * GiB, "b200": 180 * GiB,
+    "mi300x": 192 * GiB,
+}
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": MiB, "gib": GiB, "tib": 1024 ** 4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'24GiB', '80GB', '24g', '1.5 TiB', 1234 -> bytes. GB/G are decimal, GiB binary."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise LorakitError(f"--budget: cannot read {text!r} as a size", hint="write e.g. 24GiB, 80GB or 16000MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def gpu_bytes(name: str) -> int:
+    key = name.strip().lower().replace("_", "-").replace(" ", "")
+    key = {"4090": "rtx4090", "3090": "rtx3090", "a100-80g": "a100-80gb", "a100-40g": "a100-40gb"}.get(key, key)
+    if key not in GPUS:
+        raise LorakitError(f"--gpu: unknown GPU {name!r}", hint=f"known: {', '.join(sorted(GPUS))}; or --budget 24GiB")
+    return GPUS[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters (exact, as peft counts them)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _adapted_layers(shape: ModelShape, layers: list[int] | None) -> int:
+    return len(set(layers)) if layers else shape.num_layers
+
+
+def count_params(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str]) -> dict:
+    """Base, trainable and added parameters; a row per adapted module (peft's counting)."""
+    r = lora.r
+    n_layers = _adapted_layers(shape, lora.layers)
+    rows, lora_params, added = [], 0, 0
+    for name in targets:
+        if name in shape.linears:
+            i, o, _ = shape.linears[name]
+            count = n_layers
+        elif name == "lm_head":
+            i, o, count = shape.hidden, shape.vocab, 0 if lora.layers else 1
+        elif name == "embed_tokens":
+            i, o, count = shape.vocab, shape.hidden, 0 if lora.layers else 1
+        else:
+            continue
+        per = r * (i + o) + (o if lora.dora and name != "embed_tokens" else 0)
+        rows.append({"module": name, "in_features": i, "out_features": o, "layers": count,
+                     "params_per_layer": per, "count": per * count})
+        lora_params += per * count
+    added = lora_params
+    bias_params = 0
+    if lora.bias == "all":
+        bias_params = shape.num_layers * shape.layer_biases
+    elif lora.bias == "lora_only":
+        bias_params = sum(shape.linears[t][1] * n_layers for t in targets if t in shape.linears and shape.linears[t][2])
+    save_params = 0
+    for name in modules_to_save:
+        p = shape.module_params(name) * shape.module_count(name)
+        save_params += p
+        rows.append({"module": f"{name} (modules_to_save)", "in_features": None, "out_features": None,
+                     "layers": shape.module_count(name), "params_per_layer": shape.module_params(name), "count": p})
+    added += save_params
+    trainable = lora_params + save_params + bias_params
+    if bias_params:
+        rows.append({"module": f"biases ({lora.bias})", "in_features": None, "out_features": None, "layers": None,
+                     "params_per_layer": None, "count": bias_params})
+    total = shape.total_params
+    with_adapter = total + added
+    return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / with_adapter, 6),
+            "total_with_adapter": with_adapter, "lora": lora_params, "modules_to_save": save_params,
+            "biases": bias_params, "by_module": rows}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage of the base weights
+# ---------------------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def bytes_4bit(n: int, double_quant: bool, blocksize: int = 64) -> int:
+    """bitsandbytes Params4bit: packed nibbles + absmax per block (double quant: 8-bit absmax per block,
+    fp32 absmax per 256 of those, a 256-entry fp32 code and an offset), + the 16-value 4-bit code."""
+    blocks = -(-n // blocksize)
+    packed = (n + 1) // 2
+    if double_quant:
+        absmax = blocks + 4 * (-(-blocks // 256)) + 256 * 4 + 4
+    else:
+        absmax = 4 * blocks
+    return packed + absmax + 16 * 4
+
+
+def bytes_8bit(i: int, o: int) -> int:
+    """LLM.int8 Int8Params: int8 weight + one fp32 scale per output row."""
+    return i * o + 4 * o
+
+
+def weight_storage(shape: ModelShape, bits: int | None, *, dtype_bytes: int, unquantized_bytes: int,
+                   double_quant: bool = True) -> dict:
+    """Bytes of the base weights as stored on the device, and which tensors stay unquantized."""
+    quantized = 0
+    n = shape.num_layers
+    for i, o, _ in shape.linears.values():
+        w = i * o
+        if bits == 4:
+            quantized += n * bytes_4bit(w, double_quant)
+        elif bits == 8:
+            quantized += n * bytes_8bit(i, o)
+    if bits in (4, 8):
+        unq_params = shape.total_params - n * shape.layer_linear_weights
+        unq = unq_params * unquantized_bytes
+        kept = ["embed_tokens", "norms"] + ([] if shape.tie_word_embeddings else ["lm_head"])
+        if shape.layer_biases:
+            kept.append("biases")
+        return {"quantized_bytes": quantized, "unquantized_bytes": unq, "unquantized_params": unq_params,
+                "unquantized_dtype": {4: "fp32", 2: "bf16"}.get(unquantized_bytes, "fp32"),
+                "unquantized": kept, "total_bytes": quantized + unq}
+    return {"quantized_bytes": 0, "unquantized_bytes": shape.total_params * dtype_bytes,
+            "unquantized_params": shape.total_params, "unquantized_dtype": {4: "fp32", 2: "bf16"}[dtype_bytes],
+            "unquantized": ["all"], "total_bytes": shape.total_params * dtype_bytes}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory of one training step
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """The resolved knobs of a training run that decide its memory."""
+
+    bits: int | None
+    double_quant: bool
+    weight_bytes: int  # bytes per unquantized weight as loaded (bf16: 2)
+    act_bytes: int  # compute dtype (autocast) bytes
+    optimizer: str
+    attn: str  # sdpa | eager | flash_attention_2 | flex_attention
+    liger: bool
+    dropout: float
+    batch: int
+    seq: int
+    checkpointing: bool
+    device: str
+
+
+def optimizer_bytes(trainable_tensors: list[int], optimizer: str) -> int:
+    """State bytes for the given trainable tensor sizes."""
+    total = 0
+    for n in trainable_tensors:
+        if optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+            total += 8 * n
+        elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            # bitsandbytes keeps tensors under 4096 elements in 32-bit; 8-bit states carry an fp32 absmax per 256
+            total += 8 * n if n < 4096 else 2 * n + 2 * 4 * (-(-n // 256))
+        elif optimizer == "adafactor":
+            total += 4 * n  # factored second moment is smaller for matrices; bound by one fp32 state
+        elif optimizer == "sgd":
+            total += 0
+    return total
+
+
+def _trainable_tensors(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str]) -> list[int]:
+    n_layers = _adapted_layers(shape, lora.layers)
+    out: list[int] = []
+    for name in targets:
+        if name in shape.linears:
+            i, o, _ = shape.linears[name]
+            k = n_layers
+        else:
+            i, o = (shape.hidden, shape.vocab) if name == "lm_head" else (shape.vocab, shape.hidden)
+            k = 0 if lora.layers else 1
+        out += [lora.r * i, lora.r * o] * k
+        if lora.dora:
+            out += [o] * k
+    for name in modules_to_save:
+        out += [shape.module_params(name)] * shape.module_count(name)
+    return out
+
+
+def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> dict:
+    """Bytes saved for backward per token: per layer (full) and per layer with checkpointing."""
+    a = s.act_bytes
+    kbit = s.bits in (4, 8)
+    resid = 4 if kbit else s.weight_bytes  # prepare_model_for_kbit_training leaves the residual stream in fp32
+    h, i_, nh, nkv, d = shape.hidden, shape.intermediate, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    n_norms = sum(1 for k in shape.norms if k not in ("q_norm", "k_norm"))
+    norms = 4 * h * n_norms  # RMSNorm keeps its fp32 input for backward
+    if "q_norm" in shape.norms:
+        norms += 4 * d * (nh + nkv)
+    attn = a * (2 * nh * d + 2 * nkv * d) + 4 * nh  # SDPA: q, k, v, out + fp32 logsumexp
+    if s.attn == "eager":
+        attn += a * 2 * nh * d + (4 + a) * nh * s.seq  # repeated k/v, fp32 softmax + its bf16 copy (seq^2)
+    # bnb Linear4bit/8bit return their input's dtype: with the fp32 residual stream of a kbit-prepared
+    # model the MLP intermediates are fp32
+    mlp_bytes = 4 if kbit else a
+    mlp = 3 * mlp_bytes * i_  # act(gate) input, act output, up (saved by the product)
+    adapted = set(targets)
+    lora_saved = 0
+    shared_inputs: set[str] = set()
+    inputs = {"q_proj": ("attn_in", h), "k_proj": ("attn_in", h), "v_proj": ("attn_in", h), "qkv_proj": ("attn_in", h),
+              "o_proj": ("attn_out", nh * d), "gate_proj": ("mlp_in", h), "up_proj": ("mlp_in", h),
+              "gate_up_proj": ("mlp_in", h), "down_proj": ("mlp_mid", i_)}
+    for name in shape.linears:
+        if name not in adapted:
+            continue
+        key, width = inputs.get(name, (name, shape.linears[name][0]))
+        lora_saved += lora.r * a  # lora_A output, saved by lora_B
+        if s.dropout > 0:
+            lora_saved += (1 + a) * width  # dropout mask + the dropped input (compute dtype)
+        elif kbit:
+            lora_saved += a * width  # autocast copy of the fp32 input, one per module
+        elif key not in shared_inputs and key != "attn_out":  # attention output is already saved by SDPA
+            shared_inputs.add(key)
+            lora_saved += a * width
+    layer = norms + attn + mlp + lora_saved
+    ckpt = resid * h  # checkpointed layer keeps only its input hidden state
+    backward = 3 * mlp_bytes * i_ + 2 * resid * h  # one layer's gradient buffers at their widest (the MLP)
+    return {"layer": layer, "checkpointed_layer": ckpt, "backward": backward, "final_norm": 4 * h,
+            "resid_bytes": resid}
+
+
+def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str], params: dict, s: Setup,
+           c: Constants | None = None) -> dict:
+    """Breakdown of device memory for one training step (bytes)."""
+    c = c or CONSTANTS
+    kbit = s.bits in (4, 8)
+    unq_bytes = 4 if kbit else s.weight_bytes
+    store = weight_storage(shape, s.bits, dtype_bytes=s.weight_bytes, unquantized_bytes=unq_bytes,
+                           double_quant=s.double_quant)
+    weights = store["total_bytes"]
+    save_bytes = params["modules_to_save"] * unq_bytes
+    lora_bytes = (params["lora"]) * 4  # peft keeps adapter weights in fp32
+    adapter = lora_bytes + save_bytes + (params["biases"] * 0)
+    gradients = lora_bytes + save_bytes + params["biases"] * unq_bytes
+    opt = optimizer_bytes(_trainable_tensors(shape, lora, targets, modules_to_save), s.optimizer)
+    if params["biases"]:
+        opt += optimizer_bytes([params["biases"]], s.optimizer)
+    paged = s.optimizer.startswith("paged_")
+
+    tokens = s.batch * s.seq
+    t = activation_terms(shape, lora, targets, s)
+    n = shape.num_layers
+    full_layer = t["layer"] * c.activation_factor
+    saved_per_token = (n * (t["checkpointed_layer"] if s.checkpointing else full_layer) + t["final_norm"])
+    activations = int(tokens * saved_per_token)
+    if s.liger:
+        logits = int(tokens * shape.hidden * c.liger_logits_bytes_per_hidden)
+    else:
+        logits = int(tokens * shape.vocab * c.logits_bytes_per_elem)
+    if kbit:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
+        logits += shape.vocab * shape.hidden * s.act_bytes
+    dequant = max(i * o for i, o, _ in shape.linears.values()) * s.act_bytes if s.bits == 4 else 0
+    backward = tokens * t["backward"] * c.backward_factor
+    recompute = tokens * full_layer if s.checkpointing else 0
+    # the peak is either at the loss (all saved activations + loss buffers) or, with checkpointing,
+    # while the last layer is recomputed and differentiated
+    transient = max(logits, recompute + backward) + dequant
+    static = weights + adapter + gradients + (0 if paged else opt)
+    allocated = int(static + activations + transient + c.workspace_bytes)
+    cached = 0 if s.liger else tokens * shape.vocab * c.logits_cached_bytes_per_elem
+    reserved = int(allocated * (1 + c.fragmentation) + cached)
+    overhead = c.context_bytes + c.workspace_bytes + (reserved - allocated)
+    peak = reserved + c.context_bytes + (opt if paged else 0)
+    return {
+        "weights_bytes": int(weights), "adapter_bytes": int(adapter), "gradients_bytes": int(gradients),
+        "optimizer_bytes": int(opt), "activations_bytes": int(activations + max(0, transient - logits)),
+        "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
+        "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved,
+        "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
+            int(t["checkpointed_layer"]), "optimizer_paged": paged,
+        "weights": {"quantized_bytes": int(store["quantized_bytes"]), "unquantized_bytes": int(store["unquantized_bytes"]),
+                    "unquantized": store["unquantized"], "unquantized_dtype": store["unquantized_dtype"]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipe -> result
+# ---------------------------------------------------------------------------------------------------
+
+
+def _setup(recipe, device: str, shape: ModelShape, *, batch=None, seq=None, checkpointing=None) -> Setup:
+    q, t = recipe.quantization, recipe.train
+    bits = q.resolved_bits(device)
+    cuda = device == "cuda"
+    wdt = recipe.model.dtype if recipe.model.dtype != "auto" else ("bf16" if cuda else "fp32")
+    prec = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+    if bits:
+        cdt = q.compute_dtype if q.compute_dtype != "auto" else ("bf16" if cuda else "fp32")
+        act = _DTYPE_BYTES[cdt] if prec == "fp32" else _DTYPE_BYTES[prec]
+    else:
+        act = _DTYPE_BYTES[prec]
+    opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+    attn = recipe.model.attn_implementation
+    attn = "sdpa" if attn == "auto" else attn
+    liger = bool(t.liger) if t.liger != "auto" else (cuda and _liger_installed())
+    gc = t.gradient_checkpointing
+    return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
+                 optimizer=opt, attn=attn, liger=liger, dropout=recipe.lora.dropout,
+                 batch=batch or t.batch_size, seq=seq or recipe.data.max_length,
+                 checkpointing=bool(checkpointing if checkpointing is not None else (cuda if gc == "auto" else gc)),
+                 device=device)
+
+
+def _liger_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("liger_kernel") is not None
+
+
+def artifacts(shape: ModelShape, params: dict, merged_dtype: str) -> dict:
+    """Adapter file (safetensors, fp32 adapter weights as peft saves them) and merged checkpoint sizes."""
+    adapter = params["lora"] * 4 + params["modules_to_save"] * 4 + params["biases"] * 4
+    merged = shape.total_params * _DTYPE_BYTES[merged_dtype]
+    return {"adapter_bytes": int(adapter), "merged_bytes": int(merged)}
+
+
+def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:
+    """Verdict for a budget: fits as is, largest micro-batch / seq, whether checkpointing is needed."""
+    def peak(**kw) -> int:
+        return memory(shape, lora, targets, mts, params, Setup(**{**asdict(base), **kw}))["peak_bytes"]
+
+    def largest(gc: bool, limit: int = 1024) -> int:
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if peak(batch=mid, checkpointing=gc) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    out = {"budget_bytes": int(budget), "fits": peak() <= budget, "headroom_bytes": int(budget - peak())}
+    b_no, b_gc = largest(False), largest(True)
+    out["max_batch_without_checkpointing"] = b_no
+    out["max_batch_with_checkpointing"] = b_gc
+    out["max_batch"] = b_gc if base.checkpointing else b_no
+    out["needs_checkpointing"] = peak(checkpointing=False) > budget
+    if b_gc == 0:
+        seq = base.seq
+        while seq > 16 and peak(batch=1, seq=seq, checkpointing=True) > budget:
+            seq //= 2
+        out["max_seq_len_at_batch_1"] = seq if peak(batch=1, seq=seq, checkpointing=True) <= budget else 0
+    return out
+
+
+def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, gpu: str | None = None) -> dict:
+    """Parameters, memory breakdown, artifacts and (with a budget) a verdict for `recipe` on `device`."""
+    from lorakit.recipe import located
+
+    with located(recipe):
+        shape = load_shape(recipe.base_model, revision=recipe.model.revision,
+                           trust_remote_code=recipe.model.trust_remote_code)
+        targets = check_targets(shape, recipe.lora)
+        mts = check_modules_to_save(shape, list(recipe.lora.modules_to_save))
+    if gpu and budget_bytes is None:
+        budget_bytes = gpu_bytes(gpu)
+    params = count_params(shape, recipe.lora, targets, mts)
+    auto_gc = recipe.train.gradient_checkpointing == "auto"
+    s = _setup(recipe, device, shape)
+    verdict = None
+    if budget_bytes is not None:
+        if auto_gc and device == "cuda":
+            s.checkpointing = memory(shape, recipe.lora, targets, mts, params,
+                                     Setup(**{**asdict(s), "checkpointing": False}))["peak_bytes"] > budget_bytes
+        verdict = _fits(shape, recipe.lora, targets, mts, params, s, budget_bytes)
+        verdict["gpu"] = gpu
+    mem = memory(shape, recipe.lora, targets, mts, params, s)
+    return {
+        "base_model": recipe.base_model, "model": shape.summary(), "targets": targets,
+        "params": params, "memory": mem,
+        "setup": {"device": device, "bits": s.bits, "double_quant": s.double_quant, "optimizer": s.optimizer,
+                  "attention": s.attn, "liger": s.liger, "batch_size": s.batch, "seq_len": s.seq,
+                  "gradient_checkpointing": s.checkpointing, "compute_dtype_bytes": s.act_bytes,
+                  "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout},
+        "artifacts": artifacts(shape, params, recipe.output.merged_dtype),
+        "verdict": verdict, "constants": asdict(CONSTANTS),
+    }
+
+
+__all__ = [
+    "CONSTANTS",
+    "GPUS",
+    "Constants",
+    "Setup",
+    "artifacts",
+    "bytes_4bit",
+    "bytes_8bit",
+    "count_params",
+    "estimate",
+    "gpu_bytes",
+    "memory",
+    "parse_bytes",
+    "weight_storage",
+]

@@ -1,0 +1,91 @@
+"""Rich rendering of an `estimate` result: parameters, per-module table, memory breakdown, verdict."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def human(n: float | None) -> str:
+    """Bytes as a short binary size (1.50 GiB)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _params_table(result: dict) -> Table:
+    p, m = result["params"], result["model"]
+    t = Table(title=f"Parameters: {result['base_model']} ({m['architecture']}, {m['num_layers']} layers)",
+              show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("base total", f"{p['total']:,}")
+    t.add_row("trainable", f"{p['trainable']:,}")
+    t.add_row("trainable %", f"{p['trainable_percent']:.4f}%")
+    t.add_row("targets", ", ".join(result["targets"]))
+    return t
+
+
+def _modules_table(result: dict) -> Table:
+    t = Table(title="Trainable parameters by module", title_justify="left")
+    for col, just in (("module", "left"), ("in x out", "right"), ("layers", "right"), ("count", "right")):
+        t.add_column(col, justify=just)
+    for row in result["params"]["by_module"]:
+        dims = f"{row['in_features']} x {row['out_features']}" if row.get("in_features") else "-"
+        t.add_row(row["module"], dims, str(row["layers"] if row["layers"] is not None else "-"), f"{row['count']:,}")
+    return t
+
+
+def _memory_table(result: dict) -> Table:
+    m, s = result["memory"], result["setup"]
+    bits = f"{s['bits']}-bit" if s["bits"] else "16/32-bit"
+    gc = "on" if s["gradient_checkpointing"] else "off"
+    t = Table(title=(f"Memory on one {s['device']} device: {bits} base, batch {s['batch_size']} x seq {s['seq_len']}, "
+                     f"checkpointing {gc}, {s['optimizer']}, {s['attention']}"
+                     + (", liger" if s["liger"] else "")), show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(style="dim")
+    w = m["weights"]
+    t.add_row("weights", human(m["weights_bytes"]),
+              f"quantized {human(w['quantized_bytes'])} + {w['unquantized_dtype']} "
+              f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}")
+    t.add_row("adapter", human(m["adapter_bytes"]), "fp32")
+    t.add_row("gradients", human(m["gradients_bytes"]), "")
+    t.add_row("optimizer states", human(m["optimizer_bytes"]), "paged (host-backed)" if m["optimizer_paged"] else "")
+    t.add_row("activations", human(m["activations_bytes"]),
+              f"{human(m['activations_per_token_per_layer'])}/token/layer"
+              + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed" if s["gradient_checkpointing"] else ""))
+    t.add_row("logits + loss", human(m["logits_bytes"]), "")
+    t.add_row("runtime overhead", human(m["overhead_bytes"]), "CUDA context, workspaces, allocator cache")
+    t.add_row("peak", human(m["peak_bytes"]), f"torch reserved {human(m['reserved_peak_bytes'])}", style="bold")
+    a = result["artifacts"]
+    t.add_row("adapter file", human(a["adapter_bytes"]), "")
+    t.add_row("merged checkpoint", human(a["merged_bytes"]), "")
+    return t
+
+
+def _verdict_lines(v: dict) -> list[str]:
+    where = v.get("gpu") or human(v["budget_bytes"])
+    lines = [f"[bold green]fits[/] on {where} (headroom {human(v['headroom_bytes'])})" if v["fits"] else
+             f"[bold red]does not fit[/] on {where} (over by {human(-v['headroom_bytes'])})"]
+    lines.append(f"largest micro-batch: {v['max_batch_without_checkpointing']} without checkpointing, "
+                 f"{v['max_batch_with_checkpointing']} with")
+    lines.append("gradient checkpointing: " + ("needed" if v["needs_checkpointing"] else "not needed"))
+    if "max_seq_len_at_batch_1" in v:
+        lines.append(f"longest sequence at batch 1 (checkpointing on): {v['max_seq_len_at_batch_1']}")
+    return lines
+
+
+def render(result: dict, console) -> None:
+    """Print the estimate for people."""
+    console.print(_params_table(result))
+    console.print(_modules_table(result))
+    console.print(_memory_table(result))
+    if result.get("verdict"):
+        for line in _verdict_lines(result["verdict"]):
+            console.print(line)

@@ -1,0 +1,536 @@
+"""`lorakit train`: a recipe in, a run directory out. SFT through TRL's SFTTrainer, GRPO through grpo.py.
+
+The flow: check the run directory may be written -> load the base + LoRA (models.py) -> prepare the
+data (data.py) -> only now replace an old run (--overwrite) and mark the run `running` -> eval loss and
+task metrics before -> train (TRL, with the progress / signal / NaN / checkpoint callbacks) -> eval
+after -> save the adapter atomically -> metrics, summary, loss plot -> optional merge -> `finished`.
+
+`training_args(recipe, run, device)` builds the options SFT and GRPO share (one mapping of the recipe
+onto transformers' TrainingArguments fields); `sft_config` adds the SFT-only ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError
+from lorakit.run_dir import FAILED, FINISHED, INTERRUPTED, RunDir
+
+log = logging.getLogger("lorakit")
+
+BEFORE_FILE = "before.json"  # eval results of the untrained adapter, kept for a resumed run
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and resolved options
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_threads() -> int:
+    """Threads for CPU math: OMP_NUM_THREADS if set, else the cores not already busy (at least 1).
+
+    On a CPU that other processes keep busy, OpenMP threads that wait for each other at every small
+    op make a step several times slower (measured: 2 threads 36 s vs 1 thread 9 s per step of the demo
+    model on a 2-core machine at load 5); using only the idle cores avoids that.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def resolved_options(recipe, device: str) -> dict:
+    """The `auto` choices of the train section, resolved for `device`."""
+    t = recipe.train
+    from lorakit.models import auto_dtype_name
+
+    precision = auto_dtype_name(device) if t.precision == "auto" else t.precision
+    if precision == "fp16" and device != "cuda":
+        raise LorakitError("train.precision: fp16 mixed precision needs a CUDA GPU (this machine has none)",
+                           field="train.precision", hint="use fp32 (or auto) on CPU")
+    gc = (device == "cuda") if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
+    optimizer = ("paged_adamw_8bit" if device == "cuda" else "adamw_torch") if t.optimizer == "auto" else t.optimizer
+    if t.liger == "auto":
+        import importlib.util
+
+        liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    else:
+        liger = bool(t.liger)
+    return {"precision": precision, "gradient_checkpointing": gc, "optimizer": optimizer, "liger": liger}
+
+
+def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
+    """TrainingArguments fields shared by SFT and GRPO, from the recipe."""
+    t = recipe.train
+    opts = resolved_options(recipe, device)
+    eval_on = has_eval and t.eval_steps is not None
+    return dict(
+        output_dir=str(run.checkpoints_dir),
+        max_steps=t.max_steps if t.max_steps else -1,
+        num_train_epochs=t.epochs,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        activation_checkpointing=opts["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False} if opts["gradient_checkpointing"] else None,
+        optim=opts["optimizer"],
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=opts["precision"] == "bf16",
+        fp16=opts["precision"] == "fp16",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=t.eval_steps if eval_on else None,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to,
+        disable_tqdm=True,
+        use_liger_kernel=opts["liger"],
+        torch_compile=t.torch_compile,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+    )
+
+
+def sft_config(recipe, common: dict, train_columns: list[str]):
+    """TRL SFTConfig: the shared options plus data handling (packing, masks, length)."""
+    from trl import SFTConfig
+
+    d = recipe.data
+    # Our rows are tokenized already (input_ids + completion_mask): TRL only builds labels from the mask,
+    # truncates and packs. Rows that carry their own labels skip TRL's preparation entirely.
+    skip = "labels" in train_columns and not d.packing
+    return SFTConfig(
+        **common,
+        max_length=d.max_length,
+        packing=d.packing,
+        padding_free=d.padding_free,
+        completion_only_loss=d.completion_only,
+        dataset_kwargs={"skip_prepare_dataset": True} if skip else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+class _Out:
+    """Where human-readable lines go: the given rich console, or stderr in JSON mode."""
+
+    def __init__(self, console, json_mode: bool):
+        if json_mode or console is None:
+            from rich.console import Console
+
+            from lorakit.progress import plain_output
+
+            plain = plain_output(None)
+            console = Console(stderr=True, no_color=plain, highlight=False) if json_mode or console is None else console
+        self.console = console
+
+    def print(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+
+def _run_dir_for(recipe, resume) -> RunDir:
+    from lorakit.recipe import output_dir
+
+    if isinstance(resume, str) and resume not in ("latest", "true", "True", ""):
+        return RunDir(resume)
+    return RunDir(output_dir(recipe))
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers/TRL/datasets to errors, no progress bars of their own, no deprecation noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*deprecated.*")
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _prepare_data(recipe, tokenizer):
+    from lorakit import data
+
+    if recipe.method == "grpo":
+        return data.prepare_grpo(recipe, tokenizer)
+    return data.prepare_sft(recipe, tokenizer)
+
+
+def _columns(ds) -> list[str]:
+    return list(getattr(ds, "column_names", None) or [])
+
+
+def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: list):
+    if recipe.method == "grpo":
+        from lorakit.grpo import build_grpo_trainer
+
+        return build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
+    from trl import SFTTrainer
+
+    config = sft_config(recipe, common, _columns(prepared.train))
+    return SFTTrainer(model=model, args=config, train_dataset=prepared.train,
+                      eval_dataset=prepared.eval if prepared.eval is not None else None,
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
+def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str) -> dict:
+    """Eval loss (SFT with eval rows) and task metrics (when the recipe names metrics)."""
+    from lorakit.recipe import recipe_dir
+
+    result: dict[str, Any] = {"eval_loss": None, "metrics": None, "samples": []}
+    if recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0:
+        ev = trainer.evaluate(metric_key_prefix="eval")
+        result["eval_loss"] = float(ev["eval_loss"]) if "eval_loss" in ev else None
+        out.print(f"eval loss {when}: {result['eval_loss']:.4f}")
+    examples = list(getattr(prepared, "eval_examples", None) or [])[: recipe.evaluate.samples]
+    if recipe.evaluate.metrics and examples:
+        from lorakit.evaluate import task_metrics
+
+        t0 = time.time()
+        tm = task_metrics(model, tokenizer, examples, recipe.evaluate.metrics, recipe_dir(recipe),
+                          max_new_tokens=recipe.evaluate.max_new_tokens, batch_size=32)
+        result["metrics"], result["samples"] = tm["metrics"], tm["samples"]
+        shown = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in tm["metrics"].items())
+        out.print(f"task metrics {when} ({tm['n']} held-out rows, {time.time() - t0:.0f}s): {shown}")
+    return result
+
+
+def _callbacks(recipe, run: RunDir, out: _Out):
+    from lorakit.guards import CheckpointMarker, GracefulStop, NonFiniteGuard
+    from lorakit.progress import ProgressCallback
+
+    progress = ProgressCallback(run.metrics_file, console=out.console)
+    stopper = GracefulStop()
+    guard = NonFiniteGuard(recipe.train.nan_policy)
+    return progress, stopper, guard, [progress, stopper, guard, CheckpointMarker()]
+
+
+def _remove_printer(trainer) -> None:
+    """disable_tqdm makes the Trainer print raw log dicts; our ProgressCallback prints instead."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def _save_adapter(model, tokenizer, run: RunDir) -> None:
+    with run.staged_dir(run.adapter_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+
+def _peak_memory(device: str) -> dict:
+    if device == "cuda":
+        import torch
+
+        return {"kind": "cuda", "max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+                "max_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+    import resource
+
+    return {"kind": "cpu_max_rss", "max_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _threads(device: str) -> int | None:
+    if device != "cpu":
+        return None
+    import torch
+
+    return torch.get_num_threads()
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("lorakit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate",
+                "liger-kernel"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _losses(history: list[dict]) -> dict:
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    return {"train": train, "eval": evals}
+
+
+def plot_losses(points: dict, path: Path, *, eval_before: float | None, eval_after: float | None,
+                title: str) -> Path:
+    """Loss curve PNG (matplotlib Agg): train loss per logged step, eval loss points."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorakit.atomic import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if points["train"]:
+        xs, ys = zip(*points["train"])
+        ax.plot(xs, ys, label="train loss", color="tab:blue")
+    ev = list(points["eval"])
+    last_step = points["train"][-1][0] if points["train"] else 0
+    if eval_before is not None:
+        ev = [(0, eval_before)] + ev
+    if eval_after is not None and not any(s == last_step for s, _ in points["eval"]):
+        ev.append((last_step, eval_after))
+    if ev:
+        xs, ys = zip(*ev)
+        ax.plot(xs, ys, "o--", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pct_change(before, after) -> float | None:
+    if before is None or after is None or not before:
+        return None
+    return 100.0 * (after - before) / before
+
+
+def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None = None, console=None,
+                 json_mode: bool = False) -> dict:
+    """Train the recipe's adapter into its run directory; return the summary (also in summary.json)."""
+    from lorakit.recipe import located, to_resolved_yaml
+
+    t_start = time.time()
+    out = _Out(console, json_mode)
+    device = pick_device()
+    resuming = bool(resume)
+    run = _run_dir_for(recipe, resume)
+    checkpoint = None
+    if resuming:
+        from lorakit.guards import latest_complete_checkpoint
+
+        run.check_resumable()
+        checkpoint = latest_complete_checkpoint(run.checkpoints_dir)
+        if checkpoint is None:
+            raise LorakitError(f"--resume: {run.path} has no complete checkpoint to resume from",
+                               hint="set train.save_steps to save checkpoints, or start over with --overwrite")
+    else:
+        run.check_new(overwrite=overwrite)
+    with located(recipe):
+        resolved_options(recipe, device)  # input errors before any weight is loaded
+    _quiet_libraries()
+
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    from lorakit.models import describe_params, load_for_training
+
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(cpu_threads())
+        out.print(f"device: cpu ({torch.get_num_threads()} threads); loading {recipe.base_model} ...")
+    else:
+        out.print(f"device: {device}; loading {recipe.base_model} ...")
+    with located(recipe):
+        model, tokenizer, info = load_for_training(recipe, device)
+        out.print(describe_params(info))
+        prepared = _prepare_data(recipe, tokenizer)
+    report = dict(getattr(prepared, "report", None) or {})
+    if report:
+        out.print("data: " + ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, (dict, list))))
+
+    # inputs are valid: only now may an old run go
+    if overwrite and not resuming:
+        run.replace_old()
+    run.begin(to_resolved_yaml(recipe), resumed=resuming)
+    if checkpoint is not None:
+        run.truncate_metrics(int(checkpoint.name.split("-")[-1]))
+        out.print(f"resuming from {checkpoint}")
+    try:
+        return _train_and_save(recipe, run, device, model, tokenizer, info, prepared, report, out, checkpoint,
+                               t_start)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        run.set_state(INTERRUPTED, error="interrupted before a checkpoint could be saved")
+        raise
+    except LorakitError as e:
+        if run.state != FAILED:
+            run.set_state(FAILED, error=e.message)
+        raise
+    except BaseException as e:
+        run.set_state(FAILED, error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepared, report, out: _Out,
+                    checkpoint, t_start) -> dict:
+    has_eval = recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0
+    common = training_args(recipe, run, device, has_eval=has_eval)
+    progress, stopper, guard, callbacks = _callbacks(recipe, run, out)
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, common, callbacks)
+    _remove_printer(trainer)
+
+    before_path = run.path / BEFORE_FILE
+    if checkpoint is not None and before_path.exists():
+        import json
+
+        before = json.loads(before_path.read_text(encoding="utf-8"))
+    else:
+        before = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "before")
+        run.write_json(BEFORE_FILE, before)
+
+    t_train = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    train_seconds = time.time() - t_train
+    state = trainer.state
+
+    if stopper.signal_name:
+        from lorakit.guards import latest_complete_checkpoint
+
+        ckpt = latest_complete_checkpoint(run.checkpoints_dir)
+        run.set_state(INTERRUPTED, step=state.global_step, checkpoint=str(ckpt) if ckpt else None,
+                      signal=stopper.signal_name)
+        out.print(f"stopped by {stopper.signal_name} at step {state.global_step}; checkpoint {ckpt}. "
+                  f"Resume with: lorakit train RECIPE --resume {run.path}")
+        raise Interrupted(stopper.signal_name, str(ckpt) if ckpt else None, stopper.exit_code)
+    if guard.bad_step is not None:
+        from lorakit.guards import latest_complete_checkpoint
+
+        ckpt = latest_complete_checkpoint(run.checkpoints_dir)
+        msg = f"the loss or gradients became NaN/inf at step {guard.bad_step}"
+        run.set_state(FAILED, error=msg, step=guard.bad_step, checkpoint=str(ckpt) if ckpt else None)
+        raise LorakitError(
+            msg + (f"; the last good checkpoint is {ckpt}" if ckpt else ""), exit_code=EXIT_RUNTIME,
+            hint="lower train.lr, use bf16 instead of fp16, check the data for broken rows, "
+                 "or set train.nan_policy: skip")
+
+    after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after")
+    _save_adapter(model, tokenizer, run)
+
+    history = list(state.log_history)
+    points = _losses(history)
+    plot_losses(points, run.plot_file, eval_before=before["eval_loss"], eval_after=after["eval_loss"],
+                title=f"{recipe.name}: {recipe.base_model}")
+    tokens = int(state.num_input_tokens_seen or 0)
+    train_rt = next((h.get("train_runtime") for h in reversed(history) if "train_runtime" in h), None)
+    summary = {
+        "name": recipe.name,
+        "run_dir": str(run.path),
+        "state": FINISHED,
+        "method": recipe.method,
+        "base_model": recipe.base_model,
+        "base_dir": info["base_dir"],
+        "device": device,
+        "cpu_threads": _threads(device),
+        "resumed": checkpoint is not None,
+        "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"]},
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "loss": {"first": points["train"][0][1] if points["train"] else None,
+                 "last": points["train"][-1][1] if points["train"] else None},
+        "eval_loss": {"before": before["eval_loss"], "after": after["eval_loss"],
+                      "change_percent": _pct_change(before["eval_loss"], after["eval_loss"])},
+        "task_metrics": {"before": before["metrics"], "after": after["metrics"],
+                         "samples_before": before["samples"], "samples_after": after["samples"]},
+        "tokens": tokens,
+        "train_seconds": round(train_rt if train_rt else train_seconds, 2),
+        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "wall_seconds": None,
+        "peak_memory": _peak_memory(device),
+        "params": {"trainable": info["trainable_params"], "total": info["total_params"],
+                   "percent": info["trainable_percent"], "target_modules": info["target_modules"]},
+        "skipped_nonfinite_steps": guard.skipped,
+        "data": report,
+        "versions": library_versions(),
+        "artifacts": {"adapter": str(run.adapter_dir), "recipe": str(run.recipe_file),
+                      "metrics": str(run.metrics_file), "plot": str(run.plot_file)},
+    }
+    if recipe.output.save in ("merged", "both"):
+        summary["merge"] = _merge(recipe, run, out)
+        summary["artifacts"]["merged"] = str(run.merged_dir)
+    summary["wall_seconds"] = round(time.time() - t_start, 2)
+    run.write_json("summary.json", summary)
+    run.set_state(FINISHED, step=state.global_step)
+    _print_summary(summary, out)
+    return summary
+
+
+def _merge(recipe, run: RunDir, out: _Out) -> dict:
+    try:
+        from lorakit.merge import merge_adapter
+    except ImportError:
+        raise LorakitError("output.save: merged needs lorakit.merge, which is missing from this installation",
+                           field="output.save", exit_code=EXIT_RUNTIME) from None
+    out.print(f"merging the adapter into the base -> {run.merged_dir}")
+    report = merge_adapter(run.path, run.merged_dir, dtype=recipe.output.merged_dtype, overwrite=True)
+    if recipe.output.save == "merged":
+        pass  # the adapter stays: it is the run's primary artifact and small
+    return report
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+
+def _print_summary(s: dict, out: _Out) -> None:
+    el = s["eval_loss"]
+    lines = [f"finished {s['steps']} steps in {s['train_seconds']:.0f}s "
+             f"({s['tokens_per_s'] or 0:,.0f} tok/s); run dir {s['run_dir']}"]
+    if el["before"] is not None:
+        ch = f" ({el['change_percent']:+.1f}%)" if el["change_percent"] is not None else ""
+        lines.append(f"eval loss: {_fmt(el['before'])} -> {_fmt(el['after'])}{ch}")
+    tm = s["task_metrics"]
+    for name in (tm["after"] or {}):
+        lines.append(f"{name}: {_fmt((tm['before'] or {}).get(name), True)} -> {_fmt(tm['after'][name], True)}")
+    for sample in tm["samples_after"][:1]:
+        lines.append(f"sample prompt: {str(sample['prompt'])[:200]}")
+        lines.append(f"  after training: {sample['completion'][:200]}")
+    for sample in tm["samples_before"][:1]:
+        lines.append(f"  before training: {sample['completion'][:200]}")
+    for line in lines:
+        out.print(line)
+
+
+__all__ = ["run_training", "training_args", "sft_config", "resolved_options", "plot_losses", "pick_device"]

@@ -1,0 +1,265 @@
+"""GRPO through TRL on a tiny random model: config mapping, reward inputs, logged metrics, failures."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from lorakit.errors import LorakitError
+from lorakit.recipe import load_recipe
+
+RECORDER = textwrap.dedent("""
+    CALLS = []
+
+    def record(completions, prompts, completion_ids, answer, difficulty, **kwargs):
+        CALLS.append({"n": len(completions), "prompts": list(prompts), "answer": list(answer),
+                      "difficulty": list(difficulty), "ids": [len(i) for i in completion_ids],
+                      "keys": sorted(kwargs), "kind": type(completions[0]).__name__})
+        # varied rewards so the groups have a non-zero std (a real policy-gradient step)
+        return [float(len(c[0]["content"]) % 3) for c in completions]
+
+    def explode(completions, **kwargs):
+        raise RuntimeError("reward service down")
+""")
+
+
+def write_recipe(tmp_path, model_dir, **grpo) -> object:
+    (tmp_path / "my_rewards.py").write_text(RECORDER)
+    section = {"rewards": [{"fn": "my_rewards.py:record", "weight": 1.0},
+                           {"fn": "exact_answer", "weight": 0.5}],
+               "num_generations": 2, "max_completion_length": 8, "max_prompt_length": 64}
+    section.update(grpo)
+    data = {"name": "tiny-grpo", "base_model": str(model_dir), "method": "grpo",
+            "data": {"path": "unused.jsonl", "format": "prompt"},
+            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "logging_steps": 1, "seed": 0},
+            "grpo": section}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path)
+
+
+def rows(n=4):
+    return [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1),
+             "difficulty": f"d{i}"} for i in range(n)]
+
+
+def training_args(tmp_path, **over):
+    args = {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3, "logging_steps": 1, "report_to": [], "bf16": False,
+            "gradient_checkpointing": False, "save_strategy": "no", "seed": 0, "use_cpu": True, "disable_tqdm": True,
+            "max_length": 128, "packing": False}  # SFT-only keys: dropped for GRPOConfig
+    args.update(over)
+    return args
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return model, tok
+
+
+def prepared(n=4):
+    from datasets import Dataset
+
+    return SimpleNamespace(train=Dataset.from_list(rows(n)), eval=None)
+
+
+class LogRecorder:
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Rec(TrainerCallback):
+            def __init__(self):
+                self.logs = []
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                self.logs.append(dict(logs))
+
+        return _Rec()
+
+
+# ---------------------------------------------------------------- config mapping (no model)
+
+
+def test_config_maps_every_grpo_field(tmp_path):
+    from trl import GRPOConfig
+
+    from lorakit.grpo import grpo_config_kwargs
+
+    recipe = write_recipe(tmp_path, "tiny", num_generations=4, max_completion_length=16, temperature=0.7,
+                          top_p=0.9, beta=0.04, loss_type="dr_grpo", epsilon=0.3, log_completions=True)
+    kw = grpo_config_kwargs(recipe, training_args(tmp_path), world_size=1)
+    assert "max_length" not in kw and "packing" not in kw
+    cfg = GRPOConfig(**kw)
+    assert (cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p) == (4, 16, 0.7, 0.9)
+    assert (cfg.beta, cfg.loss_type, cfg.epsilon) == (0.04, "dr_grpo", 0.3)
+    assert cfg.reward_weights == [1.0, 0.5]
+    assert cfg.remove_unused_columns is False and cfg.log_completions is False  # our sample replaces TRL's table
+    assert cfg.generation_batch_size == 4 and cfg.steps_per_generation == 1
+    # TRL 1.16 dropped max_prompt_length: lorakit filters prompts itself
+    assert not hasattr(cfg, "max_prompt_length")
+
+
+@pytest.mark.parametrize("batch, accum, gens, expected", [(4, 1, 8, 8), (6, 1, 4, 12), (2, 2, 2, 4), (3, 2, 4, 12)])
+def test_default_generation_batch_holds_whole_groups(tmp_path, batch, accum, gens, expected):
+    from trl import GRPOConfig
+
+    from lorakit.grpo import grpo_config_kwargs
+
+    recipe = write_recipe(tmp_path, "tiny", num_generations=gens)
+    kw = grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=batch,
+                                                  gradient_accumulation_steps=accum), world_size=1)
+    cfg = GRPOConfig(**kw)  # TRL accepts it: divisible by the step batch and by num_generations
+    assert cfg.generation_batch_size == expected
+
+
+@pytest.mark.parametrize("gen, message", [(6, "multiple of the batch per step"),
+                                          (8, "multiple of grpo.num_generations 3")])
+def test_bad_generation_batch_size_names_the_field(tmp_path, gen, message):
+    from lorakit.grpo import grpo_config_kwargs
+
+    recipe = write_recipe(tmp_path, "tiny", num_generations=3, generation_batch_size=gen)
+    with pytest.raises(LorakitError) as e:
+        grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=4), world_size=1)
+    assert message in e.value.message and e.value.field == "grpo.generation_batch_size"
+
+
+def test_eval_batch_is_rounded_to_whole_groups(tmp_path):
+    from lorakit.grpo import grpo_config_kwargs
+
+    recipe = write_recipe(tmp_path, "tiny", num_generations=4)
+    kw = grpo_config_kwargs(recipe, training_args(tmp_path, eval_strategy="steps", eval_steps=1,
+                                                  per_device_eval_batch_size=6), world_size=1)
+    assert kw["per_device_eval_batch_size"] == 4
+
+
+def test_reward_metric_keys():
+    from lorakit.grpo import reward_metric_keys
+
+    assert reward_metric_keys(["exact_answer"]) == ["rewards/exact_answer/mean", "rewards/exact_answer/std",
+                                                     "reward", "reward_std"]
+
+
+def test_fit_prompts_drops_long_prompts(tiny_model_dir):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from lorakit.grpo import fit_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = Dataset.from_list([{"prompt": "short"}, {"prompt": "long " * 200}, {"prompt": "fine"}])
+    kept, dropped = fit_prompts(text, tok, 32)
+    assert dropped == 1 and kept["prompt"] == ["short", "fine"]
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": c}]} for c in ("hi", "long " * 200)])
+    kept, dropped = fit_prompts(chat, tok, 32)
+    assert dropped == 1 and kept["prompt"][0][0]["content"] == "hi"
+    assert fit_prompts(chat, tok, 10_000) == (chat, 0)
+
+
+# ---------------------------------------------------------------- training on the tiny model
+
+
+def test_grpo_trains_and_rewards_get_the_columns(tmp_path, tiny_model_dir, lora_model):
+    from trl import GRPOTrainer
+
+    from lorakit.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    model, tok = lora_model
+    rec = LogRecorder()
+    trainer = build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path), [rec])
+    assert isinstance(trainer, GRPOTrainer)
+    assert trainer.reward_func_names == ["record", "exact_answer"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+
+    calls = trainer.reward_funcs[0].fn.__globals__["CALLS"]
+    assert len(calls) == 2  # one scored generation batch per step
+    by_answer = {r["answer"]: r for r in rows(4)}
+    for call in calls:
+        # 2 prompts x 2 generations, every column one value per completion, groups consecutive
+        assert call["n"] == 4 and len(call["answer"]) == 4 and len(call["prompts"]) == 4
+        assert call["answer"][0] == call["answer"][1] and call["answer"][2] == call["answer"][3]
+        for p, a, d in zip(call["prompts"], call["answer"], call["difficulty"]):
+            assert by_answer[a]["prompt"] == p and by_answer[a]["difficulty"] == d
+        assert all(0 < n <= 8 for n in call["ids"])  # max_completion_length
+        assert call["kind"] == "list"  # chat prompts give chat completions
+        assert {"trainer_state", "log_extra", "log_metric"} <= set(call["keys"])
+
+    steps = [log for log in rec.logs if "rewards/record/mean" in log]
+    assert len(steps) == 2
+    for log in steps:
+        for key in ("rewards/record/mean", "rewards/record/std", "rewards/exact_answer/mean",
+                    "rewards/exact_answer/std", "reward", "reward_std"):
+            assert isinstance(log[key], float)
+        # reward = sum(weight_i * mean_i), weights 1.0 and 0.5
+        assert math.isclose(log["reward"], log["rewards/record/mean"] + 0.5 * log["rewards/exact_answer/mean"],
+                            rel_tol=1e-5, abs_tol=1e-6)
+        sample = log["completions"]
+        assert 0 < len(sample) <= 4
+        assert set(sample[0]) == {"prompt", "completion", "rewards"}
+        assert set(sample[0]["rewards"]) == {"record", "exact_answer"}
+        assert sample[0]["prompt"].startswith("What is ")
+    assert any(not p.equal(before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_raising_reward_stops_training_with_the_sample(tmp_path, tiny_model_dir, lora_model):
+    from lorakit.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, rewards=[{"fn": "my_rewards.py:explode"}])
+    model, tok = lora_model
+    trainer = build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path, max_steps=1), [])
+    with pytest.raises(LorakitError) as e:
+        trainer.train()
+    msg = e.value.message
+    assert "reward function explode (my_rewards.py:explode) raised RuntimeError: reward service down" in msg
+    assert "prompt: " in msg and "What is" in msg and "answer: " in msg
+    assert e.value.exit_code == 1
+
+
+def test_bad_reward_fails_before_training(tmp_path, tiny_model_dir, lora_model):
+    from lorakit.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, rewards=[{"fn": "exact_answer"}, {"fn": "my_rewards.py:nope"}])
+    model, tok = lora_model
+    with pytest.raises(LorakitError) as e:
+        build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path), [])
+    assert e.value.field == "grpo.rewards.1.fn" and "has no function 'nope'" in e.value.message
+
+
+def test_all_prompts_too_long_is_an_error(tmp_path, tiny_model_dir, lora_model):
+    from lorakit.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_prompt_length=3)
+    model, tok = lora_model
+    with pytest.raises(LorakitError) as e:
+        build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path), [])
+    assert e.value.field == "grpo.max_prompt_length"
+
+
+def test_evaluate_rewards_scores_held_out_prompts(tmp_path, tiny_model_dir, lora_model):
+    from lorakit.grpo import evaluate_rewards
+    from lorakit.rewards import load_rewards
+
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    rewards = load_rewards(recipe.grpo.rewards, tmp_path)
+    model, tok = lora_model
+    side = tok.padding_side
+    result = evaluate_rewards(model, tok, rows(3), rewards, [1.0, 0.5], max_new_tokens=4, batch_size=2)
+    assert result["n"] == 3 and set(result["rewards"]) == {"record", "exact_answer"}
+    r = result["rewards"]
+    assert math.isclose(result["reward"], r["record"] + 0.5 * r["exact_answer"], rel_tol=1e-6)
+    calls = rewards[0].fn.__globals__["CALLS"]
+    assert [c["n"] for c in calls[-2:]] == [2, 1] and calls[-1]["answer"] == ["3"]
+    assert all(0 < n <= 4 for c in calls[-2:] for n in c["ids"])
+    assert len(result["samples"]) == 3 and tok.padding_side == side

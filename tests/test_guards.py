@@ -1,0 +1,125 @@
+"""Signals, non-finite values and checkpoint markers, on a plain transformers Trainer with a tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from lorakit.guards import (
+    COMPLETE_MARKER,
+    CheckpointMarker,
+    GracefulStop,
+    NonFiniteGuard,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    latest_complete_checkpoint,
+)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.tensor([(i * 7 + k) % 300 + 10 for k in range(16)])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def make_trainer(model_dir, out, callbacks, max_steps=6, save_steps=100):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=1e-3, logging_steps=1, save_steps=save_steps, report_to=[],
+                             disable_tqdm=True, use_cpu=True, seed=0)
+    return Trainer(model=model, args=args, train_dataset=Rows(), callbacks=callbacks)
+
+
+class At(TrainerCallback):
+    """Run `action(trainer_state, model)` in `hook` at global step `step`."""
+
+    def __init__(self, step, hook, action):
+        self.step, self.hook, self.action = step, hook, action
+
+    def __getattribute__(self, name):
+        if name.startswith("on_") and name == object.__getattribute__(self, "hook"):
+            def call(args, state, control, model=None, **kw):
+                if state.global_step == object.__getattribute__(self, "step"):
+                    object.__getattribute__(self, "action")(state, model)
+                return control
+            return call
+        return object.__getattribute__(self, name)
+
+
+def test_sigint_saves_a_marked_checkpoint_and_stops(tiny_model_dir, tmp_path):
+    stop = GracefulStop()
+    kill = At(2, "on_step_begin", lambda s, m: os.kill(os.getpid(), signal.SIGINT))
+    trainer = make_trainer(tiny_model_dir, tmp_path, [kill, stop, CheckpointMarker()])
+    trainer.train()
+    assert stop.signal_name == "SIGINT" and stop.exit_code == 130
+    assert trainer.state.global_step == 3  # the step in flight finished, nothing more
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_sigterm_exit_code(tiny_model_dir, tmp_path):
+    stop = GracefulStop()
+    kill = At(1, "on_step_begin", lambda s, m: os.kill(os.getpid(), signal.SIGTERM))
+    make_trainer(tiny_model_dir, tmp_path, [kill, stop, CheckpointMarker()]).train()
+    assert stop.signal_name == "SIGTERM" and stop.exit_code == 143
+
+
+def _poison(state, model):
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+
+
+def test_nan_stops_and_does_not_save_the_bad_state(tiny_model_dir, tmp_path):
+    guard = NonFiniteGuard("stop")
+    trainer = make_trainer(tiny_model_dir, tmp_path, [At(2, "on_step_begin", _poison), guard, CheckpointMarker()],
+                           save_steps=2)
+    trainer.train()
+    assert guard.bad_step == 3
+    assert trainer.state.global_step == 3
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]  # last good one kept
+
+
+def test_skip_policy_drops_the_step_and_counts_it(tiny_model_dir, tmp_path):
+    guard = NonFiniteGuard("skip")
+    snapshot = {}
+
+    def nan_grad(state, model):
+        snapshot["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, [At(2, "on_pre_optimizer_step", nan_grad), guard], max_steps=4)
+    after = {}
+    trainer.add_callback(At(3, "on_step_begin", lambda s, m: after.update(
+        {n: p.detach().clone() for n, p in m.named_parameters()})))
+    trainer.train()
+    assert guard.skipped == 1 and guard.bad_step is None
+    assert all(torch.equal(snapshot["before"][n], after[n]) for n in after)  # step 3 changed nothing
+    assert trainer.state.global_step == 4
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_unmarked_checkpoints_are_not_trusted(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("2\n")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / COMPLETE_MARKER).write_text("10\n")
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    assert [p.name for p in incomplete_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("value,finite", [(1.0, True), (float("nan"), False), (float("inf"), False), ("x", True)])
+def test_finite_helper(value, finite):
+    from lorakit.guards import _finite
+
+    assert _finite(value) is finite
