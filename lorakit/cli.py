@@ -139,17 +139,33 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train an adapter (SFT or GRPO) from a recipe and write the run directory."""
-    if gpus and gpus > 1 and "LOCAL_RANK" not in os.environ:
-        from lorakit.launch import relaunch
+    from lorakit.distributed import is_main_process, launched, rank_label
 
-        raise typer.Exit(relaunch(gpus, [a for a in sys.argv[1:]]))
+    if gpus and gpus > 1 and not launched():
+
+        def relaunch_body() -> int:
+            from lorakit.launch import relaunch
+
+            r = _load(recipe, set_)  # a bad recipe is reported once, before any process starts
+            return relaunch(gpus, list(sys.argv[1:]), strategy=r.distributed.strategy)
+
+        raise typer.Exit(_run(relaunch_body, json_mode=json_out))
 
     def body():
         from lorakit.train import run_training
 
         r = _load(recipe, set_)
-        summary = run_training(r, overwrite=overwrite, resume=resume, console=console(), json_mode=json_out)
-        if json_out:
+        try:
+            summary = run_training(r, overwrite=overwrite, resume=resume, console=console(), json_mode=json_out)
+        except (LorakitError, Exception) as e:  # under a launcher: say which rank failed
+            if not rank_label() or _state["debug"] or isinstance(e, Interrupted):
+                raise
+            if isinstance(e, LorakitError):
+                e.message = f"[{rank_label()}] {e.message}"
+                raise
+            raise LorakitError(f"[{rank_label()}] {type(e).__name__}: {e}", exit_code=EXIT_RUNTIME,
+                               hint="run with --debug for the traceback") from e
+        if json_out and is_main_process():  # one summary document, from rank 0
             _print_json({"ok": True, **summary})
 
     _run(body, json_mode=json_out)

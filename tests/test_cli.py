@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -117,14 +118,38 @@ def test_cli_start_up_is_fast_and_imports_no_torch():
             "print(sorted(m for m in ('torch','transformers','peft','trl','datasets') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
-    best = min(_timed([sys.executable, "-m", "lorakit", "--help"]) for _ in range(3))
-    assert best < 0.5, f"lorakit --help took {best:.2f}s"
+    # CPU seconds of the child (user + system) measure the work start-up does, and unlike wall time they do
+    # not grow when other jobs share the machine's two cores; wall time gets a looser, load-tolerant bound.
+    runs = [_timed([sys.executable, "-m", "lorakit", "--help"]) for _ in range(3)]
+    cpu, wall = min(c for c, _ in runs), min(w for _, w in runs)
+    assert cpu < 0.5, f"lorakit --help used {cpu:.2f} CPU seconds"
+    assert wall < 2.0, f"lorakit --help took {wall:.2f}s"
 
 
-def _timed(cmd: list[str]) -> float:
+def test_validate_on_a_schema_problem_is_fast(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: smollm2-135m-instruct\nlora: {r: 0}\n")
+    runs = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "lorakit", "validate", str(bad)], capture_output=True, text=True,
+                           env={**os.environ, "CI": "true"})
+        wall = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        runs.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, wall))
+        assert p.returncode == 2 and "lora.r" in p.stderr and "Traceback" not in p.stderr
+    assert min(c for c, _ in runs) < 0.5 and min(w for _, w in runs) < 2.0, runs
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one run of `cmd`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, capture_output=True, check=True, env={**os.environ, "CI": "true"})
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
 def test_list_recipes_function_matches_files():
