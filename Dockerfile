@@ -1,5 +1,8 @@
 # lorakit on a CUDA GPU. Build: docker build -t lorakit .
 # Run:   docker run --gpus all -v $PWD:/work -v hf-cache:/cache lorakit train /work/recipe.yaml
+# Multi-GPU (one process a GPU through accelerate; NCCL wants shared memory):
+#        docker run --gpus all --ipc=host -v $PWD:/work -v hf-cache:/cache lorakit train /work/recipe.yaml --gpus 2
+#        (or --entrypoint accelerate ... launch --config_file /opt/lorakit/configs/accelerate-fsdp-qlora.yaml -m lorakit train ...)
 # Two stages: the builder makes a virtual environment with the tested pins (constraints.txt); the
 # runtime stage is the CUDA runtime image plus that environment, run as a non-root user.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -29,6 +32,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 \
     && useradd --create-home --uid 1000 lorakit \
     && mkdir -p /cache /work && chown lorakit:lorakit /cache /work
 COPY --from=builder /opt/lorakit /opt/lorakit
+COPY configs /opt/lorakit/configs
 ENV PATH=/opt/lorakit/bin:$PATH \
     HF_HOME=/cache/huggingface \
     LORAKIT_CACHE=/cache/lorakit \

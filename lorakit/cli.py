@@ -57,13 +57,15 @@ def _print_json(doc: Any) -> None:
 
 def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
     """Run a command body; turn errors into a message and an exit code."""
+    from rich.markup import escape  # messages may hold brackets (paths, gloo's "[/.../pair.cc:553]")
+
     try:
         return fn()
     except LorakitError as e:
         if json_mode:
             _print_json({"ok": False, **e.to_json()})
         else:
-            console(stderr=True).print(f"[bold red]error:[/] {e.render()}", markup=True, highlight=False)
+            console(stderr=True).print(f"[bold red]error:[/] {escape(e.render())}", markup=True, highlight=False)
         raise typer.Exit(e.exit_code) from None
     except Interrupted as e:  # stopped by a signal after saving a checkpoint; train printed how to resume
         if json_mode:
@@ -78,7 +80,7 @@ def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
     except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
         if _state["debug"]:
             raise
-        console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {e}\n"
+        console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n"
                                    "This is a bug or an environment problem; run with --debug for the traceback.",
                                    markup=True, highlight=False)
         raise typer.Exit(EXIT_RUNTIME) from None
@@ -157,13 +159,18 @@ def train(
         r = _load(recipe, set_)
         try:
             summary = run_training(r, overwrite=overwrite, resume=resume, console=console(), json_mode=json_out)
-        except (LorakitError, Exception) as e:  # under a launcher: say which rank failed
+        except Exception as e:  # under a launcher: say which rank failed
             if not rank_label() or _state["debug"] or isinstance(e, Interrupted):
                 raise
             if isinstance(e, LorakitError):
-                e.message = f"[{rank_label()}] {e.message}"
+                e.message = f"{rank_label()}: {e.message}"
                 raise
-            raise LorakitError(f"[{rank_label()}] {type(e).__name__}: {e}", exit_code=EXIT_RUNTIME,
+            text = f"{type(e).__name__}: {e}"
+            if not json_out:  # _run prints with rich markup: library messages carry [/path:line] tags
+                from rich.markup import escape
+
+                text = escape(text)
+            raise LorakitError(f"{rank_label()}: {text}", exit_code=EXIT_RUNTIME,
                                hint="run with --debug for the traceback") from e
         if json_out and is_main_process():  # one summary document, from rank 0
             _print_json({"ok": True, **summary})
@@ -178,19 +185,23 @@ def estimate(
     budget: Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 24GiB or 80GB.")] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="A GPU name (e.g. rtx4090, a100-80gb, h100).")] = None,
     device: Annotated[str, typer.Option("--device", help="Device to estimate for: cuda or cpu.")] = "cuda",
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Memory per GPU of a run on N GPUs.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(
+        "--strategy", help="ddp or fsdp (default: the recipe's distributed.strategy); needs --gpus.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Exact parameter counts and a memory forecast for a recipe, without loading weights."""
 
     def body():
-        from lorakit.estimate import estimate as run_estimate
         from lorakit.estimate import parse_bytes
+        from lorakit.estimate_strategy import estimate_with_strategy
 
         if device not in ("cuda", "cpu"):
             raise LorakitError(f"--device: expected cuda or cpu (got {device!r})")
         r = _load(recipe, set_)
         budget_bytes = parse_bytes(budget) if budget else None
-        result = run_estimate(r, device=device, budget_bytes=budget_bytes, gpu=gpu)
+        result = estimate_with_strategy(r, device=device, budget_bytes=budget_bytes, gpu=gpu, strategy=strategy,
+                                        gpus=gpus)
         if json_out:
             _print_json(result)
             return

@@ -206,6 +206,10 @@ class Setup:
     seq: int
     checkpointing: bool
     device: str
+    frozen_bytes: int | None = None
+    """Bytes per unquantized frozen weight of a 4/8-bit base (embeddings, norms, lm_head). None: 4, peft's
+    prepare_model_for_kbit_training fp32 upcast (which also makes the residual stream fp32); 2: kept in the
+    bf16 compute dtype, as lorakit does on CUDA (lorakit.speed)."""
 
 
 def optimizer_bytes(trainable_tensors: list[int], optimizer: str) -> int:
@@ -246,7 +250,9 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
     """Bytes saved for backward per token: per layer (full) and per layer with checkpointing."""
     a = s.act_bytes
     kbit = s.bits in (4, 8)
-    resid = 4 if kbit else s.weight_bytes  # prepare_model_for_kbit_training leaves the residual stream in fp32
+    upcast = kbit and _frozen_bytes(s) == 4
+    # prepare_model_for_kbit_training leaves the residual stream in fp32
+    resid = _frozen_bytes(s) if kbit else s.weight_bytes
     h, i_, nh, nkv, d = shape.hidden, shape.intermediate, shape.num_heads, shape.num_kv_heads, shape.head_dim
     n_norms = sum(1 for k in shape.norms if k not in ("q_norm", "k_norm"))
     norms = 4 * h * n_norms  # RMSNorm keeps its fp32 input for backward
@@ -257,7 +263,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
         attn += a * 2 * nh * d + (4 + a) * nh * s.seq  # repeated k/v, fp32 softmax + its bf16 copy (seq^2)
     # bnb Linear4bit/8bit return their input's dtype: with the fp32 residual stream of a kbit-prepared
     # model the MLP intermediates are fp32
-    mlp_bytes = 4 if kbit else a
+    mlp_bytes = 4 if upcast else a
     mlp = 3 * mlp_bytes * i_  # act(gate) input, act output, up (saved by the product)
     adapted = set(targets)
     lora_saved = 0
@@ -272,7 +278,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
         lora_saved += lora.r * a  # lora_A output, saved by lora_B
         if s.dropout > 0:
             lora_saved += (1 + a) * width  # dropout mask + the dropped input (compute dtype)
-        elif kbit:
+        elif upcast:
             lora_saved += a * width  # autocast copy of the fp32 input, one per module
         elif key not in shared_inputs and key != "attn_out":  # attention output is already saved by SDPA
             shared_inputs.add(key)
@@ -289,7 +295,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     """Breakdown of device memory for one training step (bytes)."""
     c = c or CONSTANTS
     kbit = s.bits in (4, 8)
-    unq_bytes = 4 if kbit else s.weight_bytes
+    unq_bytes = _frozen_bytes(s) if kbit else s.weight_bytes
     store = weight_storage(shape, s.bits, dtype_bytes=s.weight_bytes, unquantized_bytes=unq_bytes,
                            double_quant=s.double_quant)
     weights = store["total_bytes"]
@@ -312,7 +318,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         logits = int(tokens * shape.hidden * c.liger_logits_bytes_per_hidden)
     else:
         logits = int(tokens * shape.vocab * c.logits_bytes_per_elem)
-    if kbit:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
+    if kbit and unq_bytes == 4:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
         logits += shape.vocab * shape.hidden * s.act_bytes
     dequant = max(i * o for i, o, _ in shape.linears.values()) * s.act_bytes if s.bits == 4 else 0
     backward = tokens * t["backward"] * c.backward_factor
@@ -341,6 +347,10 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
 # ---------------------------------------------------------------------------------------------------
 # Recipe -> result
 # ---------------------------------------------------------------------------------------------------
+
+
+def _frozen_bytes(s: Setup) -> int:
+    return 4 if s.frozen_bytes is None else s.frozen_bytes
 
 
 def _setup(recipe, device: str, shape: ModelShape, *, batch=None, seq=None, checkpointing=None) -> Setup:
@@ -430,6 +440,13 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         verdict = _fits(shape, recipe.lora, targets, mts, params, s, budget_bytes)
         verdict["gpu"] = gpu
     mem = memory(shape, recipe.lora, targets, mts, params, s)
+    # lorakit train on CUDA keeps a 4-bit base's frozen weights in bf16 (lorakit.speed.plan): the peaks its
+    # budget mode compares, with every layer / no layer checkpointed
+    cdt = recipe.quantization.compute_dtype
+    bf16 = (cdt if cdt != "auto" else "bf16") == "bf16"
+    lk = Setup(**{**asdict(s), "frozen_bytes": 2 if (device == "cuda" and s.bits == 4 and bf16) else None})
+    peaks = {gc: memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(lk), "checkpointing": gc}))
+             ["peak_bytes"] for gc in (True, False)}
     return {
         "base_model": recipe.base_model, "model": shape.summary(), "targets": targets,
         "params": params, "memory": mem,
@@ -439,6 +456,9 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout},
         "artifacts": artifacts(shape, params, recipe.output.merged_dtype),
         "verdict": verdict, "constants": asdict(CONSTANTS),
+        "tokens_per_micro_batch": s.batch * s.seq,
+        "peak_bytes_checkpointed": int(peaks[True]),
+        "peak_bytes_uncheckpointed": int(peaks[False]),
     }
 
 

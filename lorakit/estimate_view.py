@@ -44,19 +44,28 @@ def _memory_table(result: dict) -> Table:
     m, s = result["memory"], result["setup"]
     bits = f"{s['bits']}-bit" if s["bits"] else "16/32-bit"
     gc = "on" if s["gradient_checkpointing"] else "off"
-    t = Table(title=(f"Memory on one {s['device']} device: {bits} base, batch {s['batch_size']} x seq {s['seq_len']}, "
+    st = result.get("strategy")
+    where = (f"per GPU, {st['name'].upper()} over {st['gpus']} GPUs" if st else f"on one {s['device']} device")
+    t = Table(title=(f"Memory {where}: {bits} base, batch {s['batch_size']} x seq {s['seq_len']}, "
                      f"checkpointing {gc}, {s['optimizer']}, {s['attention']}"
                      + (", liger" if s["liger"] else "")), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     t.add_column(style="dim")
     w = m["weights"]
+    shard = f"1/{st['gpus']} shard" if st and st["name"] == "fsdp" else ""
     t.add_row("weights", human(m["weights_bytes"]),
-              f"quantized {human(w['quantized_bytes'])} + {w['unquantized_dtype']} "
-              f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}")
-    t.add_row("adapter", human(m["adapter_bytes"]), "fp32")
-    t.add_row("gradients", human(m["gradients_bytes"]), "")
-    t.add_row("optimizer states", human(m["optimizer_bytes"]), "paged (host-backed)" if m["optimizer_paged"] else "")
+              shard or (f"quantized {human(w['quantized_bytes'])} + {w['unquantized_dtype']} "
+                        f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}"))
+    t.add_row("adapter", human(m["adapter_bytes"]), ", ".join(x for x in ("fp32", shard) if x))
+    t.add_row("gradients", human(m["gradients_bytes"]), shard)
+    if m.get("ddp_buckets_bytes"):
+        t.add_row("DDP gradient buckets", human(m["ddp_buckets_bytes"]), "a flat copy of the gradients for all-reduce")
+    if m.get("fsdp_gathered_bytes"):
+        t.add_row("FSDP gathered params", human(m["fsdp_gathered_bytes"]),
+                  "current + prefetched layer, root unit (embeddings, lm_head)")
+    t.add_row("optimizer states", human(m["optimizer_bytes"]),
+              ", ".join(x for x in ("paged (host-backed)" if m["optimizer_paged"] else "", shard) if x))
     t.add_row("activations", human(m["activations_bytes"]),
               f"{human(m['activations_per_token_per_layer'])}/token/layer"
               + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed" if s["gradient_checkpointing"] else ""))
@@ -86,6 +95,14 @@ def render(result: dict, console) -> None:
     console.print(_params_table(result))
     console.print(_modules_table(result))
     console.print(_memory_table(result))
+    st = result.get("strategy")
+    if st:
+        peak, alone = human(result["memory"]["peak_bytes"]), human(st["single_gpu"]["peak_bytes"])
+        console.print(f"{st['name'].upper()} on {st['gpus']} GPUs: peak per GPU {peak} (one GPU alone: {alone}); "
+                      f"global batch {st['global_batch']} = {st['per_gpu_micro_batch']} per GPU x "
+                      f"{st['grad_accum']} grad_accum x {st['gpus']} GPUs", highlight=False)
+        for warning in st["warnings"]:
+            console.print(f"[yellow]warning[/] {warning}", highlight=False)
     if result.get("verdict"):
         for line in _verdict_lines(result["verdict"]):
             console.print(line)

@@ -14,7 +14,11 @@ TRL's own `log_completions` prints a rich table on stdout every logging step (wh
 `--json` output) and needs pandas, so it stays off; the sample above replaces it.
 
 `evaluate_rewards` scores greedy completions of held-out prompts with the same rewards (the
-before/after figure of a GRPO run).
+before/after figure of a GRPO run); `held_out_rewards` runs it for a recipe, `reward_summary` and
+`reward_curves` shape the run's summary.json `reward` section and the plot's reward panel.
+
+GRPOConfig's own defaults differ from TrainingArguments (gradient checkpointing and bf16 on):
+`grpo_config_kwargs` always sets both from lorakit's resolved options.
 """
 
 from __future__ import annotations
@@ -99,6 +103,20 @@ def grpo_config_kwargs(recipe, training_args: dict, *, world_size: int | None = 
         log_completions=False,  # see the module docstring: our own sample goes into the logs instead
         remove_unused_columns=False,  # the dataset's other columns feed the rewards
     )
+    # GRPOConfig turns gradient checkpointing and bf16 on by default (unlike TrainingArguments): state
+    # lorakit's resolved choices under whichever names this transformers has (activation_checkpointing
+    # is the newer name of gradient_checkpointing; transformers <= 5.17 knows only the old one).
+    gc = training_args.get("activation_checkpointing", training_args.get("gradient_checkpointing"))
+    gc_kwargs = training_args.get("activation_checkpointing_kwargs",
+                                  training_args.get("gradient_checkpointing_kwargs"))
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in known:
+            kw[name] = bool(gc)
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        if name in known:
+            kw[name] = gc_kwargs if gc else None
+    kw["bf16"] = bool(training_args.get("bf16", False))
+    kw["fp16"] = bool(training_args.get("fp16", False))
     if "max_prompt_length" in known:  # older TRL releases still truncate prompts themselves
         kw["max_prompt_length"] = g.max_prompt_length
     eval_on = kw.get("eval_strategy", "no") not in ("no", None)
@@ -297,7 +315,70 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
     }
 
 
+def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32) -> dict | None:
+    """evaluate_rewards on the first `evaluate.samples` held-out prompts with the recipe's rewards.
+
+    Completions get `evaluate.max_new_tokens` tokens; prompts longer than grpo.max_prompt_length are
+    left out as in training. None when there are no held-out prompts.
+    """
+    from lorakit.recipe import recipe_dir
+
+    if eval_ds is None or len(eval_ds) == 0:
+        return None
+    g = recipe.grpo
+    eval_ds, _ = fit_prompts(eval_ds, tokenizer, g.max_prompt_length)
+    n = min(len(eval_ds), recipe.evaluate.samples)
+    if n == 0:
+        return None
+    rewards = load_rewards(g.rewards, recipe_dir(recipe), field="grpo.rewards")
+    return evaluate_rewards(model, tokenizer, eval_ds.select(range(n)), rewards, [s.weight for s in g.rewards],
+                            max_new_tokens=recipe.evaluate.max_new_tokens, batch_size=batch_size)
+
+
+def reward_curves(history: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Training reward per logged step: {"total": [(step, reward)], <name>: [(step, mean)], ...}.
+
+    `history` is the trainer's log_history (or metrics.jsonl rows): TRL's `reward` is the weighted
+    total, `rewards/<name>/mean` the mean of one reward function over the step's completions.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {"total": []}
+    for h in history:
+        if "step" not in h or "reward" not in h:
+            continue
+        curves["total"].append((int(h["step"]), float(h["reward"])))
+        for key, value in h.items():
+            if key.startswith("rewards/") and key.endswith("/mean"):
+                curves.setdefault(key[len("rewards/"):-len("/mean")], []).append((int(h["step"]), float(value)))
+    return curves
+
+
+def reward_summary(before: dict | None, after: dict | None, history: Sequence[dict]) -> dict:
+    """The `reward` section of a GRPO run's summary.json.
+
+    before/after: `evaluate_rewards` results on the held-out prompts (None without eval rows).
+    {"n", "before": {"total", <name>...}, "after": {...}, "change": {after - before},
+     "train": {"first", "last", "steps"} (logged training reward), "samples_before", "samples_after"}
+    """
+
+    def flat(r):
+        return None if r is None else {"total": r["reward"], **r["rewards"]}
+
+    b, a = flat(before), flat(after)
+    change = None
+    if b is not None and a is not None:
+        change = {k: (a[k] - b[k]) if a.get(k) is not None and b.get(k) is not None else None for k in b}
+    total = reward_curves(history)["total"]
+    return {
+        "n": (after or before or {}).get("n"),
+        "before": b, "after": a, "change": change,
+        "train": {"first": total[0][1] if total else None, "last": total[-1][1] if total else None,
+                  "steps": len(total)},
+        "samples_before": (before or {}).get("samples", []),
+        "samples_after": (after or {}).get("samples", []),
+    }
+
+
 __all__ = [
     "build_grpo_trainer", "completion_log_callback", "completion_samples", "evaluate_rewards", "fit_prompts",
-    "grpo_config_kwargs", "reward_metric_keys",
+    "grpo_config_kwargs", "held_out_rewards", "reward_curves", "reward_metric_keys", "reward_summary",
 ]

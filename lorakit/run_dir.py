@@ -14,6 +14,10 @@ Every file is written to a temporary name and renamed; directories (the adapter)
 NAME.tmp and renamed, so a crash never leaves something that looks complete. A finished or existing
 run is never replaced without `overwrite`, and even then only once `replace_old()` is called, i.e.
 after the new run's inputs have been validated.
+
+In a multi-process run (torchrun / accelerate launch) only the global rank 0 writes: on the other
+ranks (`main` False) begin/set_state/write_*/truncate_metrics/replace_old do nothing and they never
+judge the directory (check_new), so they cannot mistake rank 0's fresh `running` state for a rival.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_json, atomic_write_text, disk_errors
 from lorakit.errors import LorakitError
 
 RUNNING, INTERRUPTED, FAILED, FINISHED = "running", "interrupted", "failed", "finished"
@@ -52,8 +56,11 @@ def _pid_alive(pid: int) -> bool:
 class RunDir:
     """One run directory. Paths are attributes; state changes go through `set_state`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, main: bool | None = None):
+        from lorakit.distributed import is_main_process
+
         self.path = Path(path)
+        self.main = is_main_process() if main is None else main  # only rank 0 writes
         self.state_file = self.path / "state.json"
         self.recipe_file = self.path / "recipe.yaml"
         self.adapter_dir = self.path / "adapter"
@@ -77,6 +84,8 @@ class RunDir:
         return doc.get("state") if doc else None
 
     def set_state(self, state: str, **extra: Any) -> dict:
+        if not self.main:
+            return self.read_state() or {}
         doc = self.read_state() or {}
         now = _now()
         doc.update({"state": state, "updated": now, **extra})
@@ -87,10 +96,49 @@ class RunDir:
             doc.pop("finished", None)
         elif state == FINISHED:
             doc["finished"] = now
-        atomic_write_json(self.state_file, doc)
+        self._write_state(doc)
         return doc
 
+    def _write_state(self, doc: dict) -> None:
+        """Write state.json atomically; on a full disk, overwrite it in place instead, when the new document
+        fits in the blocks the file already has (no new space needed), so a run that stops because the
+        disk is full is still recorded as failed or interrupted."""
+        try:
+            atomic_write_json(self.state_file, doc)
+        except LorakitError:  # atomic writes raise it for a full / over-quota / read-only disk only
+            if not self._overwrite_state_in_place(doc):
+                raise
+
+    def _overwrite_state_in_place(self, doc: dict) -> bool:
+        data = (json.dumps(doc, indent=2, default=str) + "\n").encode("utf-8")
+        try:
+            st = self.state_file.stat()
+            if len(data) > max(st.st_size, st.st_blocks * 512):
+                return False
+            fd = os.open(self.state_file, os.O_WRONLY)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
+
+    def mark_failed(self, error: str, **extra: Any) -> None:
+        """Record `failed` if at all possible; never raises (it runs while another error is on its way out,
+        e.g. with a full disk, where even state.json may not be writable)."""
+        try:
+            self.set_state(FAILED, error=error, **extra)
+        except (OSError, LorakitError):
+            pass
+
     def _running_elsewhere(self, doc: dict | None) -> bool:
+        if not self.main:  # rank 0 of the same job may have marked it running already
+            return False
         if not doc or doc.get("state") != RUNNING:
             return False
         pid = doc.get("pid")
@@ -104,6 +152,8 @@ class RunDir:
 
     def check_new(self, *, overwrite: bool) -> None:
         """Raise unless a new run may be written here (nothing there, or overwrite allowed)."""
+        if not self.main:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise LorakitError(f"output.dir {self.path}: exists and is not a directory", field="output.dir")
         if self.is_empty():
@@ -136,12 +186,16 @@ class RunDir:
 
     def replace_old(self) -> None:
         """Remove an existing run (called only after the new run's inputs validated)."""
+        if not self.main:
+            return
         if self.path.is_dir() and not self.is_empty():
             trash = self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{int(time.time())}")
             os.replace(self.path, trash)  # atomic: the old run disappears in one step
             shutil.rmtree(trash, ignore_errors=True)
 
     def begin(self, recipe_yaml: str, *, resumed: bool = False) -> None:
+        if not self.main:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.recipe_file, recipe_yaml)
         self.set_state(RUNNING, resumed=resumed)
@@ -149,33 +203,49 @@ class RunDir:
     # -- writing ---------------------------------------------------------------------------------
 
     def write_json(self, name: str, doc: Any) -> Path:
+        if not self.main:
+            return self.path / name
         return atomic_write_json(self.path / name, doc)
 
     def write_text(self, name: str, text: str) -> Path:
+        if not self.main:
+            return self.path / name
         return atomic_write_text(self.path / name, text)
 
     @contextmanager
     def staged_dir(self, target: Path) -> Iterator[Path]:
-        """Yield NAME.tmp to write into; on success it replaces `target` (an old one is removed)."""
+        """Yield NAME.tmp to write into; on success it replaces `target` (an old one is removed).
+
+        Whatever fails (a crash, a full disk), `target` is either the old directory or the new one,
+        never a mix, and NAME.tmp is removed. A full/read-only disk raises a clean LorakitError.
+        """
         tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        old = target.with_name(target.name + ".old")
         try:
-            yield tmp
+            with disk_errors(target):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                yield tmp
+                moved = False
+                if target.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(target, old)
+                    moved = True
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    if moved:  # put the old one back
+                        os.replace(old, target)
+                    raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
-        if target.exists():
-            old = target.with_name(target.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     def truncate_metrics(self, max_step: int) -> None:
         """Keep metrics.jsonl lines up to `max_step` (a resumed run rewrites what follows)."""
+        if not self.main:
+            return
         if not self.metrics_file.exists():
             return
         kept = []

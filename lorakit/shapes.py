@@ -282,6 +282,11 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _looks_like_path(name: str) -> bool:
+    """A name a hub id can't be: starts with . / ~, or has more than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def load_config(base_model: str, *, revision: str | None = None) -> tuple[dict, str]:
     """(config dict, where it came from) for an alias, a local directory or a hub id. Never downloads."""
     from lorakit.known_models import known_config
@@ -293,6 +298,9 @@ def load_config(base_model: str, *, revision: str | None = None) -> tuple[dict, 
             raise LorakitError(f"base_model {base_model}: the directory has no config.json", field="base_model",
                                hint="point base_model at a directory saved with save_pretrained()")
         return _read_json(cfg), str(cfg)
+    if _looks_like_path(base_model):
+        raise LorakitError(f"base_model {base_model}: directory not found ({local.resolve()})", field="base_model",
+                           hint="relative paths are taken from the working directory; check the path")
     hub = registry.hub_id(base_model)
     if not revision or revision == "main":
         known = known_config(hub)

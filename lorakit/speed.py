@@ -1,18 +1,22 @@
-"""Training speed levers, decided once from the recipe and applied by train.py / models.py.
+"""Training speed levers, decided once from the recipe (`plan`) and applied by models.py / train.py.
 
 Each lever keeps the math of the plain TRL + peft + bitsandbytes stack (same loss, same gradients up to
-bf16 rounding) and is a recipe option:
+bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a device:
 
 - train.liger: Liger RMSNorm / SwiGLU / RoPE kernels (TRL's `use_liger_kernel`; TRL's own fused LM head
-  already avoids the full logits).
-- fused LoRA (on with liger/auto on CUDA): a LoRA layer class registered through peft's custom-module API
-  whose forward is one autograd function: dropout -> x@A^T -> addmm(base, h, B^T, alpha=scale). It drops
-  peft's defensive clone and the separate scale/add kernels, and saves the dropout mask instead of the
-  dropped copy of x (the copy is rebuilt in backward from x, which is kept anyway).
-- gradient checkpointing of only K of the N decoder layers, K chosen from a memory budget (budget mode).
-- data.padding_free: flattened batches (TRL's padding_free; attention honours the sequence boundaries
-  through position_ids).
-- train.torch_compile: regional compile of the decoder layers.
+  already avoids the full logits, so Liger's fused cross-entropy is not used).
+- train.fused_lora: a LoRA layer class registered through peft's custom-module API whose forward is one
+  autograd function: dropout -> x@A^T -> addmm(base, h, B^T, alpha=scale). It drops peft's defensive clone
+  and the separate scale/add kernels, and saves the dropout mask instead of the dropped copy of x (rebuilt
+  in backward from x, which the base layer keeps anyway). The adapter saved is a plain peft adapter.
+- train.gradient_checkpointing / train.memory_budget_gb: every layer (default on CUDA, the plain stack's
+  memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
+- data.padding_free: flattened batches (TRL's padding_free; attention keeps rows apart through
+  position_ids); rows come truncated to data.max_length from data.prepare_sft.
+- Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its unquantized frozen
+  weights (embeddings, norms, lm_head) in bf16, as TRL does, instead of peft's
+  `prepare_model_for_kbit_training` fp32 upcast (which makes the residual stream fp32: ~25% slower and
+  +3.6 GiB at the 8B shape, bench/train.md). Under bf16 autocast the matmuls ran in bf16 either way.
 
 Heavy imports live inside the functions.
 """
@@ -23,6 +27,11 @@ import importlib.util
 from typing import Any
 
 GIB = 1024**3
+
+# Measured on an H100 (bench/train.md, 8B shape, 2x2048 tokens): leaving 4 or 8 of 32 layers un-checkpointed
+# gained nothing over checkpointing every layer (7306 / 7620 vs 7701 tok/s), only no checkpointing at all
+# paid (~1.4x). So budget mode picks "none" or "all", never a partial count (a recipe may still ask for K).
+PARTIAL_CHECKPOINTING_PAYS = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,89 +74,144 @@ def checkpoint_layers_for_budget(n_layers: int, base_peak_bytes: int, per_layer_
     return n_layers - free_layers
 
 
-def _gc_setting(recipe: Any) -> Any:
-    return getattr(recipe.train, "gradient_checkpointing", "auto")
+def fused_lora_supported(recipe: Any, bits: int | None) -> bool:
+    """The fused layer covers plain LoRA (any rank, alpha, rslora, dropout, init) on a 4-bit or 16/32-bit base."""
+    return bits in (4, None) and not recipe.lora.dora
+
+
+def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
+    from lorakit.models import compute_dtype_name, weights_dtype_name
+
+    return compute_dtype_name(recipe, device) if bits else weights_dtype_name(recipe, device)
 
 
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
-         budget_bytes: int | None = None, free_bytes: int | None = None, shape: Any = None) -> dict:
-    """Decide the levers for one run. Returns a plain dict (saved in the run directory, shown by the CLI).
+         budget_bytes: int | None = None) -> dict:
+    """Decide the levers for one run. Returns a plain dict (in summary.json under `options`).
 
-    gradient_checkpointing: True -> all layers; False -> none; "auto" -> on CPU none, on CUDA the fewest
-    layers that make the estimated peak fit min(budget_bytes, free_bytes * 0.9); an int K -> exactly K layers
-    (the last N-K layers keep their activations).
-    `estimate_result` is lorakit.estimate.estimate(...)'s dict; read keys: `peak_bytes_checkpointed`
-    (peak with all layers checkpointed) and `tokens_per_micro_batch`; `shape` (lorakit.shapes.ModelShape) gives
-    layers / hidden / intermediate sizes.
+    `estimate_result` is lorakit.estimate.estimate(...)'s dict (only budget mode reads it: keys
+    `peak_bytes_checkpointed`, `tokens_per_micro_batch` and `model` {num_layers, hidden, intermediate});
+    `budget_bytes` defaults to train.memory_budget_gb.
+
+    checkpoint_layers: None = every decoder layer (the Trainer's own checkpointing), 0 = none, K = the first K
+    layers (set on the model by `apply_to_model`, the Trainer is told it is off).
     """
     cuda = device == "cuda"
-    train, data, lora, quant = recipe.train, recipe.data, recipe.lora, recipe.quantization
-    bits = quant.resolved_bits(device)
+    train, data = recipe.train, recipe.data
+    bits = recipe.quantization.resolved_bits(device)
     liger = train.liger
     if liger == "auto":
         liger = cuda and liger_available()
-    fused_lora = bool(
-        cuda and liger is not False
-        and bits in (4, None)
-        and not lora.dora and lora.bias == "none"
-    )
+    fused = train.fused_lora
+    if fused == "auto":
+        fused = cuda and fused_lora_supported(recipe, bits) and recipe.distributed.strategy != "fsdp"
+    padding_free = data.padding_free
+    if padding_free == "auto":
+        padding_free = cuda and recipe.method == "sft" and not data.packing and train.batch_size > 1
+    frozen = "bf16" if cuda and bits == 4 and _compute_dtype(recipe, device, bits) == "bf16" else None
     out: dict[str, Any] = {
-        "device": device,
-        "liger": bool(liger),
-        "fused_lora": fused_lora,
-        "padding_free": bool(data.padding_free),
-        "torch_compile": bool(train.torch_compile),
-        "frozen_dtype": "bf16" if cuda else None,
-        "gradient_checkpointing": False,
-        "checkpoint_layers": 0,
-        "n_layers": None,
-        "reason": "",
+        "liger": bool(liger), "fused_lora": bool(fused), "padding_free": bool(padding_free),
+        "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
+        "memory_budget_bytes": None, "checkpointing_reason": "",
     }
-    n_layers = getattr(shape, "num_layers", None) or getattr(shape, "num_hidden_layers", None)
-    out["n_layers"] = n_layers
-    gc = _gc_setting(recipe)
-    if isinstance(gc, bool):
-        out["gradient_checkpointing"] = gc
-        out["checkpoint_layers"] = n_layers if gc else 0
-        out["reason"] = "recipe"
+    gc = train.gradient_checkpointing
+    if gc is True or gc is False:
+        out.update(gradient_checkpointing=gc, checkpoint_layers=None if gc else 0, checkpointing_reason="recipe")
         return out
     if isinstance(gc, int):
-        out["gradient_checkpointing"] = gc > 0
-        out["checkpoint_layers"] = gc
-        out["reason"] = "recipe (layer count)"
+        out.update(gradient_checkpointing=gc > 0, checkpoint_layers=gc,
+                   checkpointing_reason=f"recipe: the first {gc} layers")
         return out
     if not cuda:
-        out["reason"] = "auto: CPU, no checkpointing"
+        out["checkpointing_reason"] = "auto: none on CPU"
         return out
-    limits = [b for b in (budget_bytes, int(free_bytes * 0.9) if free_bytes else None) if b]
+    if budget_bytes is None and train.memory_budget_gb is not None:
+        budget_bytes = int(train.memory_budget_gb * GIB)
+    out["gradient_checkpointing"], out["checkpoint_layers"] = True, None
+    if budget_bytes is None:
+        out["checkpointing_reason"] = ("auto: every layer (the plain stack's memory); "
+                                       "set train.memory_budget_gb to trade memory for speed")
+        return out
+    out["memory_budget_bytes"] = int(budget_bytes)
     est = estimate_result or {}
-    base_peak = est.get("peak_bytes_checkpointed")
-    if not limits or base_peak is None or shape is None or not n_layers:
-        out.update(gradient_checkpointing=True, checkpoint_layers=n_layers, reason="auto: no estimate, all layers")
+    dims = est.get("model") or {}
+    base_peak, n_layers = est.get("peak_bytes_checkpointed"), dims.get("num_layers")
+    if base_peak is None or not n_layers or not dims.get("hidden") or not dims.get("intermediate"):
+        why = est.get("error") or "no memory estimate"
+        out["checkpointing_reason"] = f"budget: {why}; every layer checkpointed"
         return out
     tokens = est.get("tokens_per_micro_batch") or train.batch_size * data.max_length
-    per_layer = activation_bytes_per_layer(
-        tokens, shape.hidden_size, shape.intermediate_size, liger=bool(liger), fused_lora=fused_lora)
-    k = checkpoint_layers_for_budget(n_layers, int(base_peak), per_layer, min(limits))
-    if 0 < k < n_layers:
-        # measured on H100 (bench/train.md): leaving 4 or 8 of 32 layers un-checkpointed gained nothing,
-        # so a partial fit falls back to all layers; only "no checkpointing at all" pays.
+    per_layer = activation_bytes_per_layer(tokens, dims["hidden"], dims["intermediate"], liger=bool(liger),
+                                           fused_lora=bool(fused))
+    k = checkpoint_layers_for_budget(n_layers, int(base_peak), per_layer, int(budget_bytes))
+    peak_none = int(base_peak) + n_layers * per_layer
+    out["estimated_peak_bytes"] = {"all_layers": int(base_peak), "no_layers": peak_none}
+    if 0 < k < n_layers and not PARTIAL_CHECKPOINTING_PAYS:
         k = n_layers
-    out.update(gradient_checkpointing=k > 0, checkpoint_layers=k,
-               reason=f"auto: {k}/{n_layers} layers checkpointed to fit {min(limits) / GIB:.1f} GiB")
+    budget_gib = budget_bytes / GIB
+    if k == 0:
+        out.update(gradient_checkpointing=False, checkpoint_layers=0,
+                   checkpointing_reason=f"budget: none (estimated peak {peak_none / GIB:.1f} GiB fits "
+                                        f"{budget_gib:.1f} GiB)")
+    elif k >= n_layers:
+        fits = "" if base_peak <= budget_bytes else " (estimated peak exceeds the budget even so)"
+        out["checkpointing_reason"] = (f"budget: every layer (estimated {base_peak / GIB:.1f} GiB; without "
+                                       f"checkpointing {peak_none / GIB:.1f} GiB > {budget_gib:.1f} GiB){fits}")
+    else:
+        out.update(checkpoint_layers=k, checkpointing_reason=f"budget: the first {k} of {n_layers} layers "
+                                                              f"fit {budget_gib:.1f} GiB")
     return out
 
 
+def plan_for_run(recipe: Any, device: str) -> dict:
+    """`plan` with the memory estimate it needs (budget mode on CUDA only; config files, no weights)."""
+    est = None
+    if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and recipe.train.memory_budget_gb:
+        from lorakit.errors import LorakitError
+        from lorakit.estimate import estimate
+
+        try:
+            est = estimate(recipe, device=device)
+        except LorakitError as e:  # the model load reports recipe problems with their lines; here: fall back
+            est = {"error": f"memory estimate failed ({e.message})"}
+    return plan(recipe, device, est)
+
+
+def describe_levers(p: dict) -> str:
+    """One line for the console: which levers are on and why checkpointing is what it is."""
+    k = p.get("checkpoint_layers")
+    gc = ("every layer" if k is None else f"first {k} layers") if p.get("gradient_checkpointing") else "off"
+    on = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
+                                 ("padding_free", "padding-free")) if p.get(key)]
+    if p.get("frozen_dtype"):
+        on.append(f"frozen weights {p['frozen_dtype']}")
+    why = p.get("checkpointing_reason") or ""
+    return f"speed: {', '.join(on) or 'no levers'}; gradient checkpointing {gc}" + (f" ({why})" if why else "")
+
+
+def checkpointing_arg_names() -> tuple[str, str]:
+    """(flag, kwargs) field names of transformers' TrainingArguments: `activation_checkpointing*` in recent
+    releases (the old names are deprecated aliases there), `gradient_checkpointing*` before."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "activation_checkpointing" in names:
+        return "activation_checkpointing", "activation_checkpointing_kwargs"
+    return "gradient_checkpointing", "gradient_checkpointing_kwargs"
+
+
+def trainer_checkpointing(p: dict) -> bool:
+    """Whether the Trainer itself checkpoints (every layer); partial checkpointing is set on the model."""
+    return bool(p.get("gradient_checkpointing")) and p.get("checkpoint_layers") is None
+
+
 def sft_config_kwargs(p: dict) -> dict:
-    """Keyword arguments for TRL's SFTConfig. Checkpointing is switched on by `apply_to_model` (per layer),
-    so the Trainer is told it is off (otherwise it re-enables every layer when training starts)."""
-    kw: dict[str, Any] = {
-        "use_liger_kernel": bool(p.get("liger")),
-        "padding_free": bool(p.get("padding_free")),
-        "gradient_checkpointing": False,
-    }
+    """SFT-only keyword arguments for TRL's SFTConfig from plan `p`."""
+    kw: dict[str, Any] = {"padding_free": bool(p.get("padding_free"))}
     if kw["padding_free"]:
-        # TRL refuses padding_free + max_length without packing: rows must come already truncated
+        # TRL refuses padding_free + max_length without packing: rows come already truncated
         # (data.prepare_sft truncates to data.max_length), so the trainer gets max_length=None.
         kw["max_length"] = None
     return kw
@@ -176,49 +240,37 @@ def set_checkpointing(model: Any, checkpoint_layers: int | None) -> int:
     layers = decoder_layers(base)
     k = len(layers) if checkpoint_layers is None else max(0, min(int(checkpoint_layers), len(layers)))
     if k == 0:
-        if getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
+        on = getattr(base, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(base, "is_gradient_checkpointing", False)
+        if on:
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
         return 0
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < k
     return k
 
 
-def keep_frozen_in(model: Any, dtype: Any) -> int:
-    """Cast frozen floating-point parameters kept in fp32 (embeddings, norms, lm_head after
-    peft's prepare_model_for_kbit_training) back to `dtype`. Under bf16 autocast the matmuls already ran in
-    bf16; this saves the memory and the per-step casts. Returns the number of bytes saved."""
-    import torch
-
-    saved = 0
-    for prm in model.parameters():
-        if not prm.requires_grad and prm.dtype == torch.float32 and prm.__class__.__name__ != "Params4bit":
-            saved += prm.numel() * (4 - torch.empty((), dtype=dtype).element_size())
-            prm.data = prm.data.to(dtype)
-    return saved
-
-
-def compile_layers(model: Any) -> int:
-    """Regional torch.compile: each decoder layer compiled on its own (one graph reused by all layers)."""
-    layers = decoder_layers(_unwrap(model))
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
 def apply_to_model(model: Any, p: dict) -> dict:
-    """Apply the model-side levers of plan `p` to a (peft-wrapped) model. Call after get_peft_model and
-    before building the trainer. Returns what was done."""
-    import torch
-
+    """Apply the model-side levers of plan `p` to a (peft-wrapped) model: partial gradient checkpointing
+    (every-layer checkpointing is the Trainer's). Call after get_peft_model. Returns what was done."""
     done: dict[str, Any] = {}
-    if p.get("frozen_dtype") == "bf16":
-        done["frozen_bf16_bytes_saved"] = keep_frozen_in(model, torch.bfloat16)
-    n = p.get("checkpoint_layers") if p.get("gradient_checkpointing") else 0
-    done["checkpoint_layers"] = set_checkpointing(model, n)
-    if p.get("torch_compile"):
-        done["compiled_layers"] = compile_layers(model)
+    k = p.get("checkpoint_layers")
+    if p.get("gradient_checkpointing") and k is not None:
+        n = len(decoder_layers(_unwrap(model)))
+        if k > n:
+            from lorakit.errors import LorakitError
+
+            raise LorakitError(f"train.gradient_checkpointing: the model has {n} decoder layers; got {k}",
+                               field="train.gradient_checkpointing",
+                               hint=f"use a number from 0 to {n}, or true for every layer")
+        done["checkpoint_layers"] = set_checkpointing(model, k)
     return done
 
 
@@ -348,3 +400,26 @@ def customize_lora_config(lora_config: Any, p: dict, bits: int | None) -> Any:
         if mapping:
             lora_config._register_custom_module(mapping)
     return lora_config
+
+
+# Padding-free batches cost ~12% on rows of one length (8B, H200: 6112 vs 6919 tok/s, bench/train_diagnostics.md:
+# attention then runs per document) and pay ~2x on chat-like lengths; `auto` keeps them where padding is real.
+PADDING_FREE_MIN_WASTE = 0.15
+
+
+def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Fraction of a padded batch's tokens that would be padding, over one shuffled pass of the rows."""
+    import random
+
+    if not lengths or batch_size <= 1:
+        return 0.0
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    padded = sum(max(order[i:i + batch_size]) * len(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+    return 1.0 - sum(order) / padded if padded else 0.0
+
+
+def padding_free_worth_it(lengths: list[int], batch_size: int, seed: int = 0) -> bool:
+    """`data.padding_free: auto` after the data is known: on only when padded batches would waste enough."""
+    return padding_waste(lengths, batch_size, seed) >= PADDING_FREE_MIN_WASTE
+

@@ -55,7 +55,8 @@ def cpu_threads() -> int:
 
 
 def resolved_options(recipe, device: str) -> dict:
-    """The `auto` choices of the train section, resolved for `device`."""
+    """The `auto` choices of the train section (and the speed levers of lorakit.speed.plan), resolved for
+    `device`."""
     t = recipe.train
     from lorakit.models import auto_dtype_name
 
@@ -63,15 +64,11 @@ def resolved_options(recipe, device: str) -> dict:
     if precision == "fp16" and device != "cuda":
         raise LorakitError("train.precision: fp16 mixed precision needs a CUDA GPU (this machine has none)",
                            field="train.precision", hint="use fp32 (or auto) on CPU")
-    gc = (device == "cuda") if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
     optimizer = ("paged_adamw_8bit" if device == "cuda" else "adamw_torch") if t.optimizer == "auto" else t.optimizer
-    if t.liger == "auto":
-        import importlib.util
+    from lorakit.speed import plan_for_run
 
-        liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-    else:
-        liger = bool(t.liger)
-    return {"precision": precision, "gradient_checkpointing": gc, "optimizer": optimizer, "liger": liger}
+    # speed levers (liger, fused_lora, padding_free, gradient checkpointing, frozen dtype): lorakit.speed
+    return {"precision": precision, "optimizer": optimizer, **plan_for_run(recipe, device)}
 
 
 def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
@@ -79,6 +76,11 @@ def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
     t = recipe.train
     opts = resolved_options(recipe, device)
     eval_on = has_eval and t.eval_steps is not None
+    from lorakit.speed import checkpointing_arg_names, trainer_checkpointing
+
+    # every layer: the Trainer's checkpointing; the first K layers are set on the model (models.py)
+    gc = trainer_checkpointing(opts)
+    gc_flag, gc_kwargs = checkpointing_arg_names()  # activation_* (transformers >= 5.2x) or gradient_*
     return dict(
         output_dir=str(run.checkpoints_dir),
         max_steps=t.max_steps if t.max_steps else -1,
@@ -89,8 +91,7 @@ def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        activation_checkpointing=opts["gradient_checkpointing"],
-        activation_checkpointing_kwargs={"use_reentrant": False} if opts["gradient_checkpointing"] else None,
+        **{gc_flag: gc, gc_kwargs: {"use_reentrant": False} if gc else None},
         optim=opts["optimizer"],
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -112,6 +113,9 @@ def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        # a peft model is not a PreTrainedModel, so the Trainer would default to True: an extra autograd
+        # pass per step under DDP; every trainable (LoRA) parameter gets a gradient
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -123,11 +127,15 @@ def sft_config(recipe, common: dict, train_columns: list[str]):
     # Our rows are tokenized already (input_ids + completion_mask): TRL only builds labels from the mask,
     # truncates and packs. Rows that carry their own labels skip TRL's preparation entirely.
     skip = "labels" in train_columns and not d.packing
+    from lorakit.speed import sft_config_kwargs
+
+    # padding_free (lorakit.speed.plan): rows come truncated by data.prepare_sft, so TRL gets max_length=None
+    device = "cpu" if common.get("use_cpu") else "cuda"
+    kw = {"max_length": d.max_length, **sft_config_kwargs(resolved_options(recipe, device))}
     return SFTConfig(
         **common,
-        max_length=d.max_length,
+        **kw,
         packing=d.packing,
-        padding_free=d.padding_free,
         completion_only_loss=d.completion_only,
         dataset_kwargs={"skip_prepare_dataset": True} if skip else None,
     )
@@ -152,7 +160,10 @@ class _Out:
         self.console = console
 
     def print(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        from lorakit.distributed import is_main_process
+
+        if is_main_process():  # in a multi-process run only rank 0 talks
+            self.console.print(text, highlight=False, markup=False)
 
 
 def _run_dir_for(recipe, resume) -> RunDir:
@@ -196,8 +207,10 @@ def _columns(ds) -> list[str]:
 def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: list):
     if recipe.method == "grpo":
         from lorakit.grpo import build_grpo_trainer
+        from lorakit.recipe import located
 
-        return build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
+        with located(recipe):  # reward loading / GRPO settings errors point at their recipe lines
+            return build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
     from trl import SFTTrainer
 
     config = sft_config(recipe, common, _columns(prepared.train))
@@ -225,6 +238,16 @@ def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str)
         result["metrics"], result["samples"] = tm["metrics"], tm["samples"]
         shown = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in tm["metrics"].items())
         out.print(f"task metrics {when} ({tm['n']} held-out rows, {time.time() - t0:.0f}s): {shown}")
+    if recipe.method == "grpo":  # mean reward of greedy completions on held-out prompts
+        from lorakit.grpo import held_out_rewards
+
+        t0 = time.time()
+        rw = held_out_rewards(recipe, model, tokenizer, prepared.eval)
+        result["reward"] = rw
+        if rw is not None:
+            parts = ", ".join(f"{k} {_fmt(v)}" for k, v in rw["rewards"].items())
+            out.print(f"held-out reward {when} ({rw['n']} prompts, {time.time() - t0:.0f}s): "
+                      f"{_fmt(rw['reward'])} ({parts})")
     return result
 
 
@@ -246,10 +269,25 @@ def _remove_printer(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def _save_adapter(model, tokenizer, run: RunDir) -> None:
-    with run.staged_dir(run.adapter_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+def _save_adapter(model, tokenizer, run: RunDir, trainer=None) -> None:
+    """Rank 0 writes the adapter; under FSDP every rank first joins in gathering the full state dict.
+    All ranks wait until it is on disk."""
+    from lorakit.distributed import wait_for_everyone
+
+    state_dict = None
+    if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+    if run.main:
+        with run.staged_dir(run.adapter_dir) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(str(tmp))
+    wait_for_everyone()
+
+
+def _distributed() -> dict:
+    from lorakit.distributed import describe
+
+    return describe()
 
 
 def _peak_memory(device: str) -> dict:
@@ -291,18 +329,36 @@ def _losses(history: list[dict]) -> dict:
 
 
 def plot_losses(points: dict, path: Path, *, eval_before: float | None, eval_after: float | None,
-                title: str) -> Path:
-    """Loss curve PNG (matplotlib Agg): train loss per logged step, eval loss points."""
+                title: str, rewards: dict | None = None, reward_before: float | None = None,
+                reward_after: float | None = None) -> Path | None:
+    """Loss curve PNG (matplotlib Agg): train loss per logged step, eval loss points.
+
+    With `rewards` (GRPO: grpo.reward_curves, {"total": [(step, value)], <reward name>: [...]}) a second
+    panel below shows the training reward per logged step (the weighted total bold, each reward
+    function thin) and the held-out mean reward before (step 0) and after training (last step).
+    """
+    from lorakit.distributed import is_main_process
+
+    if not is_main_process():  # only rank 0 writes the run directory
+        return path
     import io
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a missing plot must not fail a finished run: metrics.jsonl holds the curves
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", Path(path).name)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from lorakit.atomic import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    with_reward = bool(rewards and any(rewards.values())) or reward_before is not None or reward_after is not None
+    if with_reward:
+        fig, (ax, rax) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1.3]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if points["train"]:
         xs, ys = zip(*points["train"])
         ax.plot(xs, ys, label="train loss", color="tab:blue")
@@ -319,7 +375,28 @@ def plot_losses(points: dict, path: Path, *, eval_before: float | None, eval_aft
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    if with_reward:
+        curves = dict(rewards or {})
+        total = curves.pop("total", [])
+        for name, pts in curves.items():
+            if pts:
+                xs, ys = zip(*pts)
+                rax.plot(xs, ys, lw=1, alpha=0.7, label=f"train {name}")
+        if total:
+            xs, ys = zip(*total)
+            rax.plot(xs, ys, lw=2, color="tab:green", label="train reward (weighted total)")
+        last = max([s for pts in (rewards or {}).values() for s, _ in pts] or [last_step])
+        held = [(st, v) for st, v in ((0, reward_before), (last, reward_after)) if v is not None]
+        if held:
+            xs, ys = zip(*held)
+            rax.plot(xs, ys, "s--", color="tab:red", ms=7, label="held-out reward (greedy)")
+        rax.set_xlabel("step")
+        rax.set_ylabel("reward")
+        rax.grid(alpha=0.3)
+        rax.legend(fontsize=8)
+        ax.set_xlabel("")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -371,9 +448,14 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     else:
         out.print(f"device: {device}; loading {recipe.base_model} ...")
     with located(recipe):
-        model, tokenizer, info = load_for_training(recipe, device)
+        from lorakit.speed import describe_levers
+
+        levers = resolved_options(recipe, device)
+        model, tokenizer, info = load_for_training(recipe, device, levers=levers)
         out.print(describe_params(info))
+        out.print(describe_levers(levers))
         prepared = _prepare_data(recipe, tokenizer)
+    recipe = _settle_padding_free(recipe, levers, prepared, out)
     report = dict(getattr(prepared, "report", None) or {})
     if report:
         out.print("data: " + ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, (dict, list))))
@@ -395,11 +477,39 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         raise
     except LorakitError as e:
         if run.state != FAILED:
-            run.set_state(FAILED, error=e.message)
+            run.mark_failed(e.message)
         raise
     except BaseException as e:
-        run.set_state(FAILED, error=f"{type(e).__name__}: {e}")
-        raise
+        # a full / over-quota / read-only disk while saving (a checkpoint, metrics): a clean error, exit 1
+        from lorakit.guards import disk_failure
+
+        err = disk_failure(e, run.checkpoints_dir, run.path, cleanup=run.main)
+        if err is None:
+            run.mark_failed(f"{type(e).__name__}: {e}")
+            raise
+        run.mark_failed(err.message)
+        raise err from e
+    finally:  # training that ended with an exception never ran on_train_end: give the signal handlers back
+        from lorakit.guards import release_signals
+
+        release_signals()
+
+
+def _settle_padding_free(recipe, levers: dict, prepared, out: "_Out"):
+    """`data.padding_free: auto` chose padding-free before the data was read: keep it only when padded
+    batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it."""
+    if recipe.method != "sft" or recipe.data.padding_free != "auto" or not levers.get("padding_free"):
+        return recipe
+    from lorakit.speed import padding_free_worth_it, padding_waste
+
+    ds = prepared.train
+    lengths = [len(x) for x in ds["input_ids"]] if "input_ids" in _columns(ds) else []
+    if not lengths or padding_free_worth_it(lengths, recipe.train.batch_size, recipe.train.seed):
+        return recipe
+    out.print(f"speed: padding-free off (padded batches would waste only "
+              f"{100 * padding_waste(lengths, recipe.train.batch_size, recipe.train.seed):.0f}% of tokens)")
+    levers["padding_free"] = False
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding_free": False})})
 
 
 def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepared, report, out: _Out,
@@ -431,7 +541,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         run.set_state(INTERRUPTED, step=state.global_step, checkpoint=str(ckpt) if ckpt else None,
                       signal=stopper.signal_name)
         out.print(f"stopped by {stopper.signal_name} at step {state.global_step}; checkpoint {ckpt}. "
-                  f"Resume with: lorakit train RECIPE --resume {run.path}")
+                  f"Resume with: lorakit train {recipe._source or 'RECIPE'} --resume {run.path}")
         raise Interrupted(stopper.signal_name, str(ckpt) if ckpt else None, stopper.exit_code)
     if guard.bad_step is not None:
         from lorakit.guards import latest_complete_checkpoint
@@ -445,12 +555,20 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
                  "or set train.nan_policy: skip")
 
     after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after")
-    _save_adapter(model, tokenizer, run)
+    _save_adapter(model, tokenizer, run, trainer)
 
     history = list(state.log_history)
     points = _losses(history)
-    plot_losses(points, run.plot_file, eval_before=before["eval_loss"], eval_after=after["eval_loss"],
-                title=f"{recipe.name}: {recipe.base_model}")
+    reward = None
+    if recipe.method == "grpo":
+        from lorakit.grpo import reward_curves, reward_summary
+
+        reward = reward_summary(before.get("reward"), after.get("reward"), history)
+    plot = plot_losses(points, run.plot_file, eval_before=before["eval_loss"], eval_after=after["eval_loss"],
+                       title=f"{recipe.name}: {recipe.base_model}",
+                       rewards=reward_curves(history) if reward is not None else None,
+                       reward_before=(reward["before"] or {}).get("total") if reward else None,
+                       reward_after=(reward["after"] or {}).get("total") if reward else None)
     tokens = int(state.num_input_tokens_seen or 0)
     train_rt = next((h.get("train_runtime") for h in reversed(history) if "train_runtime" in h), None)
     summary = {
@@ -461,6 +579,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "base_model": recipe.base_model,
         "base_dir": info["base_dir"],
         "device": device,
+        "distributed": _distributed(),  # world_size, strategy (single | ddp | fsdp), backend, num_machines
         "cpu_threads": _threads(device),
         "resumed": checkpoint is not None,
         "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"]},
@@ -472,6 +591,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
                       "change_percent": _pct_change(before["eval_loss"], after["eval_loss"])},
         "task_metrics": {"before": before["metrics"], "after": after["metrics"],
                          "samples_before": before["samples"], "samples_after": after["samples"]},
+        "reward": reward,  # GRPO: held-out mean reward before/after (total and per function); None for SFT
         "tokens": tokens,
         "train_seconds": round(train_rt if train_rt else train_seconds, 2),
         "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
@@ -483,9 +603,9 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "data": report,
         "versions": library_versions(),
         "artifacts": {"adapter": str(run.adapter_dir), "recipe": str(run.recipe_file),
-                      "metrics": str(run.metrics_file), "plot": str(run.plot_file)},
+                      "metrics": str(run.metrics_file), "plot": str(plot) if plot else None},
     }
-    if recipe.output.save in ("merged", "both"):
+    if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)
         summary["artifacts"]["merged"] = str(run.merged_dir)
     summary["wall_seconds"] = round(time.time() - t_start, 2)
@@ -529,6 +649,20 @@ def _print_summary(s: dict, out: _Out) -> None:
         lines.append(f"  after training: {sample['completion'][:200]}")
     for sample in tm["samples_before"][:1]:
         lines.append(f"  before training: {sample['completion'][:200]}")
+    rw = s.get("reward")
+    if rw and rw.get("after") is not None:
+        b, a, ch = rw["before"] or {}, rw["after"], rw["change"] or {}
+        for key in a:
+            label = "held-out reward" if key == "total" else f"  {key}"
+            change = f" ({ch[key]:+.4f})" if ch.get(key) is not None else ""
+            count = f" ({rw['n']} prompts)" if key == "total" else ""
+            lines.append(f"{label}{count}: {_fmt(b.get(key))} -> {_fmt(a[key])}{change}")
+        if not tm["samples_after"]:
+            for after_s, before_s in zip(rw["samples_after"][:1], rw["samples_before"][:1] or [None]):
+                lines.append(f"sample prompt: {str(after_s['prompt'])[:200]}")
+                lines.append(f"  after training: {after_s['completion'][:200]}")
+                if before_s is not None:
+                    lines.append(f"  before training: {before_s['completion'][:200]}")
     for line in lines:
         out.print(line)
 

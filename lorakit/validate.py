@@ -49,7 +49,7 @@ def _check_functions(recipe: Recipe) -> list[str]:
     specs += [(f"evaluate.metrics.{i}.fn", s) for i, s in enumerate(recipe.evaluate.metrics)]
     for field, spec in specs:
         try:
-            load_reward(spec, recipe_dir(recipe))
+            load_reward(spec, recipe_dir(recipe), field=field)
         except LorakitError as e:
             e.field = e.field or field
             raise

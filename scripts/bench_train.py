@@ -1,11 +1,34 @@
-"""Baseline (plain TRL + peft + bitsandbytes, as their docs show) vs lorakit's speed levers, on one GPU.
+# ruff: noqa: E501  (the GPU command in the docstring is one line, to copy as is)
+"""`lorakit train` vs the plain TRL + peft + bitsandbytes stack written as their docs show, on one GPU (issue 7).
 
-One call, one process tree: the parent builds random-init checkpoints of real shapes (saved bf16, then
-4-bit NF4 double-quant, under /tmp), measures the bf16 matmul rate, then runs each variant in its own child
-process (clean peak-memory numbers) and prints a table. Results: OUT/train.json, OUT/train.md, logs.
+GPU command (one call, carry [".gpu-wheels"], ~7 minutes of GPU wall time; results in $OUT and $OUT/bench):
 
-    python scripts/bench_train.py --out $OUT --models 8b --workloads fixed --variants baseline,liger,...
-    python scripts/bench_train.py --tiny --out /tmp/b   # CPU smoke test with a tiny model
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --out $OUT --write-bench $OUT/bench
+
+CPU smoke test (tiny model; a few minutes on 2 busy CPUs, mostly imports; the same code paths and files):
+
+    .venv/bin/python scripts/bench_train.py --tiny --device cpu --out /tmp/lkb --write-bench /tmp/lkb/bench
+
+One process tree: the parent measures the bf16 matmul rate, builds random-initialized checkpoints of real shapes
+(Llama-3.1-8B, then Llama-3.2-1B; saved bf16, re-saved NF4 double-quant under /tmp/lkbench, no downloads) and a
+word-level tokenizer, writes the data files, then runs each variant in its own child process (clean peak memory):
+
+- baseline: the TRL docs' QLoRA recipe: BitsAndBytesConfig(nf4, double quant, bf16 compute), sdpa,
+  SFTTrainer(peft_config=LoraConfig(r=16, alpha=32, dropout=0.05, all-linear), SFTConfig(gradient_checkpointing=True,
+  bf16=True, optim=paged_adamw_8bit)); batches padded by TRL's collator.
+- baseline_peft: the same after peft's `prepare_model_for_kbit_training(model)` (the peft docs' QLoRA recipe).
+- lorakit: `lorakit.train.run_training` (what `lorakit train` runs) on the equivalent recipe with lorakit's defaults
+  (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed).
+- lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
+- lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
+
+Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
+Both sides see the same token ids in the same order (same seed and data_seed). Measured per run: non-padding tokens/s
+over the steps after 4 warm-up steps (from the Trainer's own `num_input_tokens_seen`, counted the same way for both,
+and the wall time of its per-step log events), peak GPU memory allocated / reserved in the process (torch's
+counters, load included), the first 20 losses, and the ratio to the physical limit: tokens/s x FLOPs per token
+against the measured bf16 matmul rate. Results are written after every variant (a timeout still leaves data):
+OUT/train.json, OUT/train.md, OUT/log.txt, and with --write-bench DIR the bench files DIR/train.json, DIR/train.md.
 """
 
 from __future__ import annotations
@@ -17,10 +40,16 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+WORK = Path(os.environ.get("LKBENCH_DIR", "/tmp/lkbench"))
+WARMUP = 4
+LOSSES = 20
+MARKER = "<!-- previous runs below: kept by scripts/bench_train.py -->"
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -36,64 +65,145 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
+NAMES = {"8b": "Llama-3.1-8B shape", "1b": "Llama-3.2-1B shape", "tiny": "tiny Llama (CPU smoke test)"}
 
-# name -> levers. "kbit_prep": peft's prepare_model_for_kbit_training (docs' QLoRA recipe, fp32 upcast)
-VARIANTS = {
-    "baseline": dict(kbit_prep=True, gc="all"),
-    "base_trl_liger": dict(kbit_prep=True, gc="all", liger=True),
-    "frozen_bf16": dict(gc="all"),
-    "bf16_liger": dict(gc="all", liger=True),
-    "bf16_fusedlora": dict(gc="all", fused=True),
-    "lk": dict(gc="all", liger=True, fused=True),
-    "lk_compile": dict(gc="all", liger=True, fused=True, compile=True),
-    "lk_sac_attn": dict(gc="all", liger=True, fused=True, sac=True),
-    "lk_off": dict(gc=0, liger=True, fused=True),
-    "lk_k28": dict(gc=28, liger=True, fused=True),
-    "lk_k24": dict(gc=24, liger=True, fused=True),
-    "lk_k16": dict(gc=16, liger=True, fused=True),
-    "base_pad": dict(kbit_prep=True, gc="all"),
-    "lk_pf": dict(gc="all", liger=True, fused=True, padding_free=True),
-}
+# Most important first: a timeout still leaves the headline numbers. (model, workload, run, steps)
+PLAN = [
+    ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20),
+    ("8b", "varied", "baseline", 12), ("8b", "varied", "lorakit", 12),
+    ("8b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "baseline_peft", 12),
+    ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
+    ("1b", "varied", "baseline", 12), ("1b", "varied", "lorakit", 12),
+    ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
+    ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
+    ("8b", "fixed", "lk_no_fused_lora", 12),
+]
+MAX_STEPS = max(p[3] for p in PLAN)
+# rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
+COST = {"8b": {"build": 100, 20: 60, 12: 45}, "1b": {"build": 30, 20: 30, 12: 28},
+        "tiny": {"build": 30, 20: 40, 12: 40}}
 
 
-def sh(cmd, log, timeout):
-    t = time.time()
-    with open(log, "a") as f:
-        try:
-            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = r.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    return rc, time.time() - t
+def seq_len(model: str) -> int:
+    return 64 if model == "tiny" else 2048
+
+
+def batch_size(workload: str) -> int:
+    return 2 if workload == "fixed" else 8
+
+
+def n_words(model: str) -> int:
+    return min(SHAPES[model]["vocab_size"], 32000)
+
+
+def model_dir(model: str) -> Path:
+    return WORK / f"{model}-nf4"
+
+
+def data_file(model: str, workload: str) -> Path:
+    return WORK / f"data-{model}-{workload}.jsonl"
+
+
+def data_rows(model: str, workload: str) -> list[list[int]]:
+    """The rows of a workload: enough for the longest run; shorter runs see the same first batches (the sampler's
+    order depends only on the seed and the row count), so every run's losses compare step by step."""
+    return make_rows(workload, batch_size(workload) * MAX_STEPS, n_words(model), seq_len(model))
 
 
 # ----------------------------------------------------------------------------------------------
-# child: build checkpoints
+# data and tokenizer: word-level, so that "t123 t45" is exactly the ids [123, 45] (+ eos) for both sides
+# ----------------------------------------------------------------------------------------------
+
+PAD, UNK, EOS = 0, 1, 2
+
+
+def tokenizer(words: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<unk>": UNK, "<eos>": EOS, **{f"t{i}": i for i in range(3, words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_rows(workload: str, n_rows: int, words: int, seq: int, seed: int = 0) -> list[list[int]]:
+    """Token ids of each row, ending in eos. fixed: `seq` tokens; varied: log-normal, median ~22% of seq
+    (450 of 2048), sigma 0.6, clipped to [32, seq]. Each row repeats a random motif (learnable: the loss falls)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        if workload == "fixed":
+            n = seq
+        else:
+            n = int(min(seq, max(min(32, seq), rng.lognormal(math.log(seq * 450 / 2048), 0.6))))
+        motif = rng.integers(3, words, size=int(rng.integers(8, 64)))
+        rows.append([int(x) for x in np.resize(motif, n - 1)] + [EOS])
+    return rows
+
+
+def write_data(model: str, workload: str) -> list[list[int]]:
+    rows = data_rows(model, workload)
+    path = data_file(model, workload)
+    if not path.exists():
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({"text": " ".join(f"t{i}" for i in r[:-1])}) + "\n")
+    return rows
+
+
+def check_same_tokens(model: str, workload: str, rows: list[list[int]], device: str) -> str:
+    """lorakit's data preparation turns the text file into exactly the baseline's token ids: "same" or why not."""
+    from lorakit.data import prepare_sft
+
+    recipe = lorakit_recipe(model, workload, "lorakit", MAX_STEPS, device, WORK / "check")
+    prepared = prepare_sft(recipe, tokenizer(n_words(model)))
+    got = list(prepared.train["input_ids"])
+    if got == rows:
+        return "same"
+    bad = next((i for i, (a, b) in enumerate(zip(got, rows)) if a != b), "count")
+    return f"DIFFERENT: lorakit's tokens differ from the baseline's (row {bad}); losses do not compare"
+
+
+# ----------------------------------------------------------------------------------------------
+# children
 # ----------------------------------------------------------------------------------------------
 
 
-def build(model_key: str, tiny: bool) -> None:
+def build(model: str, device: str) -> None:
+    """Random-init checkpoint of the real shape: bf16 on disk, then loaded with bnb NF4 double-quant and re-saved."""
+    import shutil
+
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    d16, d4 = Path(f"/tmp/lkbench/{model_key}-bf16"), Path(f"/tmp/lkbench/{model_key}-nf4")
+    d16, d4 = WORK / f"{model}-bf16", model_dir(model)
     if (d4 / "config.json").exists():
         return
     t = time.time()
-    cfg = LlamaConfig(**SHAPES[model_key], dtype="bfloat16")
+    cfg = LlamaConfig(**SHAPES[model], bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
-    with torch.device(dev):
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    m.save_pretrained(d16, max_shard_size="4GB")
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    m.save_pretrained(d16, max_shard_size="5GB")
     del m
-    print(f"saved bf16 {time.time() - t:.1f}s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"saved bf16 in {time.time() - t:.1f}s", flush=True)
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    m = AutoModelForCausalLM.from_pretrained(d16, quantization_config=q, dtype=torch.bfloat16,
-                                             device_map={"": 0} if dev == "cuda" else None)
-    m.save_pretrained(d4)
-    print(f"saved nf4 {time.time() - t:.1f}s", flush=True)
+                           bnb_4bit_compute_dtype=compute)
+    m = AutoModelForCausalLM.from_pretrained(d16, quantization_config=q, dtype=compute,
+                                             device_map={"": 0} if device == "cuda" else {"": "cpu"})
+    tmp = d4.with_name(d4.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp)
+    tokenizer(n_words(model)).save_pretrained(tmp)
+    os.replace(tmp, d4)
+    shutil.rmtree(d16, ignore_errors=True)
+    print(f"saved nf4 in {time.time() - t:.1f}s", flush=True)
 
 
 def matmul_rate() -> dict:
@@ -117,170 +227,152 @@ def matmul_rate() -> dict:
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / 10 / 1e3)
     ts.sort()
-    return {"bf16_matmul_tflops": 2 * n**3 / ts[len(ts) // 2] / 1e12, "gpu": torch.cuda.get_device_name()}
+    return {"bf16_matmul_tflops": 2 * n**3 / ts[len(ts) // 2] / 1e12, "gpu": torch.cuda.get_device_name(),
+            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
 
 
-# ----------------------------------------------------------------------------------------------
-# child: one variant
-# ----------------------------------------------------------------------------------------------
+def _peak(device: str) -> dict:
+    import torch
+
+    if device != "cuda":
+        import resource
+
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None,
+                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
-def make_rows(workload: str, n_rows: int, vocab: int, seq: int, seed: int = 0) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n_rows):
-        if workload == "fixed":
-            n = seq
-        else:  # chat-like: log-normal, median ~450 tokens
-            n = int(min(seq, max(32, rng.lognormal(math.log(450), 0.6))))
-        motif = rng.integers(5, min(vocab, 32000), size=int(rng.integers(8, 64)))
-        rows.append(list(np.resize(motif, n).astype(int)))
-    return rows
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "<eos>": 2}, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def variant(args) -> None:
+def baseline(args) -> dict:
+    """The docs' QLoRA recipe, step for step; only the seeds and the token counting are set explicitly so that
+    both sides see the same data in the same order and count tokens the same way."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from lorakit import speed
+    cuda = args.device == "cuda"
+    set_seed(42)
+    rows = data_rows(args.model, args.workload)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(args.model), quantization_config=bnb, dtype=dtype,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if cuda else {"": "cpu"})
+    if args.run == "baseline_peft":
+        model = prepare_model_for_kbit_training(model)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    events: list[dict] = []
 
-    v = VARIANTS[args.variant]
-    cuda = torch.cuda.is_available()
-    tiny = args.model == "tiny"
-    seq = 64 if tiny else 2048
-    fixed = args.workload == "fixed"
-    bs = 2 if fixed else 8
-    steps = args.steps
-    prof_steps = 2 if args.profile else 0
-    total = steps + prof_steps
-    shape = SHAPES[args.model]
-    rows = make_rows(args.workload, bs * (steps + 2), shape["vocab_size"], seq)  # same data order with or without profiling
-    ds = Dataset.from_dict({"input_ids": rows})
+    class Clock(TrainerCallback):  # measurement only
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                events.append({"step": state.global_step, "time": time.time(),
+                               "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"])})
 
-    t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(f"/tmp/lkbench/{args.model}-nf4", dtype=torch.bfloat16,
-                                                 device_map={"": 0} if cuda else None,
-                                                 attn_implementation="sdpa")
-    load_s = time.time() - t0
-    lc = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    p = {"liger": v.get("liger", False), "fused_lora": v.get("fused", False),
-         "padding_free": v.get("padding_free", False), "torch_compile": v.get("compile", False),
-         "frozen_dtype": None if v.get("kbit_prep") else "bf16"}
-    gc = v["gc"]
-    p["gradient_checkpointing"] = gc != 0
-    p["checkpoint_layers"] = None if gc == "all" else gc
-    if v.get("kbit_prep"):
-        # the docs' QLoRA recipe: prepare_model_for_kbit_training, then the trainer wraps with peft
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_config, cfg_kw = lc, {"gradient_checkpointing": True,
-                                   "gradient_checkpointing_kwargs": {"use_reentrant": False},
-                                   "use_liger_kernel": p["liger"], "padding_free": p["padding_free"]}
-    else:
-        speed.customize_lora_config(lc, p, 4)
-        model = get_peft_model(model, lc)
-        for n_, prm in model.named_parameters():  # TRL casts QLoRA adapters to bf16: do the same
-            if prm.requires_grad:
-                prm.data = prm.data.to(torch.bfloat16)
-        done = speed.apply_to_model(model, p)
-        print("applied", done, flush=True)
-        peft_config, cfg_kw = None, speed.sft_config_kwargs(p)
-        if v.get("sac"):
-            from trl.models.selective_activation_checkpointing import enable_selective_activation_checkpointing
-
-            base = model.get_base_model()
-            enable_selective_activation_checkpointing(base)
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not cuda:
-        cfg_kw["use_liger_kernel"] = False
-
-    times, toks = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            if args.profile and state.global_step == steps:
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
-                self.prof.__enter__()
-                self.t_prof = time.perf_counter()
-            if args.profile and state.global_step == total:
-                wall = time.perf_counter() - self.t_prof
-                self.prof.__exit__(None, None, None)
-                report_profile(self.prof, wall, prof_steps, args.out_dir, args.variant)
-
-    class CountingTrainer(SFTTrainer):
-        def training_step(self, model, inputs, *a, **kw):
-            am = inputs.get("attention_mask")
-            toks.append(int(am.sum()) if am is not None else int(inputs["input_ids"].numel()))
-            return super().training_step(model, inputs, *a, **kw)
-
-    cfg = SFTConfig(output_dir=f"/tmp/lkbench/run-{args.variant}", max_steps=total, per_device_train_batch_size=bs,
-                    learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-                    save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda, seed=42,
-                    dataloader_num_workers=0, disable_tqdm=True, **{"max_length": seq, **cfg_kw})
-    trainer = CountingTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer(),
-                              peft_config=peft_config, callbacks=[Clock()])
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    t1 = time.time()
+    cfg = SFTConfig(output_dir=str(WORK / f"run-{args.run}"), max_steps=args.steps,
+                    per_device_train_batch_size=batch_size(args.workload), learning_rate=2e-4,
+                    lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                    gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, max_length=seq_len(args.model),
+                    logging_steps=1, save_strategy="no", report_to="none", seed=42, data_seed=42,
+                    include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
+                         processing_class=tokenizer(n_words(args.model)), peft_config=peft_config, callbacks=[Clock()])
     trainer.train()
-    wall = time.time() - t1
-    warm = 3
-    # times[i] = end of step i+1; tokens counted per step
-    span = times[steps - 1] - times[warm - 1]
-    tok = sum(toks[warm:steps])
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][:20]
-    res = {
-        "variant": args.variant, "model": args.model, "workload": args.workload, "levers": v,
-        "tokens_per_s": tok / span, "step_ms": 1e3 * span / (steps - warm), "tokens_per_step": tok / (steps - warm),
-        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "losses": losses, "load_s": load_s, "train_wall_s": wall,
-    }
-    with open(args.result, "w") as f:
-        json.dump(res, f)
-    print("RESULT", json.dumps(res), flush=True)
+    return {"events": events, "checkpointing": "every layer", "gc_fraction": 1.0, **_peak(args.device)}
 
 
-def report_profile(prof, wall: float, n_steps: int, out_dir: str, name: str) -> None:
-    ev = prof.key_averages()
-    cuda_ev = [e for e in ev if getattr(e, "device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
-    busy = sum(e.device_time_total for e in cuda_ev) / 1e6
-    lines = [f"profile: {n_steps} steps, wall {wall:.3f}s, GPU kernel time {busy:.3f}s "
-             f"({100 * busy / wall:.0f}% busy), kernels launched {sum(e.count for e in cuda_ev)}"]
-    groups: dict[str, float] = {}
-    for e in cuda_ev:
-        k = e.key.lower()
-        g = ("gemm" if any(s in k for s in ("gemm", "cutlass", "sm90", "xmma", "matmul")) else
-             "attention" if any(s in k for s in ("flash", "fmha", "attention", "efficient")) else
-             "nf4 dequant" if any(s in k for s in ("dequant", "kdequantize", "4bit")) else
-             "triton" if "triton" in k else
-             "copy/cast" if any(s in k for s in ("copy", "cast", "memcpy")) else
-             "dropout/rng" if any(s in k for s in ("dropout", "bernoulli", "philox", "fused_dropout")) else
-             "elementwise" if any(s in k for s in ("elementwise", "vectorized", "reduce")) else "other")
-        groups[g] = groups.get(g, 0) + e.device_time_total / 1e6
-    lines.append("by group: " + ", ".join(f"{k} {v / n_steps * 1e3:.0f} ms/step" for k, v in
-                                          sorted(groups.items(), key=lambda x: -x[1])))
-    lines.append(ev.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
-    Path(out_dir, f"profile-{name}.txt").write_text("\n".join(lines))
-    print("\n".join(lines[:2]), flush=True)
+class PlainConsole:
+    """What run_training prints to (a rich Console otherwise): plain lines on stdout."""
+
+    is_terminal = False
+
+    def print(self, text, **kw):
+        print(text, flush=True)
+
+
+def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str, runs: Path):
+    import yaml
+
+    from lorakit.recipe import load_recipe
+
+    cuda = device == "cuda"
+    train = {"max_steps": steps, "lr": 2.0e-4, "scheduler": "constant", "warmup_ratio": 0.0,
+             "batch_size": batch_size(workload), "grad_accum": 1, "logging_steps": 1, "seed": 42,
+             "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch"}
+    data = {"path": str(data_file(model, workload)), "format": "text", "max_length": seq_len(model)}
+    if run == "lorakit_budget":
+        train["memory_budget_gb"] = float(os.environ.get("LKBENCH_BUDGET_GB", "40"))
+    if run == "lorakit_k16":
+        train["gradient_checkpointing"] = 16
+    # one lever off at a time (diagnostics: --only lorakit,lk_no_padding_free,...)
+    if run == "lk_no_padding_free":
+        data["padding_free"] = False
+    if run == "lk_no_liger":
+        train["liger"] = False
+    if run == "lk_no_fused_lora":
+        train["fused_lora"] = False
+    if not cuda:  # CPU smoke test: switch on what auto leaves off on a CPU, to run those code paths
+        train["fused_lora"] = True
+        train["gradient_checkpointing"] = {"lorakit": True, "lorakit_budget": False}.get(run, 2)
+        data["padding_free"] = workload == "varied"
+    doc = {"name": f"bench-{model}-{workload}-{run}", "base_model": str(model_dir(model)),
+           "model": {"attn_implementation": "sdpa"},
+           "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+           "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
+           "data": data, "train": train, "output": {"dir": str(runs / f"{model}-{workload}-{run}")}}
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / f"{model}-{workload}-{run}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return load_recipe(path)
+
+
+def lorakit(args) -> dict:
+    """`lorakit train` on the equivalent recipe: lorakit.train.run_training, in this process."""
+    from lorakit.train import resolved_options, run_training
+
+    recipe = lorakit_recipe(args.model, args.workload, args.run, args.steps, args.device, WORK / "runs")
+    out: dict = {"recipe": recipe.model_dump(mode="json")}
+    try:
+        summary = run_training(recipe, overwrite=True, console=PlainConsole())
+        out["options"] = summary["options"]
+    except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
+        out["lorakit_error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()[-2000:]
+        out["options"] = resolved_options(recipe, args.device)
+    run_dir = Path(recipe.output.dir)
+    events = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            d = json.loads(line)
+            if "loss" in d and "step" in d:
+                events.append({"step": d["step"], "time": d["time"], "tokens": d.get("num_input_tokens_seen"),
+                               "loss": float(d["loss"])})
+    o = out["options"]
+    k = o.get("checkpoint_layers")
+    n = SHAPES[args.model]["num_hidden_layers"]
+    if not o.get("gradient_checkpointing"):
+        out["checkpointing"], out["gc_fraction"] = "none", 0.0
+    elif k is None:
+        out["checkpointing"], out["gc_fraction"] = "every layer", 1.0
+    else:
+        out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
+    on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("padding_free", "padding-free"))
+          if o.get(key)]
+    out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))
+    out["events"] = events
+    out.update(_peak(args.device))
+    return out
+
+
+def child(args) -> None:
+    fn = baseline if args.run.startswith("baseline") else lorakit
+    res = {"model": args.model, "workload": args.workload, "run": args.run, "steps": args.steps, **fn(args)}
+    Path(args.result).write_text(json.dumps(res))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,138 +380,296 @@ def report_profile(prof, wall: float, n_steps: int, out_dir: str, name: str) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def flops_per_token(key: str, seq: float, gc_frac: float) -> float:
-    """2*P forward + 2*P backward (activation grads only: the base is frozen, LoRA weight grads ~0) +
-    2*P*gc_frac recompute, P = matmul params (all linears + lm_head); attention 4*L*s_eff*d (fwd, causal
-    average s_eff = seq/2) x (1 fwd + 2 bwd + gc_frac recompute)."""
-    s = SHAPES[key]
+def flops_per_token(model: str, seq: float, gc_frac: float) -> float:
+    """~6P with full checkpointing: 2P forward + 2P backward (activation gradients only: the base is frozen, LoRA's
+    weight gradients are ~0.3% of it) + 2P*gc_frac recompute, P = matmul weights (all linears + lm_head; lm_head is
+    never recomputed); attention 4*L*(s/2)*h per token (causal, mean context s/2) x (1 fwd + 2 bwd + gc_frac)."""
+    s = SHAPES[model]
     h, i, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
     hd = s.get("head_dim", h // s["num_attention_heads"])
-    kv = s["num_key_value_heads"] * hd
-    p_layer = h * h * 2 + 2 * h * kv + 3 * h * i
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    p_layer = h * q * 2 + 2 * h * kv + 3 * h * i
     P = L * p_layer + h * V
-    att = 4 * L * (seq / 2) * h
+    att = 4 * L * (seq / 2) * q
     return 2 * P * (2 + gc_frac) - 2 * h * V * gc_frac + att * (3 + gc_frac)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench")
-    ap.add_argument("--models", default="8b")
-    ap.add_argument("--workloads", default="fixed")
-    ap.add_argument("--variants", default="baseline,lk")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--deadline", type=float, default=540, help="seconds: skip variants that would pass it")
-    ap.add_argument("--per-variant", type=float, default=150)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--profile", default="baseline", help="variants to profile (comma list)")
-    ap.add_argument("--child", choices=["build", "variant", "rate"])
-    ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--variant")
-    ap.add_argument("--result"), ap.add_argument("--out-dir")
-    args = ap.parse_args()
-    if args.child == "build":
-        return build(args.model, args.model == "tiny")
-    if args.child == "rate":
-        Path(args.result).write_text(json.dumps(matmul_rate()))
+def measure(res: dict) -> None:
+    """tokens/s etc. from the per-step log events (after WARMUP steps)."""
+    ev = sorted(res.get("events") or [], key=lambda e: e["step"])
+    res["losses"] = [round(e["loss"], 5) for e in ev][:LOSSES]
+    w = next((e for e in ev if e["step"] == WARMUP), None)
+    last = ev[-1] if ev else None
+    if not w or not last or last["step"] <= WARMUP or w["tokens"] is None or last["tokens"] is None:
+        res.setdefault("error", "too few logged steps")
         return
-    if args.child == "variant":
-        args.profile = args.variant in (args.profile or "").split(",")
-        return variant(args)
+    span = last["time"] - w["time"]
+    tok = last["tokens"] - w["tokens"]
+    steps = last["step"] - w["step"]
+    res.update(timed_steps=steps, tokens_per_s=tok / span, step_ms=1e3 * span / steps, tokens_per_step=tok / steps)
 
-    start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "log.txt"
-    py = sys.executable
-    me = [py, str(Path(__file__).resolve())]
-    info = {"versions": versions()}
-    if not args.tiny:
-        sh(me + ["--child", "rate", "--result", "/tmp/lkbench_rate.json"], log, 60)
+
+def sh(cmd: list[str], log: Path, timeout: float) -> tuple[object, float]:
+    t = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n===== {' '.join(cmd[2:])}\n")
+        f.flush()
         try:
-            info.update(json.loads(Path("/tmp/lkbench_rate.json").read_text()))
-        except Exception:
-            pass
-    print("info", info, flush=True)
-    models = ["tiny"] if args.tiny else args.models.split(",")
-    results = []
-    for mk in models:
-        rc, dt = sh(me + ["--child", "build", "--model", mk], log, 300)
-        print(f"build {mk}: rc={rc} {dt:.0f}s", flush=True)
-        for wl in args.workloads.split(","):
-            for vn in args.variants.split(","):
-                if wl == "fixed" and vn in ("base_pad", "lk_pf"):
-                    continue
-                if wl == "varied" and vn not in ("base_pad", "lk_pf", "lk"):
-                    continue
-                left = args.deadline - (time.time() - start)
-                if left < 40:
-                    print(f"skip {mk}/{wl}/{vn}: deadline", flush=True)
-                    continue
-                rf = f"/tmp/lkbench/res-{mk}-{wl}-{vn}.json"
-                Path(rf).unlink(missing_ok=True)
-                cmd = me + ["--child", "variant", "--model", mk, "--workload", wl, "--variant", vn, "--result", rf,
-                            "--steps", str(args.steps), "--profile", args.profile, "--out-dir", str(out)]
-                with open(log, "a") as f:
-                    f.write(f"\n===== {mk} {wl} {vn}\n")
-                rc, dt = sh(cmd, log, min(args.per_variant, left - 5))
-                if os.path.exists(rf):
-                    r = json.loads(Path(rf).read_text())
-                else:
-                    r = {"variant": vn, "model": mk, "workload": wl, "error": f"rc={rc}"}
-                r["wall_s"] = dt
-                results.append(r)
-                print(row(r), flush=True)
-                write(out, info, results)
-    write(out, info, results)
-    print(Path(out / "train.md").read_text())
-
-
-def row(r: dict) -> str:
-    if "error" in r:
-        return f"| {r['model']} | {r['workload']} | {r['variant']} | FAILED {r['error']} |"
-    f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-    return (f"| {r['model']} | {r['workload']} | {r['variant']} | {r['tokens_per_s']:.0f} | {r.get('speedup', '')} "
-            f"| {f(r['step_ms'], 0)} | {f(r['peak_alloc_gib'])} | {f(r['peak_reserved_gib'])} "
-            f"| {r.get('loss_maxrel', '')} | {r.get('mfu', '')} |")
-
-
-def write(out: Path, info: dict, results: list) -> None:
-    base = {(r["model"], r["workload"]): r for r in results
-            if r["variant"] in ("baseline", "base_pad") and "error" not in r}
-    rate = info.get("bf16_matmul_tflops")
-    for r in results:
-        if "error" in r:
-            continue
-        b = base.get((r["model"], r["workload"]))
-        if b:
-            r["speedup"] = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
-            if r["losses"] and b["losses"]:
-                n = min(len(r["losses"]), len(b["losses"]))
-                r["loss_maxrel"] = f"{max(abs(x - y) / abs(y) for x, y in zip(r['losses'][:n], b['losses'][:n])):.4f}"
-        gc = r["levers"].get("gc")
-        L = SHAPES[r["model"]]["num_hidden_layers"]
-        frac = 1.0 if gc == "all" else (gc or 0) / L
-        seq = 2048 if r["workload"] == "fixed" else 450
-        fpt = flops_per_token(r["model"], seq, frac)
-        r["gflop_per_token"] = fpt / 1e9
-        if rate:
-            r["mfu"] = f"{r['tokens_per_s'] * fpt / 1e12 / rate:.2f}"
-    (out / "train.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
-    hdr = ("| model | workload | variant | tok/s | vs base | step ms | peak alloc GiB | peak reserved GiB "
-           "| loss max rel diff (20 steps) | ratio to matmul limit |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    (out / "train.md").write_text(f"{json.dumps(info)}\n\n" + hdr + "\n".join(row(r) for r in results) + "\n")
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return rc, time.time() - t
 
 
 def versions() -> dict:
     from importlib.metadata import version
 
     out = {}
-    for p in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate"):
+    for p in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate", "datasets",
+              "triton", "matplotlib", "rich", "typer"):
         try:
             out[p] = version(p)
-        except Exception:
+        except Exception:  # noqa: BLE001
             out[p] = None
     return out
+
+
+def previous_runs() -> tuple[str, dict | None]:
+    """The committed bench/train.md / .json from before this run, kept below the new figures."""
+    md_path, js_path = ROOT / "bench" / "train.md", ROOT / "bench" / "train.json"
+    md = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
+    js = json.loads(js_path.read_text(encoding="utf-8")) if js_path.exists() else None
+    if MARKER in md:
+        md = md.split(MARKER, 1)[1].strip()
+        js = (js or {}).get("previous_runs")
+    elif md:  # the phase-1 run (levers one by one, before lorakit train used them)
+        title, _, body = md.partition("\n")
+        md = ("## Previous run: " + title.lstrip("# ").strip() + "\n" + body.replace("\n## ", "\n### ")).strip()
+        js = {"phase 1": js} if js else None
+    return md, js
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench-out", help="results, log")
+    ap.add_argument("--write-bench", default=None, metavar="DIR", help="also write DIR/train.json and DIR/train.md")
+    ap.add_argument("--models", default="8b,1b")
+    ap.add_argument("--only", default=None, help="comma list of runs to keep (e.g. baseline,lorakit)")
+    ap.add_argument("--workloads", default="fixed,varied", help="comma list of workloads to keep")
+    ap.add_argument("--deadline", type=float, default=450, help="seconds: skip what would run past it")
+    ap.add_argument("--budget-gb", type=float, default=40, help="train.memory_budget_gb of lorakit_budget")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    ap.add_argument("--child", choices=["build", "variant", "rate"])
+    ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--run")
+    ap.add_argument("--steps", type=int), ap.add_argument("--result")
+    args = ap.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.child == "build":
+        return build(args.model, args.device)
+    if args.child == "rate":
+        Path(args.result).write_text(json.dumps(matmul_rate()))
+        return
+    if args.child == "variant":
+        return child(args)
+
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    os.environ["LKBENCH_BUDGET_GB"] = str(args.budget_gb)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    dev = ["--device", args.device]
+    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": WARMUP, "budget_gb": args.budget_gb}
+    if args.device == "cuda":
+        rate_file = WORK / "rate.json"
+        rc, _ = sh(me + ["--child", "rate", "--result", str(rate_file)] + dev, log, 90)
+        if rate_file.exists():
+            info.update(json.loads(rate_file.read_text()))
+    print("info", json.dumps(info), flush=True)
+    prev_md, prev_js = previous_runs()
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    plan = [(("tiny" if args.tiny else m), w, r, s) for m, w, r, s in PLAN
+            if (args.tiny and m == "8b") or (not args.tiny and m in models)]
+    if args.only:
+        plan = [p for p in plan if p[2] in args.only.split(",")]
+    plan = [p for p in plan if p[1] in args.workloads.split(",")]
+    built: dict[str, object] = {}
+    checked: dict[tuple[str, str], str] = {}
+    results: list[dict] = []
+    for model, workload, run, steps in plan:
+        cost = COST[model]
+        if model not in built:
+            left = args.deadline - (time.time() - start)
+            if left < cost["build"] + cost[steps]:
+                built[model] = "skipped (deadline)"
+            else:
+                rc, dt = sh(me + ["--child", "build", "--model", model] + dev, log, min(left - 10, 4 * cost["build"]))
+                built[model] = rc
+                print(f"build {model}: rc={rc} {dt:.0f}s", flush=True)
+        res = {"model": model, "workload": workload, "run": run, "steps": steps}
+        left = args.deadline - (time.time() - start)
+        if built[model] != 0:
+            res["error"] = f"model not built ({built[model]})"
+        elif left < cost[steps]:
+            res["error"] = "skipped (deadline)"
+        else:
+            rows = write_data(model, workload)
+            if (model, workload) not in checked:
+                try:
+                    checked[(model, workload)] = check_same_tokens(model, workload, rows, args.device)
+                except Exception as e:  # noqa: BLE001 - the runs still measure speed and memory
+                    checked[(model, workload)] = f"check failed: {type(e).__name__}: {e}"
+                info.setdefault("token_check", {})[f"{model}/{workload}"] = checked[(model, workload)]
+                print(f"tokens {model}/{workload}: {checked[(model, workload)]}", flush=True)
+            rf = WORK / f"res-{model}-{workload}-{run}.json"
+            rf.unlink(missing_ok=True)
+            cmd = me + ["--child", "variant", "--model", model, "--workload", workload, "--run", run,
+                        "--steps", str(steps), "--result", str(rf)] + dev
+            rc, dt = sh(cmd, log, min(left - 5, 3 * cost[steps]))
+            if rf.exists():
+                res = json.loads(rf.read_text())
+                measure(res)
+            else:
+                res["error"] = f"rc={rc}"
+            res["wall_s"] = round(dt, 1)
+        results.append(res)
+        print(row(derive(info, results, res)), flush=True)
+        write(out, args.write_bench, info, results, prev_md, prev_js)
+    write(out, args.write_bench, info, results, prev_md, prev_js)
+    print(table(info, results), flush=True)
+    print(f"total {time.time() - start:.0f}s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+def derive(info: dict, results: list[dict], r: dict) -> dict:
+    """Speed-ups against the baselines of the same model and workload, loss agreement, ratio to the limit."""
+    if "tokens_per_s" not in r:
+        return r
+    for base in ("baseline", "baseline_peft"):
+        b = next((x for x in results if x["run"] == base and x["model"] == r["model"]
+                  and x["workload"] == r["workload"] and "tokens_per_s" in x), None)
+        if b is not None:
+            r[f"vs_{base}"] = r["tokens_per_s"] / b["tokens_per_s"]
+            n = min(len(r["losses"]), len(b["losses"]))  # same data order: comparable step by step
+            if n and base == "baseline" and r["run"] != base:
+                r["loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in zip(r["losses"][:n], b["losses"][:n]))
+                r["loss_steps_compared"] = n
+    rows_seq = seq_len(r["model"]) if r["workload"] == "fixed" else r.get("tokens_per_step", 0) / batch_size("varied")
+    fpt = flops_per_token(r["model"], rows_seq or seq_len(r["model"]), r.get("gc_fraction", 1.0))
+    r["gflop_per_token"] = fpt / 1e9
+    if info.get("bf16_matmul_tflops"):
+        r["ratio_to_limit"] = r["tokens_per_s"] * fpt / 1e12 / info["bf16_matmul_tflops"]
+    return r
+
+
+def _f(x, d=2, suffix=""):
+    return "-" if x is None else f"{x:.{d}f}{suffix}"
+
+
+HEADER = ("| model | workload | run | tok/s | vs baseline | vs baseline_peft | step ms | peak alloc GiB "
+          "| peak reserved GiB | loss max rel diff | ratio to limit | checkpointing; levers |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(r: dict) -> str:
+    if "tokens_per_s" not in r:
+        return f"| {r['model']} | {r['workload']} | {r['run']} | {r.get('error', 'failed')} | | | | | | | | |"
+    loss = (f"{r['loss_max_rel_diff']:.4f} ({r['loss_steps_compared']} steps)" if "loss_max_rel_diff" in r else "-")
+    err = " (run error: see JSON)" if r.get("lorakit_error") else ""
+    return (f"| {r['model']} | {r['workload']} | {r['run']}{err} | {r['tokens_per_s']:.0f} "
+            f"| {_f(r.get('vs_baseline'), 2, 'x')} | {_f(r.get('vs_baseline_peft'), 2, 'x')} | {r['step_ms']:.0f} "
+            f"| {_f(r.get('peak_alloc_gib'))} | {_f(r.get('peak_reserved_gib'))} | {loss} "
+            f"| {_f(r.get('ratio_to_limit'))} | {r.get('checkpointing', '-')}"
+            f"{'; ' + r['levers'] if r.get('levers') else ''} |")
+
+
+def table(info: dict, results: list[dict]) -> str:
+    return HEADER + "\n" + "\n".join(row(derive(info, results, r)) for r in results)
+
+
+def budget_table(results: list[dict]) -> str:
+    lines = ["| model | run | train.memory_budget_gb | checkpointing chosen | tok/s | peak alloc GiB | "
+             "peak reserved GiB |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["workload"] != "fixed" or not r["run"].startswith("lorakit") or "tokens_per_s" not in r:
+            continue
+        budget = (r.get("recipe") or {}).get("train", {}).get("memory_budget_gb")
+        reason = (r.get("options") or {}).get("checkpointing_reason", "")
+        lines.append(f"| {r['model']} | {r['run']} | {budget if budget else '- (default)'} | {r['checkpointing']}"
+                     f" ({reason}) | {r['tokens_per_s']:.0f} | {_f(r.get('peak_alloc_gib'))} "
+                     f"| {_f(r.get('peak_reserved_gib'))} |")
+    return "\n".join(lines)
+
+
+def losses_block(results: list[dict]) -> str:
+    out = []
+    for r in results:
+        if r["workload"] == "fixed" and r["run"] in ("baseline", "lorakit") and r.get("losses"):
+            out.append(f"- {r['model']} {r['run']}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+    return "\n".join(out)
+
+
+def write(out: Path, bench: str | None, info: dict, results: list[dict], prev_md: str, prev_js) -> None:
+    for r in results:
+        derive(info, results, r)
+    slim = [{k: v for k, v in r.items() if k not in ("events", "recipe")} | (
+        {"events": r["events"]} if r.get("events") else {}) for r in results]
+    doc = {"info": info, "results": slim, "previous_runs": prev_js}
+    v = info["versions"]
+    gpu = info.get("gpu", "CPU (smoke test: numbers mean nothing)")
+    rate = info.get("bf16_matmul_tflops")
+    md = f"""# Training speed: `lorakit train` vs plain TRL + peft + bitsandbytes (issue 7)
+
+Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']},
+bitsandbytes {v['bitsandbytes']}, liger-kernel {v['liger-kernel']}, accelerate {v['accelerate']}.
+Measured bf16 matmul rate (8192^3, median of 5): {f'**{rate:.0f} TFLOP/s**' if rate else 'n/a'}.
+Script: `scripts/bench_train.py` (one call, one process tree: a child process per run). Raw: `bench/train.json`.
+
+Runs (random-init models of real shapes, NF4 double-quant base, bf16 compute, LoRA r=16 alpha=32 dropout 0.05
+all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in the same order on both sides):
+- **baseline**: the TRL docs' QLoRA recipe (SFTTrainer with peft_config, gradient_checkpointing=True, bf16), padded
+  batches; **baseline_peft**: the same after peft's `prepare_model_for_kbit_training` (the peft docs' recipe).
+- **lorakit**: `lorakit train` (lorakit.train.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
+  fused LoRA, frozen weights kept bf16, padding-free batches, every layer checkpointed (the baseline's memory).
+- **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
+  checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference).
+
+Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
+sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after
+{WARMUP} warm-up steps, timed by the per-step log events. Peak = torch's max allocated / reserved in the run's
+process (load included). Loss max rel diff: first {LOSSES} losses (fewer for shorter runs) against the baseline of
+the same model and workload. Ratio to limit = tok/s x FLOPs/token / measured matmul rate, FLOPs/token ~ 6 x matmul
+params with full checkpointing (2P fwd + 2P activation-gradient bwd + 2P recompute) + causal attention.
+Token check (lorakit's data preparation of the text file vs the baseline's token ids): {info.get('token_check')}.
+
+{HEADER}
+{chr(10).join(row(r) for r in results)}
+
+## lorakit default vs budget mode (fixed length)
+{budget_table(results)}
+
+## First losses (fixed length, same seed)
+{losses_block(results)}
+
+{MARKER}
+
+{prev_md}
+"""
+    (out / "train.json").write_text(json.dumps(doc, indent=1))
+    (out / "train.md").write_text(md)
+    if bench:
+        Path(bench).mkdir(parents=True, exist_ok=True)
+        (Path(bench) / "train.json").write_text(json.dumps(doc, indent=1))
+        (Path(bench) / "train.md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lorakit.errors import RecipeError
@@ -90,3 +90,92 @@ def test_mutated_shipped_recipes(doc):
 def test_corrupted_yaml_text(text, position, junk):
     i = position % (len(text) + 1)
     _check(text[:i] + junk + text[i + len(junk):])
+
+
+# ----------------------------------------------------------------------------------------------
+# --set overrides, and whole recipes through `validate` (files, model shape, targets, functions)
+# ----------------------------------------------------------------------------------------------
+
+BAD = ROOT / "tests" / "bad_inputs"
+OVERRIDE_KEYS = ["lora.r", "lora.alpha", "lora.targets", "lora.layers", "train.lr", "train.max_steps",
+                 "quantization.bits", "data.path", "data.eval", "data.format", "method", "grpo.rewards",
+                 "output.save", "extends", "model.allow_pickle", "evaluate.metrics", "lora", "train", "x.y.z"]
+QUICKSTART = (ROOT / "recipes" / "quickstart.yaml").read_text(encoding="utf-8")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(OVERRIDE_KEYS) | st.text(max_size=10),
+                          st.sampled_from(["=", "==", ":", ""]), st.text(max_size=12) | scalars.map(str)),
+                max_size=3))
+def test_random_set_overrides(sets):
+    """`--set KEY=VALUE` strings, well-formed or not, end in a Recipe or a clean RecipeError/LorakitError."""
+    from lorakit.errors import LorakitError
+
+    overrides = [f"{k}{sep}{v}" for k, sep, v in sets]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "r.yaml"
+        path.write_text(QUICKSTART, encoding="utf-8")
+        try:
+            recipe = load_recipe(path, overrides)
+        except LorakitError as e:
+            assert e.message and e.exit_code == 2 and e.render()
+        else:
+            assert isinstance(recipe, Recipe)
+
+
+def _valid_base() -> dict:
+    return {"name": "fuzz", "base_model": str(BAD / "models" / "llama-shape"),
+            "data": {"path": str(BAD / "data" / "chat.jsonl")},
+            "lora": {"r": 8, "targets": ["q_proj", "v_proj"]}}
+
+
+PARTS = {
+    "base_model": st.sampled_from([str(BAD / "models" / m) for m in
+                                   ("llama-shape", "no-config", "unknown-arch", "remote-code", "broken-config",
+                                    "pickle-only", "missing")] + ["smollm2-135m-instruct", "org/unknown-xyz", ""]),
+    "data": st.fixed_dictionaries({}, optional={
+        "path": st.sampled_from([str(p) for p in sorted((BAD / "data").iterdir())] + ["missing.jsonl", "a/b"]),
+        "eval": st.sampled_from([0.1, 0.5, str(BAD / "data" / "chat.jsonl"), "missing-eval.jsonl", 3]),
+        "format": st.sampled_from(["auto", "messages", "alpaca", "text", "prompt", "weird"])}),
+    "lora": st.fixed_dictionaries({}, optional={
+        "targets": st.sampled_from(["all-linear", "attention", "mlp", ["q_proj"], ["c_attn"], ["lm_head"], []]),
+        "layers": st.lists(st.integers(-2, 4), max_size=3), "r": st.integers(-1, 64)}),
+    "method": st.sampled_from(["sft", "grpo"]),
+    "grpo": st.fixed_dictionaries({"rewards": st.lists(st.fixed_dictionaries({"fn": st.sampled_from(
+        ["exact_answer", "nope", f"{BAD}/rewards/raising.py:score", f"{BAD}/rewards/broken_import.py:score",
+         f"{BAD}/rewards/syntax_error.py:score", f"{BAD}/rewards/raising.py:NOT_A_FUNCTION", "os:system",
+         "json:loads"])}), max_size=2)}),
+    "evaluate": st.fixed_dictionaries({}, optional={"metrics": st.lists(st.fixed_dictionaries({"fn": st.sampled_from(
+        ["json_match", "exact_answer", f"{BAD}/rewards/raising.py:metric", "missing.py:f"])}), max_size=2)}),
+    "model": st.fixed_dictionaries({}, optional={"trust_remote_code": st.booleans(), "allow_pickle": st.booleans()}),
+}
+
+
+@st.composite
+def validate_cases(draw):
+    doc = _valid_base()
+    for key in draw(st.lists(st.sampled_from(sorted(PARTS)), unique=True, max_size=4)):
+        value = draw(PARTS[key])
+        doc[key] = {**doc[key], **value} if isinstance(doc.get(key), dict) and isinstance(value, dict) else value
+    return doc
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(validate_cases())
+def test_recipes_through_validate(doc):
+    """validate's checks beyond the schema (files, config.json, targets, reward imports): success or a clean
+    LorakitError with its exit code, never another exception."""
+    from lorakit.errors import LorakitError
+    from lorakit.validate import validate_recipe
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "fuzz.yaml"
+        path.write_text(_dump(doc), encoding="utf-8")
+        try:
+            report = validate_recipe(load_recipe(path))
+        except LorakitError as e:
+            assert e.message and e.exit_code in (1, 2) and e.render()
+            event(f"error {e.exit_code}")
+        else:
+            assert report["ok"] and report["targets"]
+            event("valid")

@@ -263,3 +263,104 @@ def test_evaluate_rewards_scores_held_out_prompts(tmp_path, tiny_model_dir, lora
     assert [c["n"] for c in calls[-2:]] == [2, 1] and calls[-1]["answer"] == ["3"]
     assert all(0 < n <= 4 for c in calls[-2:] for n in c["ids"])
     assert len(result["samples"]) == 3 and tok.padding_side == side
+
+
+def test_gradient_checkpointing_and_bf16_follow_lorakit_not_trl_defaults(tmp_path):
+    """GRPOConfig defaults both to on; the recipe's resolved options decide (old and new field names)."""
+    from trl import GRPOConfig
+
+    from lorakit.grpo import grpo_config_kwargs
+
+    recipe = write_recipe(tmp_path, "tiny")
+    base = training_args(tmp_path)
+    for key in ("gradient_checkpointing", "bf16"):
+        base.pop(key)
+    off = GRPOConfig(**grpo_config_kwargs(recipe, {**base, "activation_checkpointing": False}, world_size=1))
+    assert off.gradient_checkpointing is False and off.bf16 is False and off.fp16 is False
+    on = GRPOConfig(**grpo_config_kwargs(recipe, {**base, "gradient_checkpointing": True,
+                                                  "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+                                         world_size=1))
+    assert on.gradient_checkpointing is True and on.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_reward_summary_and_curves():
+    from lorakit.grpo import reward_curves, reward_summary
+
+    history = [{"step": 1, "loss": 0.0, "reward": 0.5, "rewards/a/mean": 0.25, "rewards/a/std": 0.1},
+               {"step": 1, "train_runtime": 1.0},
+               {"step": 2, "loss": 0.0, "reward": 0.75, "rewards/a/mean": 0.5, "rewards/a/std": 0.1}]
+    assert reward_curves(history) == {"total": [(1, 0.5), (2, 0.75)], "a": [(1, 0.25), (2, 0.5)]}
+    before = {"n": 3, "reward": 0.2, "rewards": {"a": 0.1, "b": None}, "samples": [{"prompt": "p", "completion": "x"}]}
+    after = {"n": 3, "reward": 0.5, "rewards": {"a": 0.4, "b": 0.2}, "samples": []}
+    s = reward_summary(before, after, history)
+    assert s["n"] == 3 and s["before"] == {"total": 0.2, "a": 0.1, "b": None}
+    assert s["change"]["total"] == pytest.approx(0.3) and s["change"]["a"] == pytest.approx(0.3)
+    assert s["change"]["b"] is None
+    assert s["train"] == {"first": 0.5, "last": 0.75, "steps": 2}
+    assert s["samples_before"][0]["completion"] == "x"
+    assert reward_summary(None, None, [])["before"] is None
+
+
+# ---------------------------------------------------------------- `lorakit train` end to end
+
+
+@pytest.mark.slow
+def test_lorakit_train_grpo_subprocess(tmp_path, tiny_model_dir):
+    """The real CLI on a GRPO recipe: run directory, held-out reward before/after, per-step reward logs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lorakit.grpo import reward_metric_keys
+
+    data = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:8]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[8:]))
+    doc = {"name": "tiny-grpo", "base_model": str(tiny_model_dir), "method": "grpo",
+           "quantization": {"bits": "none"}, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+           "data": {"path": "train.jsonl", "eval": "eval.jsonl", "format": "prompt"},
+           "grpo": {"rewards": [{"fn": "exact_answer", "weight": 1.0},
+                                {"fn": "format_regex", "weight": 0.5, "args": {"pattern": r"\d"}}],
+                    "num_generations": 2, "max_completion_length": 8, "max_prompt_length": 64},
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "logging_steps": 1, "seed": 0},
+           "evaluate": {"samples": 3, "max_new_tokens": 8}, "output": {"dir": "runs/tiny-grpo"}}
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(doc))
+    p = subprocess.run([sys.executable, "-m", "lorakit", "train", "grpo.yaml", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert "held-out reward before (3 prompts" in p.stderr and "held-out reward (3 prompts): " in p.stderr
+
+    run = tmp_path / "runs" / "tiny-grpo"
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (run / "adapter" / "tokenizer_config.json").is_file()
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["method"] == "grpo"
+    assert json.loads((run / "state.json").read_text())["state"] == "finished"
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads(p.stdout)["reward"] == summary["reward"]  # --json prints the same summary
+    assert summary["method"] == "grpo" and summary["steps"] == 2
+    assert summary["options"]["gradient_checkpointing"] is False  # CPU: off, whatever GRPOConfig defaults to
+    reward = summary["reward"]
+    names = {"total", "exact_answer", "format_regex"}
+    assert reward["n"] == 3 and set(reward["before"]) == set(reward["after"]) == set(reward["change"]) == names
+    for key in names:
+        assert 0.0 <= reward["before"][key] <= 1.5 and 0.0 <= reward["after"][key] <= 1.5
+        assert reward["change"][key] == pytest.approx(reward["after"][key] - reward["before"][key])
+    b = reward["before"]
+    assert b["total"] == pytest.approx(b["exact_answer"] + 0.5 * b["format_regex"])
+    assert reward["train"]["steps"] == 2 and len(reward["samples_after"]) == 3
+
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in logs if "reward" in x]
+    assert [x["step"] for x in steps] == [1, 2]
+    for x in steps:
+        for key in reward_metric_keys(["exact_answer", "format_regex"]):
+            assert isinstance(x[key], float), key
+        assert x["reward"] == pytest.approx(x["rewards/exact_answer/mean"] + 0.5 * x["rewards/format_regex/mean"],
+                                            abs=1e-6)
+        sample = x["completions"]
+        assert 0 < len(sample) <= 4 and sample[0]["prompt"].startswith("What is ")
+        assert set(sample[0]["rewards"]) == {"exact_answer", "format_regex"}

@@ -66,6 +66,24 @@ def test_sigint_saves_a_marked_checkpoint_and_stops(tiny_model_dir, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+def test_handlers_are_given_back_when_training_raises(tiny_model_dir, tmp_path):
+    """on_train_end never runs when training raises: release_signals() puts the old handlers back."""
+    from lorakit.guards import release_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = GracefulStop()
+
+    def crash(state, model):
+        raise RuntimeError("crash mid-training")
+
+    with pytest.raises(RuntimeError, match="crash mid-training"):
+        make_trainer(tiny_model_dir, tmp_path, [stop, At(1, "on_step_begin", crash)]).train()
+    assert signal.getsignal(signal.SIGINT) == stop._handle  # still ours: on_train_end did not run
+    release_signals()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    release_signals()  # idempotent
+
+
 def test_sigterm_exit_code(tiny_model_dir, tmp_path):
     stop = GracefulStop()
     kill = At(1, "on_step_begin", lambda s, m: os.kill(os.getpid(), signal.SIGTERM))
@@ -107,15 +125,35 @@ def test_skip_policy_drops_the_step_and_counts_it(tiny_model_dir, tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def _fake_checkpoint(folder, step, *, marked=True, whole=True):
+    p = folder / f"checkpoint-{step}"
+    p.mkdir()
+    if whole:
+        (p / "trainer_state.json").write_text("{}")
+        (p / "adapter_model.safetensors").write_bytes(b"x")
+    if marked:
+        (p / COMPLETE_MARKER).write_text(f"{step}\n")
+    return p
+
+
 def test_unmarked_checkpoints_are_not_trusted(tmp_path):
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("2\n")
-    (tmp_path / "checkpoint-10").mkdir()
-    (tmp_path / "checkpoint-10" / COMPLETE_MARKER).write_text("10\n")
+    _fake_checkpoint(tmp_path, 4, marked=False)
+    _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 12, whole=False)  # marked, then half-deleted (e.g. by rotation): not trusted
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
     assert [p.name for p in incomplete_checkpoints(tmp_path)] == ["checkpoint-4"]
     assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_training_start_removes_half_written_checkpoints(tiny_model_dir, tmp_path):
+    """An unmarked checkpoint (a crash mid-save) is deleted when training starts; marked ones stay."""
+    _fake_checkpoint(tmp_path, 2)
+    half = _fake_checkpoint(tmp_path, 40, marked=False)
+    make_trainer(tiny_model_dir, tmp_path, [CheckpointMarker()], max_steps=1).train()
+    assert not half.exists()
+    assert (tmp_path / "checkpoint-2").is_dir()
 
 
 @pytest.mark.parametrize("value,finite", [(1.0, True), (float("nan"), False), (float("inf"), False), ("x", True)])

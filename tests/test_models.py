@@ -210,3 +210,60 @@ def test_demo_gguf_ships_in_the_package():
 
     path = demo_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+@pytest.mark.parametrize("bits", ["none", 4])
+def test_fused_lora_adapter_reloads_into_plain_peft(tmp_path, tiny_model_dir, bits):
+    """train.fused_lora swaps in lorakit.speed's layer class; the adapter it saves is plain peft, same logits."""
+    import torch
+    from peft import PeftModel
+
+    from lorakit.models import load_base, load_for_training
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": bits},
+                         lora={"targets": "all-linear", "dropout": 0.1}, train={"fused_lora": True})
+    model, _, info = load_for_training(recipe, "cpu")
+    assert info["fused_lora_modules"] == 2 * 7
+    _randomize_lora(model)
+    model.eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    base = load_base(recipe, "cpu", tiny_model_dir, None if bits == "none" else 4)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert not any(type(m).__name__.startswith("FusedLora") for m in reloaded.modules())
+    with torch.no_grad():
+        after = reloaded(input_ids=ids).logits
+    assert (before - after).abs().max().item() < 1e-5
+
+
+def test_levers_on_the_model_build(tmp_path, tiny_model_dir):
+    """CPU default: no fused layers, peft's k-bit preparation as before; frozen_dtype bf16 (the CUDA plan) keeps
+    the unquantized frozen weights in bf16 instead of peft's fp32 upcast; a first-K count is set per layer."""
+    import torch
+
+    from lorakit.models import load_for_training
+    from lorakit.speed import decoder_layers
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": 4, "compute_dtype": "bf16"},
+                         lora={"targets": "all-linear"})
+    model, _, info = load_for_training(recipe, "cpu")
+    assert info["fused_lora_modules"] == 0 and "checkpoint_layers" not in info
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.float32  # peft's upcast, as before
+
+    levers = {"frozen_dtype": "bf16", "fused_lora": True, "gradient_checkpointing": True, "checkpoint_layers": 1}
+    model, _, info = load_for_training(recipe, "cpu", levers=levers)
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16 and base.lm_head.weight.dtype == torch.bfloat16
+    assert info["fused_lora_modules"] == 2 * 7 and info["checkpoint_layers"] == 1
+    assert [layer.gradient_checkpointing for layer in decoder_layers(base)] == [True, False]
+
+
+def test_too_many_checkpointed_layers_is_a_recipe_error(tmp_path, tiny_model_dir):
+    from lorakit.models import load_for_training
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, train={"gradient_checkpointing": 3})
+    with pytest.raises(LorakitError, match="2 decoder layers; got 3") as e:
+        load_for_training(recipe, "cpu")
+    assert e.value.field == "train.gradient_checkpointing"

@@ -82,6 +82,20 @@ def test_dockerfile_copies_existing_files_and_runs_the_console_script():
     assert "-c constraints.txt" in DOCKERFILE
 
 
+def test_image_can_launch_on_several_gpus():
+    """`lorakit train --gpus N` runs `python -m accelerate.commands.launch`: accelerate is pinned and
+    installed with the package, and the launcher configs are in the image next to the environment."""
+    from lorakit.launch import launch_command
+
+    assert "accelerate" in _pins()
+    assert any(Requirement(d).name == "accelerate" for d in PYPROJECT["project"]["dependencies"])
+    assert launch_command(2, ["train", "r.yaml"])[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "COPY configs /opt/lorakit/configs" in DOCKERFILE
+    for ref in re.findall(r"/opt/lorakit/(configs/[\w.-]+\.yaml)", DOCKERFILE):
+        assert (ROOT / ref).is_file(), ref
+    assert "CI=true" in DOCKERFILE  # plain log lines in containers
+
+
 def test_wheel_ships_the_recipes():
     force = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert force == {"recipes": "lorakit/_recipes"}

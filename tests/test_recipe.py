@@ -270,3 +270,59 @@ def test_resolved_yaml_round_trips(tmp_path):
     again = load_recipe(write(tmp_path, to_resolved_yaml(r), "resolved.yaml"))
     assert again.model_dump() == r.model_dump()
     assert isinstance(again, Recipe)
+
+
+# ---- speed levers (train.gradient_checkpointing / memory_budget_gb / fused_lora, data.padding_free) --------
+
+@pytest.mark.parametrize("given,expected", [("auto", "auto"), (True, True), (False, False), (0, 0), (12, 12),
+                                            ("12", 12), ("off", False), ("true", True)])
+def test_gradient_checkpointing_accepts_auto_bool_or_a_layer_count(given, expected):
+    r = validate_data({"base_model": "x", "data": {"path": "d"}, "train": {"gradient_checkpointing": given}})
+    got = r.train.gradient_checkpointing
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("section,value,fld,fragment", [
+    ("train", {"gradient_checkpointing": -2}, "train.gradient_checkpointing", "0 or more"),
+    ("train", {"gradient_checkpointing": "sometimes"}, "train.gradient_checkpointing",
+     "expected auto, true, false or a number of layers"),
+    ("train", {"gradient_checkpointing": 2.5}, "train.gradient_checkpointing", "number of layers"),
+    ("train", {"memory_budget_gb": 0}, "train.memory_budget_gb", "greater than 0"),
+    ("train", {"memory_budget_gb": "lots"}, "train.memory_budget_gb", "number"),
+    ("train", {"fused_lora": "maybe"}, "train.fused_lora", "auto"),
+    ("data", {"path": "d", "padding_free": "sometimes"}, "data.padding_free", "auto"),
+])
+def test_speed_lever_fields_reject_bad_values(section, value, fld, fragment):
+    with pytest.raises(RecipeError) as e:
+        validate_data({"base_model": "x", "data": {"path": "d"}, section: value})
+    got = problems(e.value)
+    assert fld in got and fragment in got[fld][1], e.value.render()
+
+
+def test_speed_lever_defaults_and_cross_field_rules(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL))
+    assert (r.train.gradient_checkpointing, r.train.memory_budget_gb, r.train.fused_lora, r.train.liger,
+            r.data.padding_free) == ("auto", None, "auto", "auto", "auto")
+    # auto padding_free goes with packing (it resolves to off); an explicit true does not
+    validate_data({"base_model": "x", "data": {"path": "d", "packing": True}})
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, MINIMAL + "lora: {dora: true}\ntrain: {fused_lora: true}\n"))
+    assert problems(e.value)["train.fused_lora"][0] == 4  # the line of `train:` (flow mapping)
+    assert "DoRA" in problems(e.value)["train.fused_lora"][1]
+    with pytest.raises(RecipeError) as e:
+        validate_data({"base_model": "x", "data": {"path": "d"}, "quantization": {"bits": 8},
+                       "train": {"fused_lora": True}})
+    assert "not 8-bit" in problems(e.value)["train.fused_lora"][1]
+    validate_data({"base_model": "x", "data": {"path": "d"}, "lora": {"dora": True}, "train": {"fused_lora": "auto"}})
+
+
+def test_speed_lever_fields_in_the_json_schema_and_resolved_yaml(tmp_path):
+    s = json_schema()
+    train, data = s["$defs"]["TrainSection"]["properties"], s["$defs"]["DataSection"]["properties"]
+    assert {"gradient_checkpointing", "memory_budget_gb", "fused_lora", "liger"} <= set(train)
+    assert "padding_free" in data and "budget" in train["memory_budget_gb"]["description"].lower()
+    kinds = {x.get("type") or x.get("const") for x in train["gradient_checkpointing"]["anyOf"]}
+    assert {"boolean", "integer"} <= kinds
+    r = load_recipe(write(tmp_path, MINIMAL + "train: {gradient_checkpointing: 20, memory_budget_gb: 22.5}\n"))
+    again = load_recipe(write(tmp_path, to_resolved_yaml(r), "resolved.yaml"))
+    assert (again.train.gradient_checkpointing, again.train.memory_budget_gb) == (20, 22.5)

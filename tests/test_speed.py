@@ -1,21 +1,32 @@
-"""lorakit.speed: the levers keep the math (fused LoRA vs peft) and the budget arithmetic holds."""
+"""lorakit.speed: the levers keep the math (fused LoRA vs peft, padding-free vs padded), the plan resolves
+them per device and memory budget, and train.py / models.py apply what the plan says."""
+
+import json
 
 import pytest
 import torch
 
 from lorakit import speed
+from lorakit.recipe import validate_data
+
+GIB = 2**30
 
 
-def _tiny_peft(fused: bool, tmp_path, p: float = 0.0):
-    from peft import LoraConfig, get_peft_model
+def _tiny_llama(layers: int = 3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_peft(fused: bool, p: float = 0.0, model=None, bits=None):
+    from peft import LoraConfig, get_peft_model
+
+    model = model if model is not None else _tiny_llama()
     lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules="all-linear", task_type="CAUSAL_LM")
-    speed.customize_lora_config(lc, {"fused_lora": fused}, None)
+    speed.customize_lora_config(lc, {"fused_lora": fused}, bits)
     torch.manual_seed(1)
     pm = get_peft_model(model, lc)
     for name, prm in pm.named_parameters():
@@ -32,9 +43,30 @@ def _grads(pm, ids):
     return loss.item(), {n: q.grad.float() for n, q in pm.named_parameters() if q.grad is not None}
 
 
-def test_fused_lora_matches_peft(tmp_path):
+def recipe(**sections):
+    doc = {"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
+           "quantization": {"bits": 4}, "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+           "train": {"batch_size": 2}}
+    for k, v in sections.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
+    return validate_data(doc)
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """Plan for "cuda" on this CPU machine: a bf16-capable GPU, no Liger."""
+    import lorakit.models
+
+    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16" if device == "cuda" else "fp32")
+    monkeypatch.setattr(speed, "liger_available", lambda: False)
+
+
+# ---- same math ------------------------------------------------------------------------------------
+
+
+def test_fused_lora_matches_peft():
     ids = torch.randint(0, 300, (2, 12))
-    ref, fused = _tiny_peft(False, tmp_path), _tiny_peft(True, tmp_path)
+    ref, fused = _tiny_peft(False), _tiny_peft(True)
     assert type(fused.base_model.model.model.layers[0].mlp.down_proj).__name__ == "FusedLoraLinear"
     l0, g0 = _grads(ref, ids)
     l1, g1 = _grads(fused, ids)
@@ -44,23 +76,76 @@ def test_fused_lora_matches_peft(tmp_path):
         assert (g0[n] - g1[n]).norm() <= 0.05 * g0[n].norm() + 1e-6, n
 
 
+def test_fused_lora_4bit_matches_peft_4bit(tmp_path):
+    """The class used on the GPU (bnb Linear4bit base) gives peft's loss and gradients (bnb runs on CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _tiny_llama().save_pretrained(tmp_path / "m")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, dtype=torch.bfloat16,
+                                                    device_map={"": "cpu"})
+
+    ids = torch.randint(0, 300, (2, 12))
+    ref, fused = _tiny_peft(False, model=load(), bits=4), _tiny_peft(True, model=load(), bits=4)
+    assert type(fused.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "FusedLoraLinear4bit"
+    l0, g0 = _grads(ref, ids)
+    l1, g1 = _grads(fused, ids)
+    assert abs(l0 - l1) / l0 < 2e-3
+    assert g0.keys() == g1.keys() and len(g0) == 3 * 7 * 2
+    for n in g0:
+        assert (g0[n] - g1[n]).norm() <= 0.05 * g0[n].norm() + 1e-6, n
+
+
 def test_fused_lora_dropout_trains_and_saves_plain_adapter(tmp_path):
     ids = torch.randint(0, 300, (2, 12))
-    pm = _tiny_peft(True, tmp_path, p=0.3)
+    pm = _tiny_peft(True, p=0.3)
     loss, g = _grads(pm, ids)
     assert all(torch.isfinite(v).all() for v in g.values()) and any(v.abs().sum() > 0 for v in g.values())
     pm.save_pretrained(tmp_path / "ad")
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300))
-    again = PeftModel.from_pretrained(base, tmp_path / "ad")  # a plain peft adapter
+    again = PeftModel.from_pretrained(_tiny_llama(), tmp_path / "ad")  # a plain peft adapter
     assert type(again.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
 
 
-def test_selective_checkpointing_sets_first_k_layers(tmp_path):
-    pm = _tiny_peft(True, tmp_path)
+def test_fused_lora_generates_like_peft():
+    ref, fused = _tiny_peft(False), _tiny_peft(True)
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        a = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        b = fused.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_padding_free_loss_equals_padded_loss():
+    """TRL's padding-free collator + sdpa with position_ids keeps rows apart: same loss as padded batches."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _tiny_llama(2).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 300, (n,), generator=g).tolist()} for n in (5, 11, 8)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert flat["input_ids"].shape == (1, 24) and "attention_mask" not in flat
+    with torch.no_grad():  # use_cache=False as in training (TRL's compute_loss): a cache turns off the
+        # packed-sequence detection of transformers' masks
+        lp = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                   labels=padded["labels"], use_cache=False).loss
+        lf = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"],
+                   use_cache=False).loss
+        crossed = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss  # no boundaries
+    assert abs(lp.item() - lf.item()) < 1e-5 * lp.item()
+    assert abs(lp.item() - crossed.item()) > 1e-4 * lp.item()  # the check can tell
+
+
+# ---- checkpointing ---------------------------------------------------------------------------------
+
+
+def test_selective_checkpointing_sets_first_k_layers():
+    pm = _tiny_peft(True)
     assert speed.set_checkpointing(pm, 2) == 2
     flags = [layer.gradient_checkpointing for layer in speed.decoder_layers(pm.get_base_model())]
     assert flags == [True, True, False]
@@ -68,13 +153,235 @@ def test_selective_checkpointing_sets_first_k_layers(tmp_path):
     assert speed.set_checkpointing(pm, 0) == 0
 
 
+def test_partial_checkpointing_keeps_gradients():
+    ids = torch.randint(0, 300, (2, 12))
+    ref, part = _tiny_peft(True), _tiny_peft(True)
+    assert speed.apply_to_model(part, {"gradient_checkpointing": True, "checkpoint_layers": 2}) == \
+        {"checkpoint_layers": 2}
+    l0, g0 = _grads(ref, ids)
+    l1, g1 = _grads(part, ids)
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_apply_to_model_rejects_more_layers_than_the_model_has():
+    from lorakit.errors import LorakitError
+
+    with pytest.raises(LorakitError, match="3 decoder layers; got 5") as e:
+        speed.apply_to_model(_tiny_peft(False), {"gradient_checkpointing": True, "checkpoint_layers": 5})
+    assert e.value.field == "train.gradient_checkpointing"
+
+
 @pytest.mark.parametrize("budget,expect", [(10, 32), (12, 32 - 4), (100, 0), (13.9, 32 - 7)])
 def test_checkpoint_layers_for_budget(budget, expect):
-    gib = 2**30
-    assert speed.checkpoint_layers_for_budget(32, 10 * gib, gib // 2, int(budget * gib)) == expect
+    assert speed.checkpoint_layers_for_budget(32, 10 * GIB, GIB // 2, int(budget * GIB)) == expect
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+
+def test_plan_on_cpu_keeps_todays_behaviour():
+    p = speed.plan(recipe(), "cpu")
+    assert p["liger"] is False and p["fused_lora"] is False and p["padding_free"] is False
+    assert p["gradient_checkpointing"] is False and p["checkpoint_layers"] == 0 and p["frozen_dtype"] is None
+
+
+def test_plan_on_cuda_defaults_to_the_fast_path_at_baseline_memory(bf16_gpu):
+    p = speed.plan(recipe(), "cuda")
+    assert p["fused_lora"] is True and p["padding_free"] is True and p["frozen_dtype"] == "bf16"
+    assert p["gradient_checkpointing"] is True and p["checkpoint_layers"] is None  # every layer, no budget
+    assert speed.trainer_checkpointing(p)
+    # the levers follow the recipe
+    assert speed.plan(recipe(lora={"dora": True}), "cuda")["fused_lora"] is False
+    assert speed.plan(recipe(quantization={"bits": 8}), "cuda")["fused_lora"] is False
+    assert speed.plan(recipe(quantization={"bits": 8}), "cuda")["frozen_dtype"] is None
+    assert speed.plan(recipe(quantization={"compute_dtype": "fp16"}, train={"precision": "fp16"}),
+                      "cuda")["frozen_dtype"] is None
+    assert speed.plan(recipe(data={"path": "d", "packing": True}), "cuda")["padding_free"] is False
+    assert speed.plan(recipe(train={"batch_size": 1}), "cuda")["padding_free"] is False
+    off = speed.plan(recipe(train={"fused_lora": False, "gradient_checkpointing": False},
+                            data={"path": "d", "padding_free": False}), "cuda")
+    assert (off["fused_lora"], off["padding_free"], off["gradient_checkpointing"]) == (False, False, False)
+    k = speed.plan(recipe(train={"gradient_checkpointing": 8}), "cuda")
+    assert k["checkpoint_layers"] == 8 and not speed.trainer_checkpointing(k)
+
+
+EST = {"peak_bytes_checkpointed": 10 * GIB, "tokens_per_micro_batch": 4096,
+       "model": {"num_layers": 32, "hidden": 4096, "intermediate": 14336}}
+
+
+@pytest.mark.parametrize("budget_gb,layers", [(40, 0), (28, None), (12, None), (8, None)])
+def test_budget_mode_picks_the_fastest_setting_that_fits(bf16_gpu, budget_gb, layers):
+    """No checkpointing when its estimated peak fits; a partial fit falls back to every layer (measured: no
+    faster, bench/train.md)."""
+    per_layer = speed.activation_bytes_per_layer(4096, 4096, 14336, liger=False, fused_lora=True)
+    assert 0.6 * GIB < per_layer < 0.75 * GIB
+    p = speed.plan(recipe(train={"memory_budget_gb": budget_gb}), "cuda", EST)
+    assert p["checkpoint_layers"] == layers and p["gradient_checkpointing"] is (layers is None)
+    assert p["memory_budget_bytes"] == budget_gb * GIB
+    assert p["estimated_peak_bytes"]["no_layers"] == 10 * GIB + 32 * per_layer
+    assert p["checkpointing_reason"].startswith("budget:")
+
+
+def test_budget_mode_without_an_estimate_checkpoints_every_layer(bf16_gpu):
+    p = speed.plan(recipe(train={"memory_budget_gb": 80}), "cuda", {"error": "memory estimate failed (x)"})
+    assert p["checkpoint_layers"] is None and "memory estimate failed" in p["checkpointing_reason"]
+    # an explicit setting wins over the budget
+    assert speed.plan(recipe(train={"memory_budget_gb": 80, "gradient_checkpointing": True}), "cuda",
+                      EST)["checkpoint_layers"] is None
+
+
+def test_plan_for_run_uses_the_estimate(bf16_gpu):
+    """The estimate (config only, offline) gives the peaks: 40 GiB fits the 8B shape without checkpointing
+    at 2x2048 tokens, 16 GiB does not."""
+    from lorakit.estimate import estimate
+
+    est = estimate(recipe(), device="cuda")
+    assert est["tokens_per_micro_batch"] == 4096
+    assert 7 * GIB < est["peak_bytes_checkpointed"] < est["memory"]["peak_bytes"]  # bf16 frozen < fp32 upcast
+    assert est["peak_bytes_uncheckpointed"] > est["peak_bytes_checkpointed"]
+    assert speed.plan_for_run(recipe(train={"memory_budget_gb": 40}), "cuda")["checkpoint_layers"] == 0
+    assert speed.plan_for_run(recipe(train={"memory_budget_gb": 16}), "cuda")["checkpoint_layers"] is None
+    assert speed.plan_for_run(recipe(), "cpu")["checkpoint_layers"] == 0
 
 
 def test_sft_kwargs_padding_free_drops_max_length():
-    kw = speed.sft_config_kwargs({"liger": True, "padding_free": True})
-    assert kw["use_liger_kernel"] and kw["padding_free"] and kw["max_length"] is None
-    assert kw["gradient_checkpointing"] is False  # apply_to_model owns checkpointing
+    assert speed.sft_config_kwargs({"padding_free": True}) == {"padding_free": True, "max_length": None}
+    assert speed.sft_config_kwargs({"padding_free": False}) == {"padding_free": False}
+
+
+def test_describe_levers():
+    line = speed.describe_levers({"liger": True, "fused_lora": True, "padding_free": False, "frozen_dtype": "bf16",
+                                  "gradient_checkpointing": True, "checkpoint_layers": None,
+                                  "checkpointing_reason": "auto"})
+    assert line == "speed: liger, fused LoRA, frozen weights bf16; gradient checkpointing every layer (auto)"
+
+
+# ---- train.py maps the plan onto the trainer ------------------------------------------------------------
+
+
+def test_resolved_options_cpu_vs_cuda(bf16_gpu):
+    from lorakit.train import resolved_options
+
+    cpu = resolved_options(recipe(), "cpu")
+    assert (cpu["precision"], cpu["optimizer"], cpu["gradient_checkpointing"], cpu["liger"]) == \
+        ("fp32", "adamw_torch", False, False)
+    assert not cpu["fused_lora"] and not cpu["padding_free"]
+    gpu = resolved_options(recipe(), "cuda")
+    assert (gpu["precision"], gpu["optimizer"], gpu["gradient_checkpointing"]) == ("bf16", "paged_adamw_8bit", True)
+    assert gpu["fused_lora"] and gpu["padding_free"] and gpu["checkpoint_layers"] is None
+    json.dumps(gpu)  # goes into summary.json
+
+
+@pytest.mark.parametrize("gc,trainer_flag", [("auto", True), (True, True), (False, False), (4, False)])
+def test_training_args_name_the_checkpointing_field_this_transformers_has(bf16_gpu, tmp_path, gc, trainer_flag):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from lorakit.run_dir import RunDir
+    from lorakit.train import training_args
+
+    args = training_args(recipe(train={"gradient_checkpointing": gc}), RunDir(tmp_path / "r"), "cuda",
+                         has_eval=False)
+    flag, kwargs = speed.checkpointing_arg_names()
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert flag in fields and kwargs in fields
+    assert args[flag] is trainer_flag
+    assert (args[kwargs] == {"use_reentrant": False}) is trainer_flag
+    assert not ({"activation_checkpointing", "gradient_checkpointing"} - {flag}) & set(args)
+
+
+def test_sft_config_padding_free_on_cpu_when_asked(tmp_path):
+    from lorakit.run_dir import RunDir
+    from lorakit.train import sft_config, training_args
+
+    r = recipe(quantization={"bits": "none"}, data={"path": "d", "padding_free": True, "max_length": 64})
+    cfg = sft_config(r, training_args(r, RunDir(tmp_path / "r"), "cpu", has_eval=False), ["input_ids"])
+    assert cfg.padding_free is True and cfg.max_length is None
+    r = recipe(quantization={"bits": "none"}, data={"path": "d", "max_length": 64})
+    cfg = sft_config(r, training_args(r, RunDir(tmp_path / "r"), "cpu", has_eval=False), ["input_ids"])
+    assert cfg.padding_free is False and cfg.max_length == 64 and cfg.gradient_checkpointing is False
+
+
+# ---- end to end on CPU: every lever switched on by the recipe ---------------------------------------------
+
+
+def test_run_training_with_every_lever_on(tmp_path, monkeypatch, tiny_model_dir):
+    import yaml
+    from conftest import write_jsonl
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import run_training
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * (1 + i % 3)}
+                                           for i in range(8)])
+    doc = {"name": "levers", "base_model": str(tiny_model_dir), "quantization": {"bits": "none"},
+           "lora": {"r": 4, "dropout": 0.1},
+           "data": {"path": "train.jsonl", "max_length": 24, "padding_free": True},
+           "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "fused_lora": True,
+                     "gradient_checkpointing": 1},
+           "output": {"dir": "runs/levers"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    summary = run_training(load_recipe(tmp_path / "r.yaml"))
+    opts = summary["options"]
+    assert opts["fused_lora"] and opts["padding_free"] and opts["checkpoint_layers"] == 1
+    assert summary["steps"] == 2 and summary["loss"]["first"] > 0
+    assert summary["tokens"] > 0
+    cfg = json.loads((tmp_path / "runs/levers/adapter/adapter_config.json").read_text())  # a plain peft adapter
+    assert cfg["r"] == 4 and {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("Fused" in json.dumps(v) for v in cfg.values())
+
+
+def test_padding_waste_and_the_auto_rule():
+    from lorakit.speed import PADDING_FREE_MIN_WASTE, padding_free_worth_it, padding_waste
+
+    assert padding_waste([2048] * 16, 2) == 0.0
+    assert not padding_free_worth_it([2048] * 16, 2)
+    # one long row per batch of four short ones: most of each padded batch is padding
+    assert padding_waste([100, 100, 100, 1000] * 8, 4, seed=0) > 0.3
+    varied = [int(300 * 1.5 ** (i % 7)) for i in range(64)]
+    assert padding_free_worth_it(varied, 8) and padding_waste(varied, 8) >= PADDING_FREE_MIN_WASTE
+    assert padding_waste(varied, 1) == 0.0  # one row a batch never pads
+
+
+def test_auto_padding_free_is_settled_by_the_data(tmp_path):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import _settle_padding_free
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "data": {"path": "x.jsonl"},
+                                 "train": {"batch_size": 4}}))
+    recipe = load_recipe(p)
+    printed = []
+    out = SimpleNamespace(print=printed.append)
+
+    def settle(lengths):
+        levers = {"padding_free": True}
+        prepared = SimpleNamespace(train=_Rows(lengths))
+        return _settle_padding_free(recipe, levers, prepared, out), levers
+
+    same, levers = settle([64] * 32)
+    assert same.data.padding_free is False and levers["padding_free"] is False and printed
+    assert same._source == recipe._source  # still knows its file (errors, resume hints)
+    kept, levers = settle([8, 64] * 16)
+    assert kept.data.padding_free == "auto" and levers["padding_free"] is True
+
+
+class _Rows:
+    """The two things _settle_padding_free reads of a datasets.Dataset."""
+
+    def __init__(self, lengths):
+        self.column_names = ["input_ids"]
+        self._ids = [[0] * n for n in lengths]
+
+    def __getitem__(self, key):
+        assert key == "input_ids"
+        return self._ids

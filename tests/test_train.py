@@ -211,7 +211,9 @@ def test_plain_progress_lines(tmp_path):
 
 
 def test_resume_continues_to_the_same_adapter(workdir, tiny_model_dir):
-    """A run stopped after its step-2 checkpoint and resumed ends with the uninterrupted run's adapter."""
+    """A process killed hard (no signal handler runs) while writing checkpoint-4: resume ignores the
+    half-written checkpoint, continues from checkpoint-2 and ends with the uninterrupted run's adapter.
+    (Interruption by SIGINT/SIGTERM is tested in test_reliability.py.)"""
     import shutil
 
     from safetensors.torch import load_file
@@ -226,9 +228,11 @@ def test_resume_continues_to_the_same_adapter(workdir, tiny_model_dir):
     full = load_file(run.adapter_dir / "adapter_model.safetensors")
     full_losses = [x["loss"] for x in run.read_metrics() if "loss" in x]
 
-    # make it look like the process died after the step-2 checkpoint
+    # make it look like the process died half-way through writing checkpoint-4
     shutil.rmtree(run.adapter_dir)
-    shutil.rmtree(run.checkpoints_dir / "checkpoint-4")
+    half = run.checkpoints_dir / "checkpoint-4"
+    (half / "lorakit-complete").unlink()
+    (half / "optimizer.pt").write_bytes((half / "optimizer.pt").read_bytes()[:100])
     run.summary_file.unlink()
     run.set_state(INTERRUPTED, step=3)
     summary = run_training(recipe, resume=str(run.path))

@@ -1,0 +1,2 @@
+"""A reward file that raises while it is imported."""
+raise RuntimeError("the reward module refuses to load")
