@@ -81,3 +81,27 @@ def tiny_tied_model_dir(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+NAMES = ["Ada", "Bo", "Cy", "Dee", "Eve", "Flo", "Gus", "Hal"]
+CITIES = ["Paris", "Berlin", "Oslo", "Rome"]
+
+
+def chat_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        name, city = NAMES[i % len(NAMES)], CITIES[i % len(CITIES)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"{name} lives in {city}."},
+            {"role": "assistant", "content": json.dumps({"name": name, "city": city})}]})
+    return rows
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A working directory with a small chat dataset (train.jsonl, eval.jsonl)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    write_jsonl(tmp_path / "eval.jsonl", chat_rows(4, offset=3))
+    return tmp_path
+

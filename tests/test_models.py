@@ -110,17 +110,21 @@ def test_layers_out_of_range(tmp_path, tiny_model_dir):
     assert e.value.field == "lora.layers"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["peft", "fused"])
 @pytest.mark.parametrize("bits", ["none", 4])
-def test_saved_adapter_reloads_to_same_logits(tmp_path, tiny_model_dir, bits):
+def test_saved_adapter_reloads_to_same_logits(tmp_path, tiny_model_dir, bits, fused):
+    """The saved adapter, reloaded with plain peft, gives the logits of the model in memory. With
+    train.fused_lora (lorakit.speed's layer class) the saved adapter is still plain peft."""
     import torch
     from peft import PeftModel
 
     from lorakit.models import load_base, load_for_training
 
     recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": bits},
-                         lora={"targets": "all-linear", "dropout": 0.1})
+                         lora={"targets": "all-linear", "dropout": 0.1}, train={"fused_lora": fused})
     model, _, info = load_for_training(recipe, "cpu")
     assert info["bits"] == (None if bits == "none" else 4)
+    assert info.get("fused_lora_modules", 0) == (2 * 7 if fused else 0)
     _randomize_lora(model)
     model.eval()
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
@@ -130,6 +134,7 @@ def test_saved_adapter_reloads_to_same_logits(tmp_path, tiny_model_dir, bits):
 
     base = load_base(recipe, "cpu", tiny_model_dir, None if bits == "none" else 4)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert not any(type(m).__name__.startswith("FusedLora") for m in reloaded.modules())
     with torch.no_grad():
         after = reloaded(input_ids=ids).logits
     assert (before - after).abs().max().item() < 1e-5
@@ -210,32 +215,6 @@ def test_demo_gguf_ships_in_the_package():
 
     path = demo_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
-
-
-@pytest.mark.parametrize("bits", ["none", 4])
-def test_fused_lora_adapter_reloads_into_plain_peft(tmp_path, tiny_model_dir, bits):
-    """train.fused_lora swaps in lorakit.speed's layer class; the adapter it saves is plain peft, same logits."""
-    import torch
-    from peft import PeftModel
-
-    from lorakit.models import load_base, load_for_training
-
-    recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": bits},
-                         lora={"targets": "all-linear", "dropout": 0.1}, train={"fused_lora": True})
-    model, _, info = load_for_training(recipe, "cpu")
-    assert info["fused_lora_modules"] == 2 * 7
-    _randomize_lora(model)
-    model.eval()
-    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-    base = load_base(recipe, "cpu", tiny_model_dir, None if bits == "none" else 4)
-    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    assert not any(type(m).__name__.startswith("FusedLora") for m in reloaded.modules())
-    with torch.no_grad():
-        after = reloaded(input_ids=ids).logits
-    assert (before - after).abs().max().item() < 1e-5
 
 
 def test_levers_on_the_model_build(tmp_path, tiny_model_dir):

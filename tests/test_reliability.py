@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_rows as _rows
 from conftest import write_jsonl
-from test_train import _rows, make_recipe
+from test_train import make_recipe
 
 from lorakit import atomic
 from lorakit.atomic import atomic_write_json, disk_error
@@ -34,14 +35,6 @@ from lorakit.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "train.jsonl", _rows(16))
-    write_jsonl(tmp_path / "eval.jsonl", _rows(4, offset=3))
-    return tmp_path
 
 
 def _tree_hash(folder: Path) -> dict[str, str]:

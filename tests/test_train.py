@@ -8,31 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
 
 from lorakit.errors import LorakitError
 from lorakit.recipe import load_recipe
-
-NAMES = ["Ada", "Bo", "Cy", "Dee", "Eve", "Flo", "Gus", "Hal"]
-CITIES = ["Paris", "Berlin", "Oslo", "Rome"]
-
-
-def _rows(n: int, offset: int = 0) -> list[dict]:
-    rows = []
-    for i in range(offset, offset + n):
-        name, city = NAMES[i % len(NAMES)], CITIES[i % len(CITIES)]
-        rows.append({"messages": [
-            {"role": "user", "content": f"{name} lives in {city}."},
-            {"role": "assistant", "content": json.dumps({"name": name, "city": city})}]})
-    return rows
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "train.jsonl", _rows(16))
-    write_jsonl(tmp_path / "eval.jsonl", _rows(4, offset=3))
-    return tmp_path
 
 
 def make_recipe(dir_: Path, base: Path, name: str = "tiny", **sections):
