@@ -26,8 +26,10 @@ def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_n
     """The greedy answer to `prompt` (a user message) from the run's adapter, or from the base alone."""
     from lorakit.evaluate import generate_batch
     from lorakit.models import load_for_inference, load_tokenizer, resolve_base_dir
+    from lorakit.quiet import quiet_libraries
     from lorakit.run_dir import find_run_dir
 
+    quiet_libraries()
     run = find_run_dir(run_dir)
     recipe = _run_recipe(run.path)
     m = recipe.model
