@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lorakit import __version__
-from lorakit.errors import EXIT_RUNTIME, EXIT_SIGINT, Interrupted, LorakitError
+from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError, signal_exit_code
 
 app = typer.Typer(
     name="lorakit",
@@ -72,9 +72,13 @@ def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
             _print_json({"ok": False, "interrupted": e.signal_name, "checkpoint": e.checkpoint,
                          "exit_code": e.exit_code})
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        console(stderr=True).print("interrupted")
-        raise typer.Exit(EXIT_SIGINT) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or a second signal during training (Stopped names it)
+        name = getattr(e, "signal_name", "SIGINT")
+        code = signal_exit_code(name)
+        if json_mode:
+            _print_json({"ok": False, "interrupted": name, "checkpoint": None, "exit_code": code})
+        console(stderr=True).print(f"interrupted ({name})")
+        raise typer.Exit(code) from None
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
@@ -317,7 +321,11 @@ def recipes(json_out: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also `python -m lorakit`)."""
+    if ci_mode():  # before any library imports tqdm, which reads its switch then
+        from lorakit.quiet import progress_bars_off
+
+        progress_bars_off()
     app()
 
 

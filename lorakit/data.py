@@ -755,7 +755,7 @@ def prepare_sft(recipe, tokenizer) -> Prepared:
         if ev_res["input_ids"]:
             eval_ds = Dataset.from_dict({"input_ids": ev_res["input_ids"],
                                          "completion_mask": ev_res["completion_mask"]})
-        for i, row in _rows(ev, ev_res["kept"]):
+        for _, row in _rows(ev, ev_res["kept"]):
             try:
                 ex = eval_example(row, fmt, enc.has_template)
             except _RowError:

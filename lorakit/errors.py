@@ -17,6 +17,11 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def signal_exit_code(signal_name: str | None) -> int:
+    """The shell's exit code for a run stopped by `signal_name`: 143 for SIGTERM, else 130 (SIGINT)."""
+    return EXIT_SIGTERM if signal_name == "SIGTERM" else EXIT_SIGINT
+
+
 @dataclass
 class Problem:
     """One problem in a recipe: where it is and what is wrong."""
@@ -86,3 +91,12 @@ class Interrupted(Exception):
     checkpoint: str | None = None
     exit_code: int = EXIT_SIGINT
     extra: dict = field(default_factory=dict)
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped at once by a second signal (no checkpoint); its exit code follows that signal."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = signal_exit_code(signal_name)

@@ -48,6 +48,8 @@ class Constants:
     """Bytes per (token x vocab) at the loss: fp32 log-softmax saved + its gradient + the input grad."""
     liger_logits_bytes_per_hidden: float = 16.0
     """With Liger's fused linear cross-entropy: bytes per (token x hidden) (chunked logits, input grad)."""
+    fused_head_bytes_per_token: int = 32
+    """TRL's chunked LM head: fp32 per-token outputs (log-prob, entropy, log-sum-exp), targets, mask."""
 
 
 CONSTANTS = Constants()
@@ -210,13 +212,22 @@ class Setup:
     """Bytes per unquantized frozen weight of a 4/8-bit base (embeddings, norms, lm_head). None: 4, peft's
     prepare_model_for_kbit_training fp32 upcast (which also makes the residual stream fp32); 2: kept in the
     bf16 compute dtype, as lorakit does on CUDA (lorakit.speed)."""
+    fused_lora: bool = False
+    """lorakit's fused LoRA layer (lorakit.speed): saves the dropout mask, not the dropped copy of the input."""
+    fused_lm_head: bool = False
+    """TRL's chunked LM head (SFTTrainer / GRPOTrainer since TRL 1.16): no full logits are ever materialized."""
+    checkpoint_layers: int | None = None
+    """With checkpointing: None = every decoder layer, K = the first K layers (train.gradient_checkpointing: K)."""
 
 
-def optimizer_bytes(trainable_tensors: list[int], optimizer: str) -> int:
-    """State bytes for the given trainable tensor sizes."""
+def optimizer_bytes(trainable_tensors: list[int], optimizer: str, param_bytes: int = 4) -> int:
+    """State bytes for the given trainable tensor sizes (torch's AdamW keeps its two states in the
+    parameters' dtype; bitsandbytes' 32-bit states are fp32)."""
     total = 0
     for n in trainable_tensors:
-        if optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+        if optimizer in ("adamw_torch", "adamw_torch_fused"):
+            total += 2 * param_bytes * n
+        elif optimizer == "paged_adamw_32bit":
             total += 8 * n
         elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
             # bitsandbytes keeps tensors under 4096 elements in 32-bit; 8-bit states carry an fp32 absmax per 256
@@ -247,7 +258,14 @@ def _trainable_tensors(shape: ModelShape, lora, targets: list[str], modules_to_s
 
 
 def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> dict:
-    """Bytes saved for backward per token: per layer (full) and per layer with checkpointing."""
+    """Bytes saved for backward per token: per layer (full) and per layer with checkpointing.
+
+    What autograd keeps in a transformers decoder layer under bf16 autocast: the RMSNorm inputs (HF's norm
+    keeps its fp32 upcast, Liger's its input as is), SDPA's q, k, v, output and fp32 logsumexp, the SwiGLU
+    operands (HF: act input, act output and up; Liger: gate and up, the activation is recomputed), and
+    LoRA's share: peft's dropout keeps the mask and the dropped copy of the input per module; lorakit's fused
+    layer keeps the mask and the (shared) input itself; lora_A's output in both. bitsandbytes' 4-bit matmul
+    keeps no input (its weight is frozen)."""
     a = s.act_bytes
     kbit = s.bits in (4, 8)
     upcast = kbit and _frozen_bytes(s) == 4
@@ -255,7 +273,8 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
     resid = _frozen_bytes(s) if kbit else s.weight_bytes
     h, i_, nh, nkv, d = shape.hidden, shape.intermediate, shape.num_heads, shape.num_kv_heads, shape.head_dim
     n_norms = sum(1 for k in shape.norms if k not in ("q_norm", "k_norm"))
-    norms = 4 * h * n_norms  # RMSNorm keeps its fp32 input for backward
+    norm_in = resid if s.liger else 4  # Liger's RMSNorm keeps its input; HF's keeps the fp32 upcast
+    norms = norm_in * h * n_norms
     if "q_norm" in shape.norms:
         norms += 4 * d * (nh + nkv)
     attn = a * (2 * nh * d + 2 * nkv * d) + 4 * nh  # SDPA: q, k, v, out + fp32 logsumexp
@@ -264,7 +283,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
     # bnb Linear4bit/8bit return their input's dtype: with the fp32 residual stream of a kbit-prepared
     # model the MLP intermediates are fp32
     mlp_bytes = 4 if upcast else a
-    mlp = 3 * mlp_bytes * i_  # act(gate) input, act output, up (saved by the product)
+    mlp = (2 if s.liger else 3) * mlp_bytes * i_  # SwiGLU operands (see above)
     adapted = set(targets)
     lora_saved = 0
     shared_inputs: set[str] = set()
@@ -276,7 +295,12 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
             continue
         key, width = inputs.get(name, (name, shape.linears[name][0]))
         lora_saved += lora.r * a  # lora_A output, saved by lora_B
-        if s.dropout > 0:
+        if s.fused_lora:
+            lora_saved += width if s.dropout > 0 else 0  # the dropout mask (one byte per element)
+            if key not in shared_inputs:  # the input itself, once per distinct tensor
+                shared_inputs.add(key)
+                lora_saved += {"attn_in": resid, "mlp_in": resid, "mlp_mid": mlp_bytes}.get(key, a) * width
+        elif s.dropout > 0:
             lora_saved += (1 + a) * width  # dropout mask + the dropped input (compute dtype)
         elif upcast:
             lora_saved += a * width  # autocast copy of the fp32 input, one per module
@@ -285,9 +309,28 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
             lora_saved += a * width
     layer = norms + attn + mlp + lora_saved
     ckpt = resid * h  # checkpointed layer keeps only its input hidden state
-    backward = 3 * mlp_bytes * i_ + 2 * resid * h  # one layer's gradient buffers at their widest (the MLP)
-    return {"layer": layer, "checkpointed_layer": ckpt, "backward": backward, "final_norm": 4 * h,
+    # one layer's gradient buffers at their widest (the MLP): Liger's SwiGLU backward writes the two input
+    # gradients in place of its saved operands
+    backward = (2 if s.liger else 3) * mlp_bytes * i_ + 2 * resid * h
+    return {"layer": layer, "checkpointed_layer": ckpt, "backward": backward, "final_norm": norm_in * h,
             "resid_bytes": resid}
+
+
+def loss_terms(shape: ModelShape, s: Setup, c: Constants) -> tuple[int, int]:
+    """(bytes saved for backward at the LM head, transient bytes while the loss is computed / differentiated).
+
+    TRL's chunked LM head keeps the valid hidden states (compute dtype) and a few fp32 numbers per token, and
+    works in [4096 tokens x 32768 vocab] tiles; its backward builds an fp32 gradient of the hidden states.
+    The full-logits path (older TRL / plain transformers) keeps log-softmax-sized fp32 buffers."""
+    tokens = s.batch * s.seq
+    if s.fused_lm_head:
+        saved = tokens * (s.act_bytes * shape.hidden + c.fused_head_bytes_per_token)
+        tile = min(tokens, 4096) * min(shape.vocab, 32768) * s.act_bytes
+        transient = tile + tokens * shape.hidden * (4 + s.act_bytes)
+        return int(saved), int(transient)
+    if s.liger:
+        return 0, int(tokens * shape.hidden * c.liger_logits_bytes_per_hidden)
+    return 0, int(tokens * shape.vocab * c.logits_bytes_per_elem)
 
 
 def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str], params: dict, s: Setup,
@@ -299,36 +342,40 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     store = weight_storage(shape, s.bits, dtype_bytes=s.weight_bytes, unquantized_bytes=unq_bytes,
                            double_quant=s.double_quant)
     weights = store["total_bytes"]
-    save_bytes = params["modules_to_save"] * unq_bytes
-    lora_bytes = (params["lora"]) * 4  # peft keeps adapter weights in fp32
+    tb = _trainable_bytes(s)
+    save_bytes = params["modules_to_save"] * (tb if kbit else unq_bytes)
+    lora_bytes = params["lora"] * tb
     adapter = lora_bytes + save_bytes + (params["biases"] * 0)
-    gradients = lora_bytes + save_bytes + params["biases"] * unq_bytes
-    opt = optimizer_bytes(_trainable_tensors(shape, lora, targets, modules_to_save), s.optimizer)
+    gradients = lora_bytes + save_bytes + params["biases"] * (tb if kbit else unq_bytes)
+    opt = optimizer_bytes(_trainable_tensors(shape, lora, targets, modules_to_save), s.optimizer, tb)
     if params["biases"]:
-        opt += optimizer_bytes([params["biases"]], s.optimizer)
+        opt += optimizer_bytes([params["biases"]], s.optimizer, tb)
     paged = s.optimizer.startswith("paged_")
 
     tokens = s.batch * s.seq
     t = activation_terms(shape, lora, targets, s)
     n = shape.num_layers
     full_layer = t["layer"] * c.activation_factor
-    saved_per_token = (n * (t["checkpointed_layer"] if s.checkpointing else full_layer) + t["final_norm"])
-    activations = int(tokens * saved_per_token)
-    if s.liger:
-        logits = int(tokens * shape.hidden * c.liger_logits_bytes_per_hidden)
-    else:
-        logits = int(tokens * shape.vocab * c.logits_bytes_per_elem)
+    k = (n if s.checkpoint_layers is None else max(0, min(n, s.checkpoint_layers))) if s.checkpointing else 0
+    saved_per_token = k * t["checkpointed_layer"] + (n - k) * full_layer + t["final_norm"]
+    head_saved, loss_transient = loss_terms(shape, s, c)
+    saved = tokens * saved_per_token + head_saved
+    logits = loss_transient
     if kbit and unq_bytes == 4:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
         logits += shape.vocab * shape.hidden * s.act_bytes
     dequant = max(i * o for i, o, _ in shape.linears.values()) * s.act_bytes if s.bits == 4 else 0
     backward = tokens * t["backward"] * c.backward_factor
-    recompute = tokens * full_layer if s.checkpointing else 0
-    # the peak is either at the loss (all saved activations + loss buffers) or, with checkpointing,
-    # while the last layer is recomputed and differentiated
-    transient = max(logits, recompute + backward) + dequant
+    # the peak is either at the loss (everything saved + the loss buffers) or, with checkpointing, while the
+    # last checkpointed layer (layer k-1) is recomputed and differentiated: by then the layers after it have
+    # freed what they saved, and the first k keep only their inputs
+    at_recompute = tokens * (k * t["checkpointed_layer"] + full_layer) + backward if k else 0
+    peak_act = max(saved + logits, at_recompute)
+    activations = int(peak_act - logits)
+    transient = logits + dequant
     static = weights + adapter + gradients + (0 if paged else opt)
     allocated = int(static + activations + transient + c.workspace_bytes)
-    cached = 0 if s.liger else tokens * shape.vocab * c.logits_cached_bytes_per_elem
+    full_logits = not (s.liger or s.fused_lm_head)
+    cached = tokens * shape.vocab * c.logits_cached_bytes_per_elem if full_logits else 0
     reserved = int(allocated * (1 + c.fragmentation) + cached)
     overhead = c.context_bytes + c.workspace_bytes + (reserved - allocated)
     peak = reserved + c.context_bytes + (opt if paged else 0)
@@ -349,11 +396,29 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
 # ---------------------------------------------------------------------------------------------------
 
 
+def _trainable_bytes(s: Setup) -> int:
+    """Bytes per trainable parameter: TRL's SFT/GRPO trainers cast the adapter of a 4/8-bit base to bf16
+    (the QLoRA paper's recipe); on a 16/32-bit base peft keeps it in fp32."""
+    return 2 if s.bits in (4, 8) else 4
+
+
 def _frozen_bytes(s: Setup) -> int:
     return 4 if s.frozen_bytes is None else s.frozen_bytes
 
 
-def _setup(recipe, device: str, shape: ModelShape, *, batch=None, seq=None, checkpointing=None) -> Setup:
+def _levers(recipe, device: str, bits: int | None) -> dict:
+    """lorakit.speed.plan's lever choices for a run on `device`, planned without probing this machine: a
+    CUDA target is taken to be bf16-capable, and Liger is used there when liger-kernel is installed."""
+    from lorakit.speed import plan
+
+    if device != "cuda":
+        return plan(recipe, device)
+    q = recipe.quantization.compute_dtype
+    return plan(recipe, device, compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed())
+
+
+def _setup(recipe, device: str, shape: ModelShape, levers: dict, *, batch=None, seq=None) -> Setup:
+    """The memory-deciding knobs of `lorakit train` for this recipe on `device` (speed.plan's levers)."""
     q, t = recipe.quantization, recipe.train
     bits = q.resolved_bits(device)
     cuda = device == "cuda"
@@ -367,13 +432,34 @@ def _setup(recipe, device: str, shape: ModelShape, *, batch=None, seq=None, chec
     opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
-    liger = bool(t.liger) if t.liger != "auto" else (cuda and _liger_installed())
-    gc = t.gradient_checkpointing
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
-                 optimizer=opt, attn=attn, liger=liger, dropout=recipe.lora.dropout,
+                 optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,
                  batch=batch or t.batch_size, seq=seq or recipe.data.max_length,
-                 checkpointing=bool(checkpointing if checkpointing is not None else (cuda if gc == "auto" else gc)),
-                 device=device)
+                 checkpointing=bool(levers["gradient_checkpointing"]), device=device,
+                 frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
+                 fused_lora=bool(levers["fused_lora"]), fused_lm_head=_trl_fused_lm_head(),
+                 checkpoint_layers=levers.get("checkpoint_layers"))
+
+
+def _budget_choice(recipe, shape_info: dict, budget_bytes: int | None) -> dict:
+    """speed.plan's checkpointing choice in budget mode, from this estimate's two peaks."""
+    from lorakit.speed import plan
+
+    q = recipe.quantization.compute_dtype
+    p = plan(recipe, "cuda", shape_info, budget_bytes=budget_bytes, compute_dtype="bf16" if q == "auto" else q,
+             liger_ok=_liger_installed())
+    return {k: p[k] for k in ("gradient_checkpointing", "checkpoint_layers", "checkpointing_reason")}
+
+
+def _trl_fused_lm_head() -> bool:
+    """TRL >= 1.16 trains through its chunked LM head (no full logits); read from the installed metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("trl").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return True  # the version pyproject pins
+    return (major, minor) >= (1, 16)
 
 
 def _liger_installed() -> bool:
@@ -382,9 +468,10 @@ def _liger_installed() -> bool:
     return find_spec("liger_kernel") is not None
 
 
-def artifacts(shape: ModelShape, params: dict, merged_dtype: str) -> dict:
-    """Adapter file (safetensors, fp32 adapter weights as peft saves them) and merged checkpoint sizes."""
-    adapter = params["lora"] * 4 + params["modules_to_save"] * 4 + params["biases"] * 4
+def artifacts(shape: ModelShape, params: dict, merged_dtype: str, adapter_param_bytes: int = 4) -> dict:
+    """Adapter file (safetensors, the trained weights in their training dtype: bf16 for a 4/8-bit base under
+    TRL, else fp32) and merged checkpoint sizes."""
+    adapter = (params["lora"] + params["modules_to_save"] + params["biases"]) * adapter_param_bytes
     merged = shape.total_params * _DTYPE_BYTES[merged_dtype]
     return {"adapter_bytes": int(adapter), "merged_bytes": int(merged)}
 
@@ -430,31 +517,38 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     params = count_params(shape, recipe.lora, targets, mts)
-    auto_gc = recipe.train.gradient_checkpointing == "auto"
-    s = _setup(recipe, device, shape)
+    levers = _levers(recipe, device, recipe.quantization.resolved_bits(device))
+    s = _setup(recipe, device, shape, levers)
+
+    def peak_with(**kw) -> int:
+        return memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(s), **kw}))["peak_bytes"]
+
+    # the two ends budget mode (train.memory_budget_gb) chooses between; with a budget, its choice
+    peaks = {gc: peak_with(checkpointing=gc, checkpoint_layers=None) for gc in (True, False)}
+    shape_info = {"model": shape.summary(), "peak_bytes_checkpointed": peaks[True],
+                  "peak_bytes_uncheckpointed": peaks[False]}
+    if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and recipe.train.memory_budget_gb:
+        levers = {**levers, **_budget_choice(recipe, shape_info, None)}
+        s = _setup(recipe, device, shape, levers)
     verdict = None
     if budget_bytes is not None:
-        if auto_gc and device == "cuda":
-            s.checkpointing = memory(shape, recipe.lora, targets, mts, params,
-                                     Setup(**{**asdict(s), "checkpointing": False}))["peak_bytes"] > budget_bytes
         verdict = _fits(shape, recipe.lora, targets, mts, params, s, budget_bytes)
         verdict["gpu"] = gpu
+        if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
+            # what `train.memory_budget_gb` set to this budget would choose (the fastest setting that fits)
+            verdict["with_memory_budget"] = _budget_choice(recipe, shape_info, budget_bytes)
     mem = memory(shape, recipe.lora, targets, mts, params, s)
-    # lorakit train on CUDA keeps a 4-bit base's frozen weights in bf16 (lorakit.speed.plan): the peaks its
-    # budget mode compares, with every layer / no layer checkpointed
-    cdt = recipe.quantization.compute_dtype
-    bf16 = (cdt if cdt != "auto" else "bf16") == "bf16"
-    lk = Setup(**{**asdict(s), "frozen_bytes": 2 if (device == "cuda" and s.bits == 4 and bf16) else None})
-    peaks = {gc: memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(lk), "checkpointing": gc}))
-             ["peak_bytes"] for gc in (True, False)}
     return {
         "base_model": recipe.base_model, "model": shape.summary(), "targets": targets,
         "params": params, "memory": mem,
         "setup": {"device": device, "bits": s.bits, "double_quant": s.double_quant, "optimizer": s.optimizer,
                   "attention": s.attn, "liger": s.liger, "batch_size": s.batch, "seq_len": s.seq,
-                  "gradient_checkpointing": s.checkpointing, "compute_dtype_bytes": s.act_bytes,
-                  "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout},
-        "artifacts": artifacts(shape, params, recipe.output.merged_dtype),
+                  "gradient_checkpointing": s.checkpointing, "checkpoint_layers": s.checkpoint_layers,
+                  "checkpointing_reason": levers.get("checkpointing_reason", ""), "fused_lora": s.fused_lora,
+                  "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.get("frozen_dtype"),
+                  "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
+                  "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout},
+        "artifacts": artifacts(shape, params, recipe.output.merged_dtype, _trainable_bytes(s)),
         "verdict": verdict, "constants": asdict(CONSTANTS),
         "tokens_per_micro_batch": s.batch * s.seq,
         "peak_bytes_checkpointed": int(peaks[True]),

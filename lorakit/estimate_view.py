@@ -43,12 +43,17 @@ def _modules_table(result: dict) -> Table:
 def _memory_table(result: dict) -> Table:
     m, s = result["memory"], result["setup"]
     bits = f"{s['bits']}-bit" if s["bits"] else "16/32-bit"
-    gc = "on" if s["gradient_checkpointing"] else "off"
+    k = s.get("checkpoint_layers")
+    gc = ("on" if k is None else f"first {k} layers") if s["gradient_checkpointing"] else "off"
+    levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
+                                     ("fused_lm_head", "chunked LM head")) if s.get(key)]
+    if s.get("frozen_dtype"):
+        levers.append(f"frozen {s['frozen_dtype']}")
     st = result.get("strategy")
     where = (f"per GPU, {st['name'].upper()} over {st['gpus']} GPUs" if st else f"on one {s['device']} device")
     t = Table(title=(f"Memory {where}: {bits} base, batch {s['batch_size']} x seq {s['seq_len']}, "
                      f"checkpointing {gc}, {s['optimizer']}, {s['attention']}"
-                     + (", liger" if s["liger"] else "")), show_header=False, title_justify="left")
+                     + "".join(f", {x}" for x in levers)), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     t.add_column(style="dim")
@@ -57,7 +62,7 @@ def _memory_table(result: dict) -> Table:
     t.add_row("weights", human(m["weights_bytes"]),
               shard or (f"quantized {human(w['quantized_bytes'])} + {w['unquantized_dtype']} "
                         f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}"))
-    t.add_row("adapter", human(m["adapter_bytes"]), ", ".join(x for x in ("fp32", shard) if x))
+    t.add_row("adapter", human(m["adapter_bytes"]), ", ".join(x for x in (s.get("adapter_dtype", "fp32"), shard) if x))
     t.add_row("gradients", human(m["gradients_bytes"]), shard)
     if m.get("ddp_buckets_bytes"):
         t.add_row("DDP gradient buckets", human(m["ddp_buckets_bytes"]), "a flat copy of the gradients for all-reduce")
@@ -87,6 +92,9 @@ def _verdict_lines(v: dict) -> list[str]:
     lines.append("gradient checkpointing: " + ("needed" if v["needs_checkpointing"] else "not needed"))
     if "max_seq_len_at_batch_1" in v:
         lines.append(f"longest sequence at batch 1 (checkpointing on): {v['max_seq_len_at_batch_1']}")
+    mb = v.get("with_memory_budget")
+    if mb:
+        lines.append(f"with train.memory_budget_gb = {v['budget_bytes'] / 2**30:.0f}: {mb['checkpointing_reason']}")
     return lines
 
 

@@ -38,6 +38,6 @@ def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_n
     tok_dir = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(tok_dir, trust_remote_code=m.trust_remote_code)
     model = load_for_inference(base_dir, adapter_dir=None if base_only else run.adapter_dir,
-                               trust_remote_code=m.trust_remote_code)
+                               trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     chat = [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
     return generate_batch(model, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]

@@ -192,6 +192,14 @@ def completion_log_callback(rewards: Sequence[Reward], k: int = 4):
     return CompletionLogCallback()
 
 
+def check_rewards(recipe) -> list[Reward]:
+    """The recipe's reward functions, resolved (file, import, arguments); `lorakit train` calls this
+    before it loads weights or writes the run directory, so a bad reward spec leaves nothing behind."""
+    if recipe.grpo is None:
+        raise LorakitError("method grpo needs a `grpo:` section with `rewards:`", field="method")
+    return load_rewards(recipe.grpo.rewards, recipe_dir(recipe), field="grpo.rewards")
+
+
 def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, callbacks=None):
     """A trl.GRPOTrainer for `recipe` (method grpo) on `model` (already carrying its LoRA adapter).
 
@@ -200,10 +208,8 @@ def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, 
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    if recipe.grpo is None:
-        raise LorakitError("method grpo needs a `grpo:` section with `rewards:`", field="method")
+    rewards = check_rewards(recipe)
     g = recipe.grpo
-    rewards = load_rewards(g.rewards, recipe_dir(recipe), field="grpo.rewards")
     kwargs = grpo_config_kwargs(recipe, training_args)
     try:
         config = GRPOConfig(**kwargs)
@@ -379,6 +385,6 @@ def reward_summary(before: dict | None, after: dict | None, history: Sequence[di
 
 
 __all__ = [
-    "build_grpo_trainer", "completion_log_callback", "completion_samples", "evaluate_rewards", "fit_prompts",
-    "grpo_config_kwargs", "held_out_rewards", "reward_curves", "reward_metric_keys", "reward_summary",
+    "build_grpo_trainer", "check_rewards", "completion_log_callback", "completion_samples", "evaluate_rewards",
+    "fit_prompts", "grpo_config_kwargs", "held_out_rewards", "reward_curves", "reward_metric_keys", "reward_summary",
 ]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lorakit.errors import Stopped, signal_exit_code
+
 COMPLETE_MARKER = "lorakit-complete"
 
 
@@ -35,9 +37,10 @@ class GracefulStop(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signal_name is not None:  # second signal: the user insists
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:  # second signal: the user insists; it sets the exit code
+            raise Stopped(name)
+        self.signal_name = name
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,7 +73,7 @@ class GracefulStop(TrainerCallback):
 
     @property
     def exit_code(self) -> int:
-        return 143 if self.signal_name == "SIGTERM" else 130
+        return signal_exit_code(self.signal_name)
 
 
 def release_signals() -> None:

@@ -545,7 +545,7 @@ def verify_merged(out_dir: Path, base_dir: Path, adapter_dir: Path, dtype: str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}  # merge reads safetensors only
     if qcfg is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=qcfg["quant_type"], bnb_4bit_use_double_quant=qcfg["double_quant"],
@@ -566,7 +566,7 @@ def verify_merged(out_dir: Path, base_dir: Path, adapter_dir: Path, dtype: str, 
                     p.copy_(p.to(low).float())
         rounding = max(float((a - b).abs().max()) for a, b in zip(ref, _logits(ref_model, prompts)))
     del ref_model
-    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, use_safetensors=True).eval()
     got = _logits(merged, prompts)
     del merged
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))

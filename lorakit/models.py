@@ -162,7 +162,9 @@ def resolve_base_dir(base_model: str, *, revision: str | None = None, allow_pick
     local = Path(base_model).expanduser()
     if local.exists() or base_model.startswith((".", "/", "~")):
         if not local.exists():
-            raise LorakitError(f"base_model {base_model}: directory not found", field="base_model")
+            raise LorakitError(f"base_model {base_model}: directory not found", field="base_model",
+                               hint="a relative path is taken from the working directory, then from the "
+                                    "recipe's directory")
         return _check_local_dir(local, allow_pickle)
     if registry.is_demo(base_model):
         return ensure_demo_model()
@@ -360,8 +362,6 @@ def load_for_training(recipe, device: str, levers: dict | None = None):
     """(peft model, tokenizer, info) ready for the trainer. Prints nothing; info has the counts.
 
     `levers` is lorakit.speed.plan's dict for this run (train.resolved_options); None: planned here."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     from lorakit import speed
 
     if levers is None:
@@ -377,6 +377,17 @@ def load_for_training(recipe, device: str, levers: dict | None = None):
     model = load_base(recipe, device, base_dir, bits)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model, info = attach_adapter(recipe, model, device, bits, levers)
+    return model, tokenizer, {"base_dir": str(base_dir), **info}
+
+
+def attach_adapter(recipe, model, device: str, bits: int | None, levers: dict):
+    """(peft model, info): the recipe's LoRA on a loaded base, with the speed levers of `levers` (fused LoRA
+    layers, frozen dtype, partial checkpointing). scripts/bench_estimate.py calls it on in-memory models."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from lorakit import speed
+
     _check_layers(recipe, model)
     _check_modules_to_save(recipe, model)
     config = speed.customize_lora_config(lora_config(recipe, model), levers, bits)
@@ -386,7 +397,7 @@ def load_for_training(recipe, device: str, levers: dict | None = None):
     done = speed.apply_to_model(model, levers)
     trainable, total = model.get_nb_trainable_parameters()
     info = {
-        "base_dir": str(base_dir), "device": device, "bits": bits,
+        "device": device, "bits": bits,
         "dtype": compute_dtype_name(recipe, device) if bits else weights_dtype_name(recipe, device),
         "target_modules": sorted({t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules}),
         "trainable_params": trainable, "total_params": total,
@@ -394,7 +405,7 @@ def load_for_training(recipe, device: str, levers: dict | None = None):
         "fused_lora_modules": sum(1 for m in model.modules() if type(m).__name__.startswith("FusedLora")),
         **done,
     }
-    return model, tokenizer, info
+    return model, info
 
 
 def describe_params(info: dict) -> str:
@@ -403,14 +414,17 @@ def describe_params(info: dict) -> str:
 
 
 def load_for_inference(base_dir: Path, *, adapter_dir: Path | None = None, dtype: str = "fp32",
-                       trust_remote_code: bool = False):
-    """Base (+ adapter via peft) in eval mode on the CPU or the first GPU."""
+                       trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Base (+ adapter via peft) in eval mode on the CPU or the first GPU. Safetensors weights only,
+    unless `allow_pickle` (the recipe's model.allow_pickle), as for training."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    _check_local_dir(Path(base_dir), allow_pickle)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype(dtype),
-                                                 trust_remote_code=trust_remote_code).to(device)
+                                                 trust_remote_code=trust_remote_code,
+                                                 use_safetensors=None if allow_pickle else True).to(device)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -1,9 +1,11 @@
 """Training progress: a rich progress bar on a terminal, plain parseable lines otherwise, metrics.jsonl.
 
 `ProgressCallback` is a transformers TrainerCallback. On a terminal (and CI not set) it shows a rich
-Progress bar with step/total, loss, lr, tokens/s and ETA; otherwise it prints one line per log event:
+Progress bar with step/total, loss, lr, tokens/s and ETA; otherwise it prints one line per log event
+(GRPO adds the step's mean reward after the loss):
 
     step=10/60 loss=1.234 lr=1.9e-04 tok/s=812 eta=42s
+    step=10/60 loss=0.012 reward=0.7500 lr=1.0e-05 tok/s=95 eta=3m10s
 
 Every log event is also appended to metrics.jsonl as one JSON object (with step, epoch and wall time).
 In a multi-process run (torchrun / accelerate launch) only the global rank 0 prints and writes
@@ -140,6 +142,8 @@ class ProgressCallback(TrainerCallback):
         parts = [f"step={state.global_step}/{state.max_steps}"]
         if "loss" in logs:
             parts.append(f"loss={float(logs['loss']):.4f}")
+        if "reward" in logs:  # GRPO: the weighted mean reward of the step's completions
+            parts.append(f"reward={float(logs['reward']):.4f}")
         if "eval_loss" in logs:
             parts.append(f"eval_loss={float(logs['eval_loss']):.4f}")
         if "learning_rate" in logs:

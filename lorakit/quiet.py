@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+
+def progress_bars_off() -> None:
+    """CI mode: every tqdm bar off through tqdm's and the hub's own switches (TQDM_DISABLE,
+    HF_HUB_DISABLE_PROGRESS_BARS). tqdm reads its switch when first imported, so this runs at CLI start;
+    it covers bars the libraries draw with plain tqdm, such as transformers' GGUF conversion."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 
 def quiet_libraries() -> None:
     """Keep transformers/TRL/datasets to errors, no progress bars of their own, no deprecation noise."""

@@ -647,7 +647,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe._source_dir = path.resolve().parent
     recipe._positions = positions
     recipe._source = str(path)
+    _locate_base_model(recipe)
     return recipe
+
+
+def _locate_base_model(recipe: Recipe) -> None:
+    """A relative `base_model` directory resolves like a data path (working dir first, then beside the
+    recipe); one found beside the recipe is written absolute, so the run's recipe.yaml finds it from
+    anywhere. Aliases and hub ids name no such path and stay as written."""
+    given = Path(recipe.base_model).expanduser()
+    try:
+        found = resolve_path(recipe, recipe.base_model)
+    except OSError:  # a name no file system takes (too long): the loaders report it
+        return
+    if found != given:
+        recipe.base_model = str(found)
 
 
 @contextmanager
@@ -669,7 +683,8 @@ def located(recipe: Recipe):
 
 
 def recipe_dir(recipe: Recipe) -> Path:
-    """Directory of the recipe file (relative data paths resolve against the working dir first, then this)."""
+    """Directory of the recipe file (relative data paths and a relative base_model directory resolve
+    against the working dir first, then this)."""
     return recipe._source_dir or Path.cwd()
 
 

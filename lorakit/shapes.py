@@ -300,7 +300,8 @@ def load_config(base_model: str, *, revision: str | None = None) -> tuple[dict, 
         return _read_json(cfg), str(cfg)
     if _looks_like_path(base_model):
         raise LorakitError(f"base_model {base_model}: directory not found ({local.resolve()})", field="base_model",
-                           hint="relative paths are taken from the working directory; check the path")
+                           hint="a relative path is taken from the working directory, then from the recipe's "
+                                "directory; check the path")
     hub = registry.hub_id(base_model)
     if not revision or revision == "main":
         known = known_config(hub)

@@ -48,18 +48,6 @@ def liger_available() -> bool:
     return torch.cuda.is_available()
 
 
-def activation_bytes_per_layer(tokens: int, hidden: int, intermediate: int, *, liger: bool, fused_lora: bool) -> int:
-    """Bytes a decoder layer keeps for backward when it is NOT checkpointed (bf16 activations, LoRA on
-    all linears with dropout). Counted per token in bf16 elements of width `hidden` (h) and `intermediate` (i):
-    fused LoRA + Liger ~ 12h + 7i bytes (H100, 8B shape, 2x2048 tokens: 0.50-0.57 GiB per layer measured,
-    bench/train.md); plain peft ~ 21h + 13i (counted, not measured); Liger's SwiGLU saves ~2i."""
-    per_h = 12 if fused_lora else 21
-    per_i = 9 if fused_lora else 13
-    if liger:
-        per_i -= 2
-    return int(tokens * (per_h * hidden + per_i * intermediate))
-
-
 def checkpoint_layers_for_budget(n_layers: int, base_peak_bytes: int, per_layer_bytes: int, budget_bytes: int) -> int:
     """Fewest layers to checkpoint so that the peak fits `budget_bytes`.
 
@@ -86,12 +74,13 @@ def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
 
 
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
-         budget_bytes: int | None = None) -> dict:
+         budget_bytes: int | None = None, compute_dtype: str | None = None, liger_ok: bool | None = None) -> dict:
     """Decide the levers for one run. Returns a plain dict (in summary.json under `options`).
 
     `estimate_result` is lorakit.estimate.estimate(...)'s dict (only budget mode reads it: keys
-    `peak_bytes_checkpointed`, `tokens_per_micro_batch` and `model` {num_layers, hidden, intermediate});
-    `budget_bytes` defaults to train.memory_budget_gb.
+    `peak_bytes_checkpointed`, `peak_bytes_uncheckpointed` and `model` {num_layers});
+    `budget_bytes` defaults to train.memory_budget_gb. `compute_dtype` / `liger_ok` stand in for probing
+    this machine's GPU (the estimate plans for a GPU it does not have).
 
     checkpoint_layers: None = every decoder layer (the Trainer's own checkpointing), 0 = none, K = the first K
     layers (set on the model by `apply_to_model`, the Trainer is told it is off).
@@ -101,14 +90,15 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
     bits = recipe.quantization.resolved_bits(device)
     liger = train.liger
     if liger == "auto":
-        liger = cuda and liger_available()
+        liger = cuda and (liger_available() if liger_ok is None else liger_ok)
     fused = train.fused_lora
     if fused == "auto":
         fused = cuda and fused_lora_supported(recipe, bits) and recipe.distributed.strategy != "fsdp"
     padding_free = data.padding_free
     if padding_free == "auto":
         padding_free = cuda and recipe.method == "sft" and not data.packing and train.batch_size > 1
-    frozen = "bf16" if cuda and bits == 4 and _compute_dtype(recipe, device, bits) == "bf16" else None
+    cdt = compute_dtype or (_compute_dtype(recipe, device, bits) if cuda and bits == 4 else None)
+    frozen = "bf16" if cuda and bits == 4 and cdt == "bf16" else None
     out: dict[str, Any] = {
         "liger": bool(liger), "fused_lora": bool(fused), "padding_free": bool(padding_free),
         "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
@@ -134,18 +124,15 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         return out
     out["memory_budget_bytes"] = int(budget_bytes)
     est = estimate_result or {}
-    dims = est.get("model") or {}
-    base_peak, n_layers = est.get("peak_bytes_checkpointed"), dims.get("num_layers")
-    if base_peak is None or not n_layers or not dims.get("hidden") or not dims.get("intermediate"):
+    n_layers = (est.get("model") or {}).get("num_layers")
+    base_peak, peak_none = est.get("peak_bytes_checkpointed"), est.get("peak_bytes_uncheckpointed")
+    if base_peak is None or peak_none is None or not n_layers:
         why = est.get("error") or "no memory estimate"
         out["checkpointing_reason"] = f"budget: {why}; every layer checkpointed"
         return out
-    tokens = est.get("tokens_per_micro_batch") or train.batch_size * data.max_length
-    per_layer = activation_bytes_per_layer(tokens, dims["hidden"], dims["intermediate"], liger=bool(liger),
-                                           fused_lora=bool(fused))
-    k = checkpoint_layers_for_budget(n_layers, int(base_peak), per_layer, int(budget_bytes))
-    peak_none = int(base_peak) + n_layers * per_layer
-    out["estimated_peak_bytes"] = {"all_layers": int(base_peak), "no_layers": peak_none}
+    per_layer = (int(peak_none) - int(base_peak)) / n_layers  # each layer left un-checkpointed adds this
+    k = checkpoint_layers_for_budget(n_layers, int(base_peak), int(per_layer), int(budget_bytes))
+    out["estimated_peak_bytes"] = {"all_layers": int(base_peak), "no_layers": int(peak_none)}
     if 0 < k < n_layers and not PARTIAL_CHECKPOINTING_PAYS:
         k = n_layers
     budget_gib = budget_bytes / GIB

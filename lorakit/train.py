@@ -188,6 +188,14 @@ def _prepare_data(recipe, tokenizer):
     return data.prepare_sft(recipe, tokenizer)
 
 
+def _check_rewards(recipe) -> None:
+    """GRPO: the reward functions resolve (file, import, arguments) before weights load or the run starts."""
+    if recipe.method == "grpo":
+        from lorakit.grpo import check_rewards
+
+        check_rewards(recipe)
+
+
 def _columns(ds) -> list[str]:
     return list(getattr(ds, "column_names", None) or [])
 
@@ -421,6 +429,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         run.check_new(overwrite=overwrite)
     with located(recipe):
         resolved_options(recipe, device)  # input errors before any weight is loaded
+        _check_rewards(recipe)
     _quiet_libraries()
 
     from transformers import set_seed
@@ -460,8 +469,9 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
                                t_start)
     except Interrupted:
         raise
-    except KeyboardInterrupt:
-        run.set_state(INTERRUPTED, error="interrupted before a checkpoint could be saved")
+    except KeyboardInterrupt as e:  # Ctrl-C, or a second signal (errors.Stopped) while the first one's save ran
+        run.set_state(INTERRUPTED, error="interrupted before a checkpoint could be saved",
+                      signal=getattr(e, "signal_name", "SIGINT"))
         raise
     except LorakitError as e:
         if run.state != FAILED:
@@ -483,7 +493,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         release_signals()
 
 
-def _settle_padding_free(recipe, levers: dict, prepared, out: "_Out"):
+def _settle_padding_free(recipe, levers: dict, prepared, out: _Out):
     """`data.padding_free: auto` chose padding-free before the data was read: keep it only when padded
     batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it."""
     if recipe.method != "sft" or recipe.data.padding_free != "auto" or not levers.get("padding_free"):

@@ -258,9 +258,14 @@ def versions() -> dict:
 
 
 def render_md(doc: dict) -> str:
-    b, l = doc["results"]["baseline"], doc["results"]["lorakit"]
-    gib = lambda n: f"{n / 2**30:.2f} GiB"
-    ok = lambda r: "ok" if r["exit_code"] == 0 else r.get("error", f"exit {r['exit_code']}")[:60]
+    b, lk = doc["results"]["baseline"], doc["results"]["lorakit"]
+
+    def gib(n):
+        return f"{n / 2**30:.2f} GiB"
+
+    def ok(r):
+        return "ok" if r["exit_code"] == 0 else r.get("error", f"exit {r['exit_code']}")[:60]
+
     ck = doc["checkpoint"]
     rows = [
         "# Merge benchmark: lorakit vs peft merge_and_unload (CPU)", "",
@@ -273,15 +278,15 @@ def render_md(doc: dict) -> str:
         f"{', '.join(doc['adapter']['targets'])} ({doc['adapter']['params'] / 1e6:.1f}M params, fp32). "
         "Each merge runs in a fresh process with the checkpoint evicted from the page cache.", "",
         "| | peft merge_and_unload | lorakit merge |", "|---|---:|---:|",
-        f"| result | {ok(b)} | {ok(l)} |",
-        f"| peak RSS (VmHWM) | {gib(b['peak_rss_bytes'])} | {gib(l['peak_rss_bytes'])} |",
+        f"| result | {ok(b)} | {ok(lk)} |",
+        f"| peak RSS (VmHWM) | {gib(b['peak_rss_bytes'])} | {gib(lk['peak_rss_bytes'])} |",
         f"| peak RSS / largest shard | {b['peak_rss_bytes'] / ck['largest_shard_bytes']:.2f}x | "
-        f"{l['peak_rss_bytes'] / ck['largest_shard_bytes']:.2f}x |",
-        f"| wall time | {b['wall_s']:.0f} s | {l['wall_s']:.0f} s |",
-        f"| CPU time (user+sys) | {b['cpu_user_s'] + b['cpu_sys_s']:.0f} s | {l['cpu_user_s'] + l['cpu_sys_s']:.0f} s |",
+        f"{lk['peak_rss_bytes'] / ck['largest_shard_bytes']:.2f}x |",
+        f"| wall time | {b['wall_s']:.0f} s | {lk['wall_s']:.0f} s |",
+        f"| CPU time (user+sys) | {b['cpu_user_s'] + b['cpu_sys_s']:.0f} s | {lk['cpu_user_s'] + lk['cpu_sys_s']:.0f} s |",
         "", "Targets: lorakit peak RSS < 2x the largest shard: "
-        + ("met" if l["peak_rss_bytes"] < 2 * ck["largest_shard_bytes"] else "NOT met")
-        + "; lorakit wall time <= baseline: " + ("met" if b["exit_code"] != 0 or l["wall_s"] <= b["wall_s"] else "NOT met") + ".",
+        + ("met" if lk["peak_rss_bytes"] < 2 * ck["largest_shard_bytes"] else "NOT met")
+        + "; lorakit wall time <= baseline: " + ("met" if b["exit_code"] != 0 or lk["wall_s"] <= b["wall_s"] else "NOT met") + ".",
     ]
     if doc.get("outputs_compared"):
         rows += ["", "Merged tensors, lorakit vs peft (peft adds a bf16-rounded delta to the bf16 weight, lorakit "

@@ -21,6 +21,7 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed).
 - lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
 - lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
+- lk_flex: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work).
 
 Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
 Both sides see the same token ids in the same order (same seed and data_seed). Measured per run: non-padding tokens/s
@@ -76,7 +77,7 @@ PLAN = [
     ("1b", "varied", "baseline", 12), ("1b", "varied", "lorakit", 12),
     ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
-    ("8b", "fixed", "lk_no_fused_lora", 12),
+    ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "varied", "lk_flex", 12), ("8b", "fixed", "lk_flex", 12),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -315,12 +316,16 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["liger"] = False
     if run == "lk_no_fused_lora":
         train["fused_lora"] = False
+    attn = "sdpa"
+    if run == "lk_flex":  # flex attention skips the masked blocks of padding-free's per-row mask (bench/README.md)
+        attn = "flex_attention"
+        data["padding_free"] = True
     if not cuda:  # CPU smoke test: switch on what auto leaves off on a CPU, to run those code paths
         train["fused_lora"] = True
         train["gradient_checkpointing"] = {"lorakit": True, "lorakit_budget": False}.get(run, 2)
         data["padding_free"] = workload == "varied"
     doc = {"name": f"bench-{model}-{workload}-{run}", "base_model": str(model_dir(model)),
-           "model": {"attn_implementation": "sdpa"},
+           "model": {"attn_implementation": attn},
            "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
            "data": data, "train": train, "output": {"dir": str(runs / f"{model}-{workload}-{run}")}}

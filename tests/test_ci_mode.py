@@ -136,6 +136,26 @@ def test_ci_true_on_a_real_terminal_prints_no_escape_codes():
     assert not ANSI.search(plain) and "fits on rtx4090" in plain  # ...unless CI=true
 
 
+@pytest.mark.slow
+def test_first_demo_conversion_prints_no_progress_bar_in_ci(tmp_path):
+    """The first use of the demo alias converts its GGUF (transformers draws a tqdm bar for that); in CI
+    mode the CLI turns tqdm's own switch off, so stderr holds no bar. ~35 s: a fresh cache converts."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct",
+                                                     "data": {"path": "train.jsonl"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_") and k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env.update(CI="true", HF_HUB_OFFLINE="1", LORAKIT_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "lorakit", "generate", str(run), "--prompt", "hi", "--base-only",
+                        "--max-new-tokens", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "cache" / "models" / "smollm2-135m-instruct" / "config.json").is_file()  # it converted
+    assert "converting the demo model" in p.stderr
+    assert "GGUF tensors" not in p.stderr and "it/s" not in p.stderr, p.stderr[-2000:]
+    assert not REDRAWN.search(p.stderr) and not ANSI.search(p.stderr), repr(p.stderr[-2000:])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The example CI workflow
 # ---------------------------------------------------------------------------------------------------

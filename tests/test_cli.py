@@ -117,8 +117,8 @@ _HEAVY = ("torch", "transformers", "peft", "trl", "datasets")
 
 def _heavy_modules_after(args: list[str]) -> list[str]:
     """Run `lorakit ARGS` in a fresh interpreter and list the heavy libraries it imported."""
-    code = ("import sys\nfrom lorakit.cli import app\ntry:\n    app(%r)\nexcept SystemExit:\n    pass\n"
-            "print('HEAVY=' + ','.join(m for m in %r if m in sys.modules))" % (args, _HEAVY))
+    code = (f"import sys\nfrom lorakit.cli import app\ntry:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY=' + ','.join(m for m in {_HEAVY!r} if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "CI": "true"})
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("HEAVY=")]
     assert line, p.stdout + p.stderr

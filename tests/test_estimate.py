@@ -145,9 +145,14 @@ def _recipe(**over):
 
 def test_4bit_weights_of_llama_8b():
     m = estimate(_recipe())["memory"]
-    # 6.98e9 linear weights at ~0.5 byte + fp32 embeddings/lm_head/norms (1.05e9 params)
-    assert m["weights"]["unquantized_bytes"] == (8_030_261_248 - 6_979_321_856) * 4
+    # 6.98e9 linear weights at ~0.5 byte + embeddings/lm_head/norms (1.05e9 params), which lorakit keeps in
+    # bf16 on CUDA with bf16 compute (speed.plan's frozen_dtype) ...
+    assert m["weights"]["unquantized_bytes"] == (8_030_261_248 - 6_979_321_856) * 2
+    assert m["weights"]["unquantized_dtype"] == "bf16"
     assert 3.55e9 < m["weights"]["quantized_bytes"] < 3.65e9
+    # ... and in fp32 after peft's prepare_model_for_kbit_training otherwise (fp16 compute)
+    fp16 = estimate(_recipe(quantization__compute_dtype="fp16"))["memory"]
+    assert fp16["weights"]["unquantized_bytes"] == (8_030_261_248 - 6_979_321_856) * 4
     assert "lm_head" in m["weights"]["unquantized"] and "embed_tokens" in m["weights"]["unquantized"]
     bf16 = estimate(_recipe(quantization__bits="none"))["memory"]
     assert bf16["weights_bytes"] == 8_030_261_248 * 2
@@ -164,7 +169,10 @@ def test_json_shape_and_ints():
                 "logits_bytes", "overhead_bytes", "peak_bytes"):
         assert isinstance(r["memory"][key], int) and r["memory"][key] >= 0, key
     assert isinstance(r["artifacts"]["adapter_bytes"], int) and isinstance(r["artifacts"]["merged_bytes"], int)
-    assert r["artifacts"]["adapter_bytes"] == r["params"]["trainable"] * 4
+    # TRL casts the adapter of a 4-bit base to bf16 (and so saves it); a 16-bit base's adapter stays fp32
+    assert r["artifacts"]["adapter_bytes"] == r["params"]["trainable"] * 2
+    r16 = estimate(_recipe(quantization__bits="none"))
+    assert r16["artifacts"]["adapter_bytes"] == r16["params"]["trainable"] * 4
     assert r["artifacts"]["merged_bytes"] == 8_030_261_248 * 2
     m = r["memory"]  # the breakdown adds up to the peak
     assert m["peak_bytes"] == sum(m[k] for k in ("weights_bytes", "adapter_bytes", "gradients_bytes", "optimizer_bytes",
@@ -179,8 +187,19 @@ def test_memory_terms_respond_to_the_recipe():
     assert peak(train__gradient_checkpointing=True)["activations_bytes"] < base["activations_bytes"] / 5
     assert peak(train__gradient_checkpointing=False, train__batch_size=4)["activations_bytes"] == \
         pytest.approx(2 * base["activations_bytes"], rel=0.02)
-    assert peak(train__liger=True)["logits_bytes"] < base["logits_bytes"] / 5
-    assert peak(train__optimizer="adamw_8bit")["optimizer_bytes"] < base["optimizer_bytes"] / 3
+    # Liger's RMSNorm keeps its bf16 input (not an fp32 upcast) and its SwiGLU two operands (not three)
+    assert peak(train__gradient_checkpointing=False, train__liger=True)["activations_bytes"] < \
+        0.9 * base["activations_bytes"]
+    # lorakit's fused LoRA keeps dropout masks, not dropped copies of each input
+    assert peak(train__gradient_checkpointing=False, train__fused_lora=True)["activations_bytes"] < \
+        0.95 * peak(train__gradient_checkpointing=False, train__fused_lora=False)["activations_bytes"]
+    # checkpointing the first 16 of 32 layers lands between none and all
+    k16 = peak(train__gradient_checkpointing=16)["activations_bytes"]
+    assert peak(train__gradient_checkpointing=True)["activations_bytes"] < k16 < base["activations_bytes"]
+    # torch's AdamW keeps two states in the adapter's dtype (bf16 under TRL for a 4-bit base): 4 bytes a
+    # parameter; the 8-bit one about 2
+    assert base["optimizer_bytes"] == 4 * estimate(_recipe())["params"]["trainable"]
+    assert peak(train__optimizer="adamw_8bit")["optimizer_bytes"] < base["optimizer_bytes"] / 1.9
     assert peak(train__optimizer="sgd")["optimizer_bytes"] == 0
     eager = peak(model__attn_implementation="eager", train__gradient_checkpointing=False)
     assert eager["activations_bytes"] > base["activations_bytes"]
@@ -192,7 +211,9 @@ def test_budget_verdict():
     r = estimate(_recipe(train__gradient_checkpointing="auto"), gpu="rtx4090")
     v = r["verdict"]
     assert v["budget_bytes"] == 24 * 2**30 and v["fits"] and v["needs_checkpointing"]
-    assert r["setup"]["gradient_checkpointing"] is True  # auto decided from the budget
+    assert r["setup"]["gradient_checkpointing"] is True  # lorakit train's default on CUDA: every layer
+    # what train.memory_budget_gb: 24 would choose: 28 GiB without checkpointing does not fit
+    assert r["verdict"]["with_memory_budget"]["gradient_checkpointing"] is True
     assert v["max_batch_with_checkpointing"] >= 2 > v["max_batch_without_checkpointing"] - 1 or \
         v["max_batch_with_checkpointing"] > v["max_batch_without_checkpointing"]
     # max_batch is the largest that fits: one more does not
@@ -205,9 +226,28 @@ def test_budget_verdict():
 
 
 def test_auto_checkpointing_off_when_it_fits():
+    """The breakdown is that of the run `lorakit train` would do: every layer checkpointed by default, the
+    budget mode's choice (none, when it fits) with train.memory_budget_gb; the verdict says what a budget allows."""
     r = estimate(_recipe(base_model="llama-3.2-1b", train__gradient_checkpointing="auto", data__max_length=512),
                  gpu="a100-80gb")
-    assert r["setup"]["gradient_checkpointing"] is False and not r["verdict"]["needs_checkpointing"]
+    assert r["setup"]["gradient_checkpointing"] is True and not r["verdict"]["needs_checkpointing"]
+    assert r["verdict"]["with_memory_budget"]["checkpoint_layers"] == 0
+    budget = estimate(_recipe(base_model="llama-3.2-1b", train__gradient_checkpointing="auto", data__max_length=512,
+                              train__memory_budget_gb=80))
+    assert budget["setup"]["gradient_checkpointing"] is False
+    assert budget["memory"]["peak_bytes"] == budget["peak_bytes_uncheckpointed"] > r["memory"]["peak_bytes"]
+
+
+def test_estimate_follows_lorakits_levers():
+    """The breakdown models the levers lorakit.speed.plan turns on for the run (fused LoRA, frozen bf16 weights,
+    TRL's chunked LM head): no logits of tokens x vocab are ever counted."""
+    from lorakit.speed import plan
+
+    r = estimate(_recipe())
+    p = plan(_recipe(), "cuda", compute_dtype="bf16", liger_ok=False)
+    assert (r["setup"]["fused_lora"], r["setup"]["frozen_dtype"]) == (p["fused_lora"], p["frozen_dtype"]) == (True, "bf16")
+    assert r["setup"]["fused_lm_head"] is True
+    assert r["memory"]["logits_bytes"] < 4096 * 128_256 * 2  # less than one bf16 copy of the logits
 
 
 def test_parse_bytes_and_gpus():
@@ -257,6 +297,7 @@ def test_render(tmp_path):
     text = console.export_text()
     assert "41,943,040" in text and "q_proj" in text and "4096 x 14336" in text
     assert "peak" in text and "fits" in text and "GiB" in text
+    assert "fused LoRA" in text and "bf16" in text and "memory_budget_gb" in text
 
 
 def test_cli_estimate_is_fast(tmp_path):

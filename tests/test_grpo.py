@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from types import SimpleNamespace
 
@@ -237,6 +238,35 @@ def test_bad_reward_fails_before_training(tmp_path, tiny_model_dir, lora_model):
     assert e.value.field == "grpo.rewards.1.fn" and "has no function 'nope'" in e.value.message
 
 
+@pytest.mark.parametrize("reward, field, words", [
+    ({"fn": "nosuchfile.py:f"}, "grpo.rewards.1.fn", "file not found"),
+    ({"fn": "exact_answer", "args": {"bogus": 1}}, "grpo.rewards.1.args", "bogus"),
+], ids=["missing-file", "unknown-arg"])
+def test_bad_reward_leaves_no_run_directory(tmp_path, tiny_model_dir, monkeypatch, reward, field, words):
+    """`lorakit train` resolves the reward functions before the run directory exists (and before the
+    weights load): a bad one is exit 2 naming its field, and nothing is written."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(4)))
+    doc = {"name": "bad-reward", "base_model": str(tiny_model_dir), "method": "grpo",
+           "quantization": {"bits": "none"}, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+           "data": {"path": "train.jsonl", "format": "prompt"},
+           "grpo": {"rewards": [{"fn": "exact_answer"}, reward], "num_generations": 2, "max_completion_length": 8},
+           "train": {"max_steps": 1, "batch_size": 2}, "output": {"dir": "runs/bad-reward"}}
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["train", "grpo.yaml", "--json"])
+    assert result.exit_code == 2, result.output[-2000:]
+    err = json.loads(result.stdout)
+    assert err["problems"][0]["field"] == field and words in err["problems"][0]["message"]
+    assert not (tmp_path / "runs").exists()
+    assert "loading" not in result.stderr  # found before any weight was loaded
+
+
 def test_all_prompts_too_long_is_an_error(tmp_path, tiny_model_dir, lora_model):
     from lorakit.grpo import build_grpo_trainer
 
@@ -331,6 +361,7 @@ def test_lorakit_train_grpo_subprocess(tmp_path, tiny_model_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     assert "held-out reward before (3 prompts" in p.stderr and "held-out reward (3 prompts): " in p.stderr
+    assert re.search(r"^step=2/2 loss=\S+ reward=-?\d+\.\d{4} lr=", p.stderr, re.M), p.stderr[-2000:]
 
     run = tmp_path / "runs" / "tiny-grpo"
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0

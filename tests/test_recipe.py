@@ -272,6 +272,38 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert isinstance(again, Recipe)
 
 
+def test_relative_base_model_resolves_beside_the_recipe_like_data_paths(tmp_path, tiny_model_dir, monkeypatch):
+    """`base_model: ./tiny-model` is found from the working dir, else beside the recipe (as data paths are):
+    validate passes from another directory and the run's recipe.yaml names the directory absolutely.
+    Aliases and hub ids name no directory and stay as written."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.models import resolve_base_dir
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "tiny-model")
+    (project / "train.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    path = write(project, "base_model: ./tiny-model\ndata: {path: train.jsonl}\nlora: {targets: [q_proj]}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    result = CliRunner().invoke(app, ["validate", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["base_model"] == str(project / "tiny-model")
+    r = load_recipe(path)
+    assert r.base_model == str(project / "tiny-model") and "tiny-model" in to_resolved_yaml(r)
+    assert resolve_base_dir(r.base_model) == project / "tiny-model"
+
+    shutil.copytree(tiny_model_dir, elsewhere / "tiny-model")  # the working dir comes first, as for data
+    assert load_recipe(path).base_model == "./tiny-model"
+    for name in ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert load_recipe(path, [f"base_model={name}"]).base_model == name
+
+
 # ---- speed levers (train.gradient_checkpointing / memory_budget_gb / fused_lora, data.padding_free) --------
 
 @pytest.mark.parametrize("given,expected", [("auto", "auto"), (True, True), (False, False), (0, 0), (12, 12),

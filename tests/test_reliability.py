@@ -462,6 +462,33 @@ def test_cli_sigterm_mid_training_exits_143_and_resume_finishes(tmp_path, tiny_m
     assert SECRET not in out + err + done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("first,second,code", [(signal.SIGTERM, signal.SIGTERM, 143),
+                                               (signal.SIGINT, signal.SIGINT, 130),
+                                               (signal.SIGINT, signal.SIGTERM, 143)],
+                         ids=["TERM-TERM", "INT-INT", "INT-TERM"])
+def test_a_second_signal_while_the_checkpoint_saves_exits_with_its_own_code(workdir, tiny_model_dir, monkeypatch,
+                                                                            first, second, code):
+    """A second signal while the first one's checkpoint is being written stops at once; the exit code is
+    the second signal's (TERM 143, INT 130), in the exit status, the JSON document and state.json."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    make_recipe(workdir, tiny_model_dir, train={"max_steps": 6}, evaluate={"metrics": []})
+    fired = _signal_at_step(monkeypatch, 2, first)
+    saving = _hook_trainer(monkeypatch, "_save_checkpoint", 2, lambda trainer: os.kill(os.getpid(), second))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["train", "tiny.yaml", "--json"])
+    assert fired == [2] and saving == [2]
+    name = signal.Signals(second).name
+    assert result.exit_code == code, result.output[-2000:]
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["interrupted"] == name and doc["exit_code"] == code
+    state = RunDir(workdir / "runs" / "tiny").read_state()
+    assert state["state"] == "interrupted" and state["signal"] == name
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+
+
 # ----------------------------------------------------------------------------------------------
 # Safety
 # ----------------------------------------------------------------------------------------------
@@ -517,6 +544,42 @@ def test_weights_load_from_safetensors_only_unless_allow_pickle(tmp_path, tiny_m
 
     load_for_training(make_recipe(tmp_path, only, name="allowed", model={"allow_pickle": True}), "cpu")
     assert any(o.endswith("pytorch_model.bin") for o in opened)
+
+
+def test_inference_loads_safetensors_only_unless_allow_pickle(tmp_path, tiny_model_dir, monkeypatch):
+    """load_for_inference (generate) refuses a pickle-only base, naming allow_pickle (exit 2 through the
+    CLI), and never opens the pickle; with allow_pickle it loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.models import load_for_inference
+
+    only = tmp_path / "only-pickle"
+    shutil.copytree(tiny_model_dir, only)
+    for p in only.glob("*.safetensors"):
+        p.unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), only / "pytorch_model.bin")
+    opened: list[str] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: opened.append(str(f)) or real_load(f, *a, **k))
+
+    with pytest.raises(LorakitError) as e:
+        load_for_inference(only)
+    assert e.value.exit_code == 2 and "pickle" in e.value.message and "allow_pickle" in e.value.hint
+    assert opened == []
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"base_model": str(only), "data": {"path": "d.jsonl"}}))
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "hi", "--base-only"])
+    assert result.exit_code == 2 and "allow_pickle" in result.output, result.output
+    assert opened == []
+
+    model = load_for_inference(only, allow_pickle=True)
+    assert model.config.vocab_size > 0 and any(o.endswith("pytorch_model.bin") for o in opened)
 
 
 def test_trust_remote_code_is_off_by_default_and_named_when_on(tmp_path, tiny_model_dir, monkeypatch, caplog):

@@ -120,11 +120,14 @@ def test_fused_lora_generates_like_peft():
     assert torch.equal(a, b)
 
 
-def test_padding_free_loss_equals_padded_loss():
-    """TRL's padding-free collator + sdpa with position_ids keeps rows apart: same loss as padded batches."""
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_padding_free_loss_equals_padded_loss(attn):
+    """TRL's padding-free collator + position_ids keeps rows apart (transformers builds a per-row mask): same
+    loss as padded batches, with sdpa (lorakit's default) and flex attention (model.attn_implementation)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = _tiny_llama(2).eval()
+    model.set_attn_implementation(attn)
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, 300, (n,), generator=g).tolist()} for n in (5, 11, 8)]
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
@@ -207,20 +210,18 @@ def test_plan_on_cuda_defaults_to_the_fast_path_at_baseline_memory(bf16_gpu):
     assert k["checkpoint_layers"] == 8 and not speed.trainer_checkpointing(k)
 
 
-EST = {"peak_bytes_checkpointed": 10 * GIB, "tokens_per_micro_batch": 4096,
-       "model": {"num_layers": 32, "hidden": 4096, "intermediate": 14336}}
+EST = {"peak_bytes_checkpointed": 10 * GIB, "peak_bytes_uncheckpointed": 10 * GIB + 32 * 0.7 * GIB,
+       "model": {"num_layers": 32}}
 
 
 @pytest.mark.parametrize("budget_gb,layers", [(40, 0), (28, None), (12, None), (8, None)])
 def test_budget_mode_picks_the_fastest_setting_that_fits(bf16_gpu, budget_gb, layers):
     """No checkpointing when its estimated peak fits; a partial fit falls back to every layer (measured: no
     faster, bench/train.md)."""
-    per_layer = speed.activation_bytes_per_layer(4096, 4096, 14336, liger=False, fused_lora=True)
-    assert 0.6 * GIB < per_layer < 0.75 * GIB
     p = speed.plan(recipe(train={"memory_budget_gb": budget_gb}), "cuda", EST)
     assert p["checkpoint_layers"] == layers and p["gradient_checkpointing"] is (layers is None)
     assert p["memory_budget_bytes"] == budget_gb * GIB
-    assert p["estimated_peak_bytes"]["no_layers"] == 10 * GIB + 32 * per_layer
+    assert p["estimated_peak_bytes"] == {"all_layers": 10 * GIB, "no_layers": int(10 * GIB + 32 * 0.7 * GIB)}
     assert p["checkpointing_reason"].startswith("budget:")
 
 
@@ -239,7 +240,8 @@ def test_plan_for_run_uses_the_estimate(bf16_gpu):
 
     est = estimate(recipe(), device="cuda")
     assert est["tokens_per_micro_batch"] == 4096
-    assert 7 * GIB < est["peak_bytes_checkpointed"] < est["memory"]["peak_bytes"]  # bf16 frozen < fp32 upcast
+    # the breakdown is the default run's (every layer checkpointed); measured 7.7 GiB reserved (bench/estimate.md)
+    assert 7 * GIB < est["peak_bytes_checkpointed"] == est["memory"]["peak_bytes"] < 10 * GIB
     assert est["peak_bytes_uncheckpointed"] > est["peak_bytes_checkpointed"]
     assert speed.plan_for_run(recipe(train={"memory_budget_gb": 40}), "cuda")["checkpoint_layers"] == 0
     assert speed.plan_for_run(recipe(train={"memory_budget_gb": 16}), "cuda")["checkpoint_layers"] is None

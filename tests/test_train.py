@@ -168,7 +168,13 @@ def test_truncate_metrics_for_resume(tmp_path):
 # ---- progress ------------------------------------------------------------------------------------
 
 
-def test_plain_progress_lines(tmp_path):
+@pytest.mark.parametrize("logs,pattern", [
+    ({"loss": 1.2345, "learning_rate": 1.9e-4}, r"step=10/60 loss=1\.2345 lr=1\.90e-04 tok/s=\d+ eta=\S+"),
+    # GRPO logs carry `reward` (the weighted mean over the step's completions): the plain line shows it
+    ({"loss": 0.0123, "reward": -0.625, "learning_rate": 1e-5, "rewards/exact_answer/mean": 0.25},
+     r"step=10/60 loss=0\.0123 reward=-0\.6250 lr=1\.00e-05 tok/s=\d+ eta=\S+"),
+], ids=["sft", "grpo-reward"])
+def test_plain_progress_lines(tmp_path, logs, pattern):
     import io
 
     from rich.console import Console
@@ -181,11 +187,11 @@ def test_plain_progress_lines(tmp_path):
     state = TrainerState(max_steps=60, global_step=0)
     cb.on_train_begin(None, state, TrainerControl())
     state.global_step, state.num_input_tokens_seen, state.epoch = 10, 8120, 0.5
-    cb.on_log(None, state, TrainerControl(), logs={"loss": 1.2345, "learning_rate": 1.9e-4})
+    cb.on_log(None, state, TrainerControl(), logs=dict(logs))
     line = buf.getvalue().strip()
-    assert re.fullmatch(r"step=10/60 loss=1\.2345 lr=1\.90e-04 tok/s=\d+ eta=\S+", line), line
+    assert re.fullmatch(pattern, line), line
     doc = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert doc["step"] == 10 and doc["loss"] == 1.2345
+    assert doc["step"] == 10 and doc["loss"] == logs["loss"]
 
 
 def test_resume_continues_to_the_same_adapter(workdir, tiny_model_dir):
