@@ -286,6 +286,21 @@ def _distributed() -> dict:
     return describe()
 
 
+def _print_world(recipe, device: str, out: "_Out") -> None:
+    """One line on the processes of a multi-process run, and what runs when the recipe's strategy cannot."""
+    from lorakit.distributed import world_size
+
+    n = world_size()
+    if n <= 1:
+        return
+    wanted = recipe.distributed.strategy
+    if wanted == "fsdp" and device != "cuda":
+        out.print(f"distributed: {n} processes, data parallel (distributed.strategy fsdp needs CUDA GPUs; "
+                  "on CPU accelerate runs the processes as ddp)")
+    else:
+        out.print(f"distributed: {n} processes, {wanted}")
+
+
 def _peak_memory(device: str) -> dict:
     if device == "cuda":
         import torch
@@ -444,6 +459,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         out.print(f"device: cpu ({torch.get_num_threads()} threads); loading {recipe.base_model} ...")
     else:
         out.print(f"device: {device}; loading {recipe.base_model} ...")
+    _print_world(recipe, device, out)
     with located(recipe):
         from lorakit.speed import describe_levers
 

@@ -462,3 +462,30 @@ def test_slurm_script_launches_one_accelerate_per_node(tmp_path):
     env.pop("SLURM_JOB_ID")
     p = subprocess.run(["bash", str(SLURM), "r.yaml"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 2 and "sbatch" in p.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_single_process_adapter(tmp_path, tiny_model_dir):
+    """Data parallel is the same math: 2 processes x 2 rows a step end with the adapter of 1 process x 4 rows
+    (the launcher shards each global batch of one shuffled order; the Trainer normalizes the loss over both
+    ranks' tokens). fsdp asked for on a CPU runs as ddp, and says so."""
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
+    one = _doc(tiny_model_dir, name="one", output={"dir": "runs/one"})
+    one["train"] = {**one["train"], "batch_size": 4}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+    lorakit = Path(sys.executable).with_name("lorakit")
+    p1 = subprocess.run([str(lorakit), "train", "one.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, env=_two_process_env())
+    assert p1.returncode == 0, p1.stderr[-4000:]
+    p2 = _run_two(tmp_path, _doc(tiny_model_dir, distributed={"strategy": "fsdp"}))
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    assert "distributed: 2 processes, data parallel (distributed.strategy fsdp needs CUDA GPUs" in p2.stdout + p2.stderr
+    a = load_file(tmp_path / "runs" / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "runs" / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / "runs" / d / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(x)] for d in ("one", "ddp")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
