@@ -131,7 +131,7 @@ def derive(rows: dict) -> dict:
 
 def markdown(doc: dict) -> str:
     d = doc["derived"]
-    lines = [f"# Multi-GPU: DDP scaling and FSDP-QLoRA losses (`scripts/bench_multi_gpu.py`)", "",
+    lines = ["# Multi-GPU: DDP scaling and FSDP-QLoRA losses (`scripts/bench_multi_gpu.py`)", "",
              f"Machine: {doc['machine']}; versions: {doc['versions']}.", f"Command: `{doc['command']}`.", "",
              f"- DDP scaling 1 -> 2 GPUs: **{d.get('ddp_scaling', float('nan')):.2f}x** tokens/s (target >= 1.8x)",
              f"- FSDP-QLoRA vs one GPU, same global batches: first {d.get('fsdp_loss_steps_compared', 0)} losses agree "
