@@ -218,6 +218,8 @@ class Setup:
     """TRL's chunked LM head (SFTTrainer / GRPOTrainer since TRL 1.16): no full logits are ever materialized."""
     checkpoint_layers: int | None = None
     """With checkpointing: None = every decoder layer, K = the first K layers (train.gradient_checkpointing: K)."""
+    gen_batch: int = 0
+    """GRPO: sequences generated at once (their KV cache is the generation phase's memory); 0 for SFT."""
 
 
 def optimizer_bytes(trainable_tensors: list[int], optimizer: str, param_bytes: int = 4) -> int:
@@ -316,6 +318,15 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
             "resid_bytes": resid}
 
 
+def generation_bytes(shape: ModelShape, s: Setup) -> int:
+    """GRPO's generation phase: the KV cache of `gen_batch` sequences at full length (prompt + completion,
+    the compute dtype) and the fp32 logits and probabilities of the position being sampled."""
+    if not s.gen_batch:
+        return 0
+    kv = s.gen_batch * s.seq * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * s.act_bytes
+    return int(kv + s.gen_batch * shape.vocab * 4 * 2)
+
+
 def loss_terms(shape: ModelShape, s: Setup, c: Constants) -> tuple[int, int]:
     """(bytes saved for backward at the LM head, transient bytes while the loss is computed / differentiated).
 
@@ -374,6 +385,9 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     transient = logits + dequant
     static = weights + adapter + gradients + (0 if paged else opt)
     allocated = int(static + activations + transient + c.workspace_bytes)
+    generation = generation_bytes(shape, s)
+    if generation:  # GRPO generates with the gradients freed; the larger of the two phases is the peak
+        allocated = max(allocated, int(weights + adapter + (0 if paged else opt) + generation + c.workspace_bytes))
     full_logits = not (s.liger or s.fused_lm_head)
     cached = tokens * shape.vocab * c.logits_cached_bytes_per_elem if full_logits else 0
     reserved = int(allocated * (1 + c.fragmentation) + cached)
@@ -383,7 +397,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         "weights_bytes": int(weights), "adapter_bytes": int(adapter), "gradients_bytes": int(gradients),
         "optimizer_bytes": int(opt), "activations_bytes": int(activations + max(0, transient - logits)),
         "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
-        "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved,
+        "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved, "generation_bytes": int(generation),
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
             int(t["checkpointed_layer"]), "optimizer_paged": paged,
         "weights": {"quantized_bytes": int(store["quantized_bytes"]), "unquantized_bytes": int(store["unquantized_bytes"]),
@@ -434,11 +448,26 @@ def _setup(recipe, device: str, shape: ModelShape, levers: dict, *, batch=None, 
     attn = "sdpa" if attn == "auto" else attn
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
                  optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,
-                 batch=batch or t.batch_size, seq=seq or recipe.data.max_length,
+                 batch=batch or t.batch_size, seq=seq or _seq_len(recipe),
                  checkpointing=bool(levers["gradient_checkpointing"]), device=device,
                  frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
                  fused_lora=bool(levers["fused_lora"]), fused_lm_head=_trl_fused_lm_head(),
-                 checkpoint_layers=levers.get("checkpoint_layers"))
+                 checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe))
+
+
+def _seq_len(recipe) -> int:
+    """Tokens per row at most: data.max_length for SFT; prompt + completion at their limits for GRPO (an upper
+    bound: real completions often stop early)."""
+    if recipe.method == "grpo":
+        return recipe.grpo.max_prompt_length + recipe.grpo.max_completion_length
+    return recipe.data.max_length
+
+
+def _gen_batch(recipe) -> int:
+    """GRPO: completions generated per generate call (grpo.generation_batch_size, else one step's batch)."""
+    if recipe.method != "grpo":
+        return 0
+    return recipe.grpo.generation_batch_size or recipe.train.batch_size * recipe.train.grad_accum
 
 
 def _budget_choice(recipe, shape_info: dict, budget_bytes: int | None) -> dict:
@@ -547,7 +576,8 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "checkpointing_reason": levers.get("checkpointing_reason", ""), "fused_lora": s.fused_lora,
                   "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.get("frozen_dtype"),
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
-                  "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout},
+                  "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,
+                  "method": recipe.method, "generation_batch": s.gen_batch},
         "artifacts": artifacts(shape, params, recipe.output.merged_dtype, _trainable_bytes(s)),
         "verdict": verdict, "constants": asdict(CONSTANTS),
         "tokens_per_micro_batch": s.batch * s.seq,

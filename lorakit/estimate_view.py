@@ -51,7 +51,8 @@ def _memory_table(result: dict) -> Table:
         levers.append(f"frozen {s['frozen_dtype']}")
     st = result.get("strategy")
     where = (f"per GPU, {st['name'].upper()} over {st['gpus']} GPUs" if st else f"on one {s['device']} device")
-    t = Table(title=(f"Memory {where}: {bits} base, batch {s['batch_size']} x seq {s['seq_len']}, "
+    seq = f"{s['seq_len']} (prompt + completion at most)" if s.get("method") == "grpo" else s["seq_len"]
+    t = Table(title=(f"Memory {where}: {bits} base, batch {s['batch_size']} x seq {seq}, "
                      f"checkpointing {gc}, {s['optimizer']}, {s['attention']}"
                      + "".join(f", {x}" for x in levers)), show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -75,6 +76,9 @@ def _memory_table(result: dict) -> Table:
               f"{human(m['activations_per_token_per_layer'])}/token/layer"
               + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed" if s["gradient_checkpointing"] else ""))
     t.add_row("logits + loss", human(m["logits_bytes"]), "")
+    if m.get("generation_bytes"):
+        t.add_row("generation (GRPO)", human(m["generation_bytes"]),
+                  f"KV cache of {s['generation_batch']} sequences; the peak is the larger phase")
     t.add_row("runtime overhead", human(m["overhead_bytes"]), "CUDA context, workspaces, allocator cache")
     t.add_row("peak", human(m["peak_bytes"]), f"torch reserved {human(m['reserved_peak_bytes'])}", style="bold")
     a = result["artifacts"]

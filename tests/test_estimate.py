@@ -322,3 +322,23 @@ def test_cli_estimate_is_fast(tmp_path):
     assert json.loads(out.stdout)["params"]["total"] == 8_030_261_248
     assert best_cpu < 2.0, f"estimate used {best_cpu:.2f} CPU seconds"
     assert best_wall < 6.0, f"estimate took {best_wall:.2f}s"
+
+
+def test_grpo_estimate_uses_prompt_plus_completion_and_the_generation_phase():
+    """GRPO rows are prompt + completion (at their limits: an upper bound), not data.max_length; generation
+    holds a KV cache per generated sequence, and the peak is the larger of the two phases."""
+    def grpo(**g):
+        return _recipe(method="grpo", data={"path": "x.jsonl", "max_length": 4096}, train={"batch_size": 8},
+                       grpo={"rewards": [{"fn": "exact_answer"}], "max_prompt_length": 200,
+                             "max_completion_length": 56, **g})
+
+    r = estimate(grpo())
+    assert r["setup"]["seq_len"] == 256 and r["tokens_per_micro_batch"] == 8 * 256
+    assert r["setup"]["generation_batch"] == 8
+    assert estimate(grpo(max_completion_length=312))["setup"]["seq_len"] == 512
+    small, big = r["memory"], estimate(grpo(generation_batch_size=512))["memory"]
+    # Llama-3.1-8B: 32 layers x 2 x 8 kv heads x 128 x bf16 = 128 KiB per token of KV cache
+    assert big["generation_bytes"] - small["generation_bytes"] == (512 - 8) * (256 * 128 * 1024 + 128_256 * 8)
+    assert big["peak_bytes"] > small["peak_bytes"]  # 512 x 256 tokens of cache outgrow the training step
+    sft = estimate(_recipe())
+    assert sft["memory"]["generation_bytes"] == 0 and sft["setup"]["generation_batch"] == 0
