@@ -4,12 +4,13 @@ Parameters are counted from the model's shape (shapes.py) the way peft counts th
 r*(in+out) per adapted module, DoRA a magnitude vector of out_features, `modules_to_save` a full
 trainable copy of the module, `bias: all|lora_only` unfreezes biases.
 
-Memory is a model of one training step on one device, term by term (weights in their storage
-format, adapter, gradients, optimizer states, activations saved for backward, logits and loss
-buffers, runtime overhead). The activation term follows what autograd saves in a transformers
-decoder layer under bf16 autocast (RMSNorm's fp32 upcast, the SDPA inputs and output, the SwiGLU
-operands, LoRA dropout masks and inputs). `CONSTANTS` holds the few numbers fitted on a GPU run
-(scripts/bench_estimate.py, bench/estimate.md); change them there, nowhere else.
+Memory is a model of one training step of the run `lorakit train` does on that device (the levers
+lorakit.speed.plan picks: frozen dtype, fused LoRA, Liger, checkpointing; TRL's chunked LM head and
+bf16 QLoRA adapters), term by term: weights in their storage format, adapter, gradients, optimizer
+states, activations saved for backward, loss buffers, runtime overhead; for GRPO also the generation
+phase. The activation term follows what autograd saves in a transformers decoder layer under bf16
+autocast. `CONSTANTS` holds the few numbers fitted on a GPU run (scripts/bench_estimate.py,
+bench/estimate.md); change them there, nowhere else.
 
 Only pydantic-free stdlib code here: no torch, so the answer comes in milliseconds.
 """
