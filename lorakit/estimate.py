@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from lorakit.errors import LorakitError
-from lorakit.shapes import ModelShape, check_modules_to_save, check_targets, load_shape
+from lorakit.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -544,6 +544,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                            trust_remote_code=recipe.model.trust_remote_code)
         targets = check_targets(shape, recipe.lora)
         mts = check_modules_to_save(shape, list(recipe.lora.modules_to_save))
+        check_checkpoint_layers(shape, recipe.train)
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     params = count_params(shape, recipe.lora, targets, mts)

@@ -84,9 +84,7 @@ def grpo_config_kwargs(recipe, training_args: dict, *, world_size: int | None = 
             raise LorakitError(f"grpo.generation_batch_size {gen} must be a multiple of the batch per step "
                                f"(train.batch_size {per_device} x {world} processes = {step_batch})",
                                field="grpo.generation_batch_size")
-        if gen % G:
-            raise LorakitError(f"grpo.generation_batch_size {gen} must be a multiple of grpo.num_generations {G} "
-                               "(whole groups of completions per prompt)", field="grpo.generation_batch_size")
+        # whole groups of num_generations: a recipe rule (recipe.cross_field_problems)
     else:
         gen = math.lcm(step_batch * accum, G)
     kw.update(

@@ -387,6 +387,15 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.train.fused_lora is True and bits == 8:
         problems.append(("train.fused_lora", "the fused LoRA layer supports 4-bit and 16/32-bit bases, not 8-bit; "
                          "set train.fused_lora: auto or false"))
+    g = recipe.grpo
+    if recipe.method == "grpo" and g is not None and g.generation_batch_size is not None:
+        gen = g.generation_batch_size
+        if gen % g.num_generations:
+            problems.append(("grpo.generation_batch_size", f"{gen} must be a multiple of grpo.num_generations "
+                             f"{g.num_generations} (whole groups of completions per prompt)"))
+        elif gen % recipe.train.batch_size:
+            problems.append(("grpo.generation_batch_size", f"{gen} must be a multiple of train.batch_size "
+                             f"{recipe.train.batch_size} (completions per optimizer step)"))
     if recipe.method == "grpo" and recipe.data.packing:
         problems.append(("data.packing", "packing is for SFT; GRPO generates per prompt"))
     if recipe.train.precision == "fp16" and recipe.quantization.compute_dtype == "bf16":

@@ -374,6 +374,15 @@ def check_targets(shape: ModelShape, lora_section) -> list[str]:
     return out
 
 
+def check_checkpoint_layers(shape: ModelShape, train_section) -> None:
+    """`train.gradient_checkpointing: K` must not ask for more layers than the model has."""
+    k = train_section.gradient_checkpointing
+    if isinstance(k, int) and not isinstance(k, bool) and k > shape.num_layers:
+        raise LorakitError(f"{shape.architecture} has {shape.num_layers} decoder layers; cannot checkpoint the "
+                           f"first {k}", field="train.gradient_checkpointing",
+                           hint=f"use a number from 0 to {shape.num_layers}, or true for every layer")
+
+
 def check_modules_to_save(shape: ModelShape, names: list[str]) -> list[str]:
     """Names in `lora.modules_to_save` must be modules of the model."""
     known = set(shape.linears) | set(shape.norms) | {"lm_head", "embed_tokens", "norm"}
@@ -387,6 +396,7 @@ def check_modules_to_save(shape: ModelShape, names: list[str]) -> list[str]:
 
 __all__ = [
     "ModelShape",
+    "check_checkpoint_layers",
     "check_modules_to_save",
     "check_targets",
     "hub_cache_dir",

@@ -94,6 +94,7 @@ def validate_recipe(recipe: Recipe) -> dict:
             e.field = e.field or "lora.targets"
             raise
         checks.append(f"lora.targets: {', '.join(targets)}")
+        shapes.check_checkpoint_layers(shape, recipe.train)
         checks += _check_functions(recipe)
     return {"ok": True, "recipe": recipe._source, "base_model": recipe.base_model, "targets": targets,
             "checks": checks, "warnings": warnings_for(recipe)}

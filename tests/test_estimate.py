@@ -342,3 +342,12 @@ def test_grpo_estimate_uses_prompt_plus_completion_and_the_generation_phase():
     assert big["peak_bytes"] > small["peak_bytes"]  # 512 x 256 tokens of cache outgrow the training step
     sft = estimate(_recipe())
     assert sft["memory"]["generation_bytes"] == 0 and sft["setup"]["generation_batch"] == 0
+
+
+def test_more_checkpointed_layers_than_the_model_has_is_an_input_error():
+    """The same shape check as validate: `lorakit train` would otherwise fail only after loading the weights."""
+    with pytest.raises(LorakitError) as e:
+        estimate(_recipe(train__gradient_checkpointing=33))
+    problem = e.value.problems[0]
+    assert problem.field == "train.gradient_checkpointing" and "32 decoder layers" in problem.message
+    assert estimate(_recipe(train__gradient_checkpointing=32))["setup"]["checkpoint_layers"] == 32

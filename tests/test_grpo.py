@@ -124,15 +124,25 @@ def test_default_generation_batch_holds_whole_groups(tmp_path, batch, accum, gen
     assert cfg.generation_batch_size == expected
 
 
-@pytest.mark.parametrize("gen, message", [(6, "multiple of the batch per step"),
+@pytest.mark.parametrize("gen, message", [(6, "multiple of train.batch_size 4"),
                                           (8, "multiple of grpo.num_generations 3")])
 def test_bad_generation_batch_size_names_the_field(tmp_path, gen, message):
+    """A recipe rule: validate and estimate report it with its line, before anything runs."""
+    with pytest.raises(LorakitError) as e:
+        write_recipe(tmp_path, "tiny", num_generations=3, generation_batch_size=gen)
+    problem = e.value.problems[0]
+    assert problem.field == "grpo.generation_batch_size" and message in problem.message and problem.line
+
+
+def test_generation_batch_must_fill_every_process(tmp_path):
+    """What the recipe cannot know: the number of processes multiplies the batch per step."""
     from lorakit.grpo import grpo_config_kwargs
 
-    recipe = write_recipe(tmp_path, "tiny", num_generations=3, generation_batch_size=gen)
+    recipe = write_recipe(tmp_path, "tiny", num_generations=4, generation_batch_size=8)
+    assert grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=4), world_size=2)
     with pytest.raises(LorakitError) as e:
-        grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=4), world_size=1)
-    assert message in e.value.message and e.value.field == "grpo.generation_batch_size"
+        grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=4), world_size=3)
+    assert "multiple of the batch per step" in e.value.message and e.value.field == "grpo.generation_batch_size"
 
 
 def test_eval_batch_is_rounded_to_whole_groups(tmp_path):
