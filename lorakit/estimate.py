@@ -370,9 +370,8 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     full_layer = t["layer"] * c.activation_factor
     k = (n if s.checkpoint_layers is None else max(0, min(n, s.checkpoint_layers))) if s.checkpointing else 0
     saved_per_token = k * t["checkpointed_layer"] + (n - k) * full_layer + t["final_norm"]
-    head_saved, loss_transient = loss_terms(shape, s, c)
+    head_saved, logits = loss_terms(shape, s, c)
     saved = tokens * saved_per_token + head_saved
-    logits = loss_transient
     if kbit and unq_bytes == 4:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
         logits += shape.vocab * shape.hidden * s.act_bytes
     dequant = max(i * o for i, o, _ in shape.linears.values()) * s.act_bytes if s.bits == 4 else 0
@@ -383,9 +382,8 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     at_recompute = tokens * (k * t["checkpointed_layer"] + full_layer) + backward if k else 0
     peak_act = max(saved + logits, at_recompute)
     activations = int(peak_act - logits)
-    transient = logits + dequant
     static = weights + adapter + gradients + (0 if paged else opt)
-    allocated = int(static + activations + transient + c.workspace_bytes)
+    allocated = int(static + peak_act + dequant + c.workspace_bytes)
     generation = generation_bytes(shape, s)
     if generation:  # GRPO generates with the gradients freed; the larger of the two phases is the peak
         allocated = max(allocated, int(weights + adapter + (0 if paged else opt) + generation + c.workspace_bytes))
@@ -396,7 +394,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     peak = reserved + c.context_bytes + (opt if paged else 0)
     return {
         "weights_bytes": int(weights), "adapter_bytes": int(adapter), "gradients_bytes": int(gradients),
-        "optimizer_bytes": int(opt), "activations_bytes": int(activations + max(0, transient - logits)),
+        "optimizer_bytes": int(opt), "activations_bytes": int(activations + dequant),
         "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
         "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved, "generation_bytes": int(generation),
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
@@ -421,18 +419,20 @@ def _frozen_bytes(s: Setup) -> int:
     return 4 if s.frozen_bytes is None else s.frozen_bytes
 
 
-def _levers(recipe, device: str, bits: int | None) -> dict:
+def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None) -> dict:
     """lorakit.speed.plan's lever choices for a run on `device`, planned without probing this machine: a
-    CUDA target is taken to be bf16-capable, and Liger is used there when liger-kernel is installed."""
+    CUDA target is taken to be bf16-capable, and Liger is used there when liger-kernel is installed.
+    `estimate_result` / `budget_bytes`: budget mode's inputs (see speed.plan)."""
     from lorakit.speed import plan
 
     if device != "cuda":
         return plan(recipe, device)
     q = recipe.quantization.compute_dtype
-    return plan(recipe, device, compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed())
+    return plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
+                compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed())
 
 
-def _setup(recipe, device: str, shape: ModelShape, levers: dict, *, batch=None, seq=None) -> Setup:
+def _setup(recipe, device: str, levers: dict) -> Setup:
     """The memory-deciding knobs of `lorakit train` for this recipe on `device` (speed.plan's levers)."""
     q, t = recipe.quantization, recipe.train
     bits = q.resolved_bits(device)
@@ -449,7 +449,7 @@ def _setup(recipe, device: str, shape: ModelShape, levers: dict, *, batch=None, 
     attn = "sdpa" if attn == "auto" else attn
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
                  optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,
-                 batch=batch or t.batch_size, seq=seq or _seq_len(recipe),
+                 batch=t.batch_size, seq=_seq_len(recipe),
                  checkpointing=bool(levers["gradient_checkpointing"]), device=device,
                  frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
                  fused_lora=bool(levers["fused_lora"]), fused_lm_head=_trl_fused_lm_head(),
@@ -469,16 +469,6 @@ def _gen_batch(recipe) -> int:
     if recipe.method != "grpo":
         return 0
     return recipe.grpo.generation_batch_size or recipe.train.batch_size * recipe.train.grad_accum
-
-
-def _budget_choice(recipe, shape_info: dict, budget_bytes: int | None) -> dict:
-    """speed.plan's checkpointing choice in budget mode, from this estimate's two peaks."""
-    from lorakit.speed import plan
-
-    q = recipe.quantization.compute_dtype
-    p = plan(recipe, "cuda", shape_info, budget_bytes=budget_bytes, compute_dtype="bf16" if q == "auto" else q,
-             liger_ok=_liger_installed())
-    return {k: p[k] for k in ("gradient_checkpointing", "checkpoint_layers", "checkpointing_reason")}
 
 
 def _trl_fused_lm_head() -> bool:
@@ -548,8 +538,8 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     params = count_params(shape, recipe.lora, targets, mts)
-    levers = _levers(recipe, device, recipe.quantization.resolved_bits(device))
-    s = _setup(recipe, device, shape, levers)
+    levers = _plan(recipe, device)
+    s = _setup(recipe, device, levers)
 
     def peak_with(**kw) -> int:
         return memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(s), **kw}))["peak_bytes"]
@@ -559,15 +549,17 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     shape_info = {"model": shape.summary(), "peak_bytes_checkpointed": peaks[True],
                   "peak_bytes_uncheckpointed": peaks[False]}
     if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and recipe.train.memory_budget_gb:
-        levers = {**levers, **_budget_choice(recipe, shape_info, None)}
-        s = _setup(recipe, device, shape, levers)
+        levers = _plan(recipe, device, shape_info)  # budget mode: its choice from the two peaks
+        s = _setup(recipe, device, levers)
     verdict = None
     if budget_bytes is not None:
         verdict = _fits(shape, recipe.lora, targets, mts, params, s, budget_bytes)
         verdict["gpu"] = gpu
         if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
             # what `train.memory_budget_gb` set to this budget would choose (the fastest setting that fits)
-            verdict["with_memory_budget"] = _budget_choice(recipe, shape_info, budget_bytes)
+            choice = _plan(recipe, device, shape_info, budget_bytes)
+            verdict["with_memory_budget"] = {k: choice[k] for k in ("gradient_checkpointing", "checkpoint_layers",
+                                                                    "checkpointing_reason")}
     mem = memory(shape, recipe.lora, targets, mts, params, s)
     return {
         "base_model": recipe.base_model, "model": shape.summary(), "targets": targets,

@@ -286,7 +286,7 @@ def _distributed() -> dict:
     return describe()
 
 
-def _print_world(recipe, device: str, out: "_Out") -> None:
+def _print_world(recipe, device: str, out: _Out) -> None:
     """One line on the processes of a multi-process run, and what runs when the recipe's strategy cannot."""
     from lorakit.distributed import world_size
 
