@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 L1B, L8B, Q7B = "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B"
 TINY = "tiny-llama"  # --smoke: a 2-layer Llama on the CPU
@@ -117,16 +118,6 @@ def _quantize_blocks(model, double_quant: bool, device: str):
     model.is_loaded_in_4bit = True  # what peft's bitsandbytes dispatch reads
 
 
-def _tokenizer(words: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, words)}},
-                                     unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def run_one(name: str, device: str = "cuda") -> dict:
     """Build, train 3 steps through lorakit's trainer, measure; returns the result row (printed by the child)."""
     import tempfile
@@ -184,7 +175,9 @@ def run_one(name: str, device: str = "cuda") -> dict:
                 peaks["step_allocated"].append(torch.cuda.max_memory_allocated())
 
     common = training_args(recipe, RunDir(f"{tmp}/run"), device, has_eval=False)
-    trainer = _build_trainer(recipe, model, _tokenizer(min(cfg.vocab_size, 1000)), prepared, common, [Peak()])
+    from bench_train import tokenizer  # the word-level tokenizer of the training bench
+
+    trainer = _build_trainer(recipe, model, tokenizer(min(cfg.vocab_size, 1000)), prepared, common, [Peak()])
     t1 = time.time()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

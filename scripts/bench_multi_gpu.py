@@ -74,13 +74,13 @@ def write_data(model: str) -> Path:
     return path
 
 
-def recipe(name: str, base: Path, data: Path, rows: int, extra: dict, out: Path, device: str) -> Path:
+def recipe(name: str, model: str, base: Path, data: Path, rows: int, extra: dict, out: Path, device: str) -> Path:
     import yaml
 
     doc = {"name": f"mg-{name}", "base_model": str(base),
            "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, **extra.get("quantization", {})},
            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
-           "data": {"path": str(data), "format": "text", "max_length": bt.seq_len("tiny" if device == "cpu" else "8b")},
+           "data": {"path": str(data), "format": "text", "max_length": bt.seq_len(model)},
            "train": {"max_steps": STEPS if device == "cuda" else 6, "lr": 2.0e-4, "scheduler": "constant",
                      "warmup_ratio": 0.0, "batch_size": rows, "grad_accum": 1, "logging_steps": 1, "seed": 42},
            "output": {"dir": str(out / "runs" / name)}}
@@ -172,7 +172,7 @@ def main() -> None:
     for name, gpus, per_gpu, extra in RUNS:
         if keep and name not in keep:
             continue
-        row = run(name, gpus, recipe(name, base, data, per_gpu, extra, out, device), out, device)
+        row = run(name, gpus, recipe(name, model, base, data, per_gpu, extra, out, device), out, device)
         row["rows_per_gpu"] = per_gpu
         rows[name] = row
         doc["results"].append(row)
