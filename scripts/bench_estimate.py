@@ -344,6 +344,9 @@ def main() -> int:
     ap.add_argument("--note", default="", help="with --rescore: why (kept in the JSON)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop everything after this many seconds")
     args = ap.parse_args()
+    for given in [args.table, *(args.rescore or [])[:1]]:
+        if given and not Path(given).is_file():
+            ap.error(f"{given}: no such file (an estimate.json written by this script)")
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text(encoding="utf-8"))), end="")
         return 0
@@ -361,6 +364,9 @@ def main() -> int:
     names = list(SMOKE) if args.smoke else (args.only or [n for n in MATRIX if n not in SMOKE])
     if args.only == ["confirm"]:
         names = list(CONFIRM)
+    unknown = [n for n in names if n not in MATRIX]
+    if unknown:
+        ap.error(f"--only: unknown config(s) {', '.join(unknown)} (known: confirm, {', '.join(MATRIX)})")
     start = time.time()
     log = open(out / "bench_log.txt", "a", encoding="utf-8")
 

@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (two processes over gloo)")
     ap.add_argument("--only", default=None, help="comma list of runs")
     args = ap.parse_args()
+    unknown = set(args.only.split(",")) - {r[0] for r in RUNS} if args.only else set()
+    if unknown:
+        ap.error(f"--only: unknown run(s) {', '.join(sorted(unknown))} (known: {', '.join(r[0] for r in RUNS)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
