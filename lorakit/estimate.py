@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from lorakit.errors import LorakitError
+from lorakit.recipe import resolved_optimizer
 from lorakit.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
 
 GiB = 1024 ** 3
@@ -444,9 +445,8 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
         act = _DTYPE_BYTES[cdt] if prec == "fp32" else _DTYPE_BYTES[prec]
     else:
         act = _DTYPE_BYTES[prec]
-    opt = t.optimizer if t.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
-    attn = recipe.model.attn_implementation
-    attn = "sdpa" if attn == "auto" else attn
+    opt = resolved_optimizer(recipe, "cuda" if cuda else "cpu")
+    attn = levers.get("attn_implementation") or "sdpa"
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
                  optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,
                  batch=t.batch_size, seq=_seq_len(recipe),

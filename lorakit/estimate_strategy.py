@@ -132,6 +132,9 @@ def estimate_with_strategy(recipe, *, device: str = "cuda", budget_bytes: int | 
         result["strategy"] = None
         return result
     strategy = strategy or recipe.distributed.strategy
+    if strategy != recipe.distributed.strategy:  # what the run would resolve under it (e.g. FSDP's optimizer)
+        distributed = recipe.distributed.model_copy(update={"strategy": strategy})
+        recipe = recipe.model_copy(update={"distributed": distributed})
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     base = estimate(recipe, device=device)
@@ -157,6 +160,11 @@ def _warnings(recipe, strategy: str, device: str) -> list[str]:
                    "quantization.quant_storage: bf16 (the compute dtype)")
     if strategy == "fsdp" and bits == 8:
         out.append("FSDP does not shard 8-bit (LLM.int8) weights: use 4-bit with quant_storage: bf16, or ddp")
+    from lorakit.recipe import BNB_OPTIMIZERS
+
+    if strategy == "fsdp" and recipe.train.optimizer in BNB_OPTIMIZERS:
+        out.append(f"train.optimizer {recipe.train.optimizer} (bitsandbytes) cannot update FSDP's sharded "
+                   "parameters: use adamw_torch or auto")
     return out
 
 

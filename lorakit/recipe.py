@@ -220,7 +220,8 @@ class TrainSection(Section):
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
         "adafactor", "sgd", "auto",
     ] = "auto"
-    """Optimizer: auto = paged_adamw_8bit on CUDA, adamw_torch on CPU."""
+    """Optimizer: auto = paged_adamw_8bit on CUDA (adamw_torch under distributed.strategy fsdp), adamw_torch on
+    CPU."""
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -326,6 +327,21 @@ class OutputSection(Section):
     merged_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
 
 
+# bitsandbytes' optimizers update plain tensors; FSDP2 shards parameters as DTensors, which they reject
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def resolved_optimizer(recipe: Recipe, device: str, strategy: str | None = None) -> str:
+    """train.optimizer with `auto` resolved: bitsandbytes' paged 8-bit AdamW on CUDA (the QLoRA paper's), except
+    under FSDP (see BNB_OPTIMIZERS), and torch's AdamW on CPU. `strategy` (the engine actually used, e.g. from
+    `estimate --strategy` or the launcher) overrides distributed.strategy."""
+    if recipe.train.optimizer != "auto":
+        return recipe.train.optimizer
+    if device != "cuda" or (strategy or recipe.distributed.strategy) == "fsdp":
+        return "adamw_torch"
+    return "paged_adamw_8bit"
+
+
 class DistributedSection(Section):
     """Multi-GPU strategy, used under accelerate/torchrun."""
 
@@ -398,6 +414,9 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
                              f"{recipe.train.batch_size} (completions per optimizer step)"))
     if recipe.method == "grpo" and recipe.data.packing:
         problems.append(("data.packing", "packing is for SFT; GRPO generates per prompt"))
+    if recipe.distributed.strategy == "fsdp" and recipe.train.optimizer in BNB_OPTIMIZERS:
+        problems.append(("train.optimizer", f"{recipe.train.optimizer} (bitsandbytes) cannot update FSDP's sharded "
+                         "parameters; use adamw_torch or auto under distributed.strategy fsdp"))
     if recipe.train.precision == "fp16" and recipe.quantization.compute_dtype == "bf16":
         problems.append(("train.precision", "fp16 mixed precision with bf16 compute_dtype mixes formats; use bf16"))
     return problems

@@ -1,9 +1,10 @@
 """`lorakit train`: a recipe in, a run directory out. SFT through TRL's SFTTrainer, GRPO through grpo.py.
 
-The flow: check the run directory may be written -> load the base + LoRA (models.py) -> prepare the
-data (data.py) -> only now replace an old run (--overwrite) and mark the run `running` -> eval loss and
-task metrics before -> train (TRL, with the progress / signal / NaN / checkpoint callbacks) -> eval
-after -> save the adapter atomically -> metrics, summary, loss plot -> optional merge -> `finished`.
+The flow: check the run directory may be written -> load the tokenizer and prepare the data (data.py;
+settles padding-free) -> load the base + LoRA (models.py) -> only now replace an old run (--overwrite) and
+mark the run `running` -> eval loss and task metrics before -> train (TRL, with the progress / signal / NaN /
+checkpoint callbacks) -> eval after -> save the adapter atomically -> metrics, summary, loss plot -> optional
+merge -> `finished`.
 
 `training_args(recipe, run, device)` builds the options SFT and GRPO share (one mapping of the recipe
 onto transformers' TrainingArguments fields); `sft_config` adds the SFT-only ones.
@@ -64,7 +65,14 @@ def resolved_options(recipe, device: str) -> dict:
     if precision == "fp16" and device != "cuda":
         raise LorakitError("train.precision: fp16 mixed precision needs a CUDA GPU (this machine has none)",
                            field="train.precision", hint="use fp32 (or auto) on CPU")
-    optimizer = ("paged_adamw_8bit" if device == "cuda" else "adamw_torch") if t.optimizer == "auto" else t.optimizer
+    from lorakit.distributed import strategy
+    from lorakit.recipe import BNB_OPTIMIZERS, resolved_optimizer
+
+    engine = "fsdp" if strategy() == "fsdp" else recipe.distributed.strategy  # a launcher may ask for FSDP
+    optimizer = resolved_optimizer(recipe, device, engine)
+    if engine == "fsdp" and optimizer in BNB_OPTIMIZERS:
+        raise LorakitError(f"train.optimizer: {optimizer} (bitsandbytes) cannot update FSDP's sharded parameters",
+                           field="train.optimizer", hint="use adamw_torch or auto under FSDP")
     from lorakit.speed import plan_for_run
 
     # speed levers (liger, fused_lora, padding_free, gradient checkpointing, frozen dtype): lorakit.speed
@@ -450,7 +458,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
-    from lorakit.models import describe_params, load_for_training
+    from lorakit.models import describe_params, load_training_model, load_training_tokenizer
 
     if device == "cpu":
         import torch
@@ -464,11 +472,15 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         from lorakit.speed import describe_levers
 
         levers = resolved_options(recipe, device)
-        model, tokenizer, info = load_for_training(recipe, device, levers=levers)
+        # data before weights: a data problem fails in seconds, and padding-free (with the attention it
+        # brings) is settled on the real rows before the model loads with that attention
+        tokenizer, base_dir = load_training_tokenizer(recipe)
+        prepared = _prepare_data(recipe, tokenizer)
+        recipe = _settle_padding_free(recipe, levers, prepared, out, device)
+        model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
+        levers["attn_implementation"] = info["attn_implementation"]  # sdpa where the class has no flex
         out.print(describe_params(info))
         out.print(describe_levers(levers))
-        prepared = _prepare_data(recipe, tokenizer)
-    recipe = _settle_padding_free(recipe, levers, prepared, out)
     report = dict(getattr(prepared, "report", None) or {})
     if report:
         out.print("data: " + ", ".join(f"{k}={v}" for k, v in report.items() if not isinstance(v, (dict, list))))
@@ -509,9 +521,10 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         release_signals()
 
 
-def _settle_padding_free(recipe, levers: dict, prepared, out: _Out):
+def _settle_padding_free(recipe, levers: dict, prepared, out: _Out, device: str):
     """`data.padding_free: auto` chose padding-free before the data was read: keep it only when padded
-    batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it."""
+    batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it,
+    and `auto` attention follows (speed.attention)."""
     if recipe.method != "sft" or recipe.data.padding_free != "auto" or not levers.get("padding_free"):
         return recipe
     from lorakit.speed import padding_free_worth_it, padding_waste
@@ -522,8 +535,11 @@ def _settle_padding_free(recipe, levers: dict, prepared, out: _Out):
         return recipe
     out.print(f"speed: padding-free off (padded batches would waste only "
               f"{100 * padding_waste(lengths, recipe.train.batch_size, recipe.train.seed):.0f}% of tokens)")
-    levers["padding_free"] = False
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding_free": False})})
+    from lorakit.speed import attention
+
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding_free": False})})
+    levers.update(padding_free=False, attn_implementation=attention(recipe, device, False))
+    return recipe
 
 
 def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepared, report, out: _Out,
@@ -596,7 +612,8 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "distributed": _distributed(),  # world_size, strategy (single | ddp | fsdp), backend, num_machines
         "cpu_threads": _threads(device),
         "resumed": checkpoint is not None,
-        "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"]},
+        "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"],
+                    "attn_implementation": info["attn_implementation"]},  # as loaded (sdpa without flex support)
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "loss": {"first": points["train"][0][1] if points["train"] else None,

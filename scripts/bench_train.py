@@ -71,18 +71,18 @@ NAMES = {"8b": "Llama-3.1-8B shape", "1b": "Llama-3.2-1B shape", "tiny": "tiny L
 # Most important first: a timeout still leaves the headline numbers. (model, workload, run, steps)
 PLAN = [
     ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20),
-    ("8b", "varied", "baseline", 12), ("8b", "varied", "lorakit", 12),
+    ("8b", "varied", "baseline", 12), ("8b", "varied", "lorakit", 12), ("8b", "varied", "lk_flex", 16),
     ("8b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "baseline_peft", 12),
     ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
     ("1b", "varied", "baseline", 12), ("1b", "varied", "lorakit", 12),
     ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
-    ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "varied", "lk_flex", 12), ("8b", "fixed", "lk_flex", 12),
+    ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
-COST = {"8b": {"build": 100, 20: 60, 12: 45}, "1b": {"build": 30, 20: 30, 12: 28},
-        "tiny": {"build": 30, 20: 40, 12: 40}}
+COST = {"8b": {"build": 100, 20: 60, 16: 55, 12: 45}, "1b": {"build": 30, 20: 30, 16: 29, 12: 28},
+        "tiny": {"build": 30, 20: 40, 16: 40, 12: 40}}
 
 
 def seq_len(model: str) -> int:
@@ -368,6 +368,7 @@ def lorakit(args) -> dict:
         out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
     on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("padding_free", "padding-free"))
           if o.get(key)]
+    on += ["flex attention"] if o.get("attn_implementation") == "flex_attention" else []
     out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))
     out["events"] = events
     out.update(_peak(args.device))
@@ -444,9 +445,14 @@ def previous_runs() -> tuple[str, dict | None]:
     md_path, js_path = ROOT / "bench" / "train.md", ROOT / "bench" / "train.json"
     md = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
     js = json.loads(js_path.read_text(encoding="utf-8")) if js_path.exists() else None
-    if MARKER in md:
-        md = md.split(MARKER, 1)[1].strip()
-        js = (js or {}).get("previous_runs")
+    if MARKER in md:  # the last run goes below the marker, above the runs before it
+        top, _, older = md.partition(MARKER)
+        title, _, body = top.strip().partition("\n")
+        md = ("## Previous run: " + title.lstrip("# ").strip() + "\n" + body.replace("\n## ", "\n### ")).strip()
+        md += "\n\n" + older.strip()
+        prev = (js or {}).get("previous_runs") or {}
+        last = {k: v for k, v in (js or {}).items() if k != "previous_runs"}
+        js = {f"run {len(prev) + 1}": last, **prev} if last else prev
     elif md:  # the phase-1 run (levers one by one, before lorakit train used them)
         title, _, body = md.partition("\n")
         md = ("## Previous run: " + title.lstrip("# ").strip() + "\n" + body.replace("\n## ", "\n### ")).strip()
@@ -646,7 +652,9 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
 - **lorakit**: `lorakit train` (lorakit.train.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
   fused LoRA, frozen weights kept bf16, padding-free batches, every layer checkpointed (the baseline's memory).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
-  checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference).
+  checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
+  **lk_flex**: padding-free batches with flex attention (`model.attn_implementation: flex_attention`), lorakit's
+  `auto` attention for padding-free batches since this measurement (before it, `lorakit` used sdpa).
 
 Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
 sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after

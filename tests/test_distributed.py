@@ -324,12 +324,16 @@ def test_fsdp_shards_the_static_terms_by_n():
     from lorakit.estimate import CONSTANTS
     from lorakit.estimate_strategy import estimate_with_strategy
 
-    recipe = _8b()
-    one = estimate_with_strategy(recipe)
-    assert one["strategy"] is None
+    recipe = _8b()  # distributed.strategy: ddp; under FSDP the run's optimizer is torch AdamW (on the device)
+    fsdp_recipe = recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={"strategy": "fsdp"})})
+    assert estimate_with_strategy(recipe)["setup"]["optimizer"] == "paged_adamw_8bit"
+    one = estimate_with_strategy(fsdp_recipe)
+    assert one["strategy"] is None and one["setup"]["optimizer"] == "adamw_torch"
     m1 = one["memory"]
+    assert not m1["optimizer_paged"]
     for n in (2, 4, 8):
-        r = estimate_with_strategy(recipe, gpus=n, strategy="fsdp")
+        r = estimate_with_strategy(recipe, gpus=n, strategy="fsdp")  # --strategy fsdp on a ddp recipe
+        assert r == estimate_with_strategy(fsdp_recipe, gpus=n)
         m = r["memory"]
         for key in ("weights_bytes", "adapter_bytes", "gradients_bytes", "optimizer_bytes"):
             assert m[key] == -(-m1[key] // n), key
@@ -338,11 +342,10 @@ def test_fsdp_shards_the_static_terms_by_n():
         w, layers = m1["weights"], one["model"]["num_layers"]
         gathered = int((2 * (w["quantized_bytes"] // layers) + w["unquantized_bytes"]) * (1 - 1 / n))
         assert m["fsdp_gathered_bytes"] == gathered and m["ddp_buckets_bytes"] == 0
-        # device bytes: sharded weights/adapter/grads + gathered units (the 8-bit optimizer is paged: host)
-        saved = sum(m1[k] - m[k] for k in ("weights_bytes", "adapter_bytes", "gradients_bytes"))
+        # device bytes: sharded weights/adapter/grads/optimizer states + gathered units
+        saved = sum(m1[k] - m[k] for k in ("weights_bytes", "adapter_bytes", "gradients_bytes", "optimizer_bytes"))
         assert m["allocated_peak_bytes"] == m1["allocated_peak_bytes"] - saved + gathered
-        expected = (m1["peak_bytes"] + int((gathered - saved) * (1 + CONSTANTS.fragmentation))
-                    - (m1["optimizer_bytes"] - m["optimizer_bytes"]))
+        expected = m1["peak_bytes"] + int((gathered - saved) * (1 + CONSTANTS.fragmentation))
         assert abs(m["peak_bytes"] - expected) <= 1
         assert r["strategy"]["single_gpu"] == m1 and r["strategy"]["global_batch"] == 2 * 8 * n
     assert estimate_with_strategy(recipe, gpus=8, strategy="fsdp")["memory"]["peak_bytes"] < \
@@ -382,6 +385,28 @@ def test_strategy_verdict_uses_the_per_gpu_peak():
     assert fsdp["verdict"]["headroom_bytes"] > single["verdict"]["headroom_bytes"] > ddp["verdict"]["headroom_bytes"]
     # FSDP-QLoRA needs the 4-bit weights stored in the compute dtype
     assert any("quant_storage" in w for w in fsdp["strategy"]["warnings"])
+    assert not any("bitsandbytes" in w for w in fsdp["strategy"]["warnings"])  # auto optimizer: torch AdamW
+    bnb = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": "paged_adamw_8bit"})})
+    warned = estimate_with_strategy(bnb, gpus=4, strategy="fsdp")["strategy"]["warnings"]
+    assert any("paged_adamw_8bit (bitsandbytes) cannot update FSDP" in w for w in warned)
+
+
+def test_a_launcher_asking_for_fsdp_sets_the_optimizer(monkeypatch):
+    """`accelerate launch --use_fsdp` on a ddp recipe: torch AdamW, and a bitsandbytes one is a clean error."""
+    import lorakit.models
+    from lorakit.errors import LorakitError
+    from lorakit.train import resolved_options
+
+    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16")
+    recipe = _8b()
+    assert resolved_options(recipe, "cuda")["optimizer"] == "paged_adamw_8bit"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolved_options(recipe, "cuda")["optimizer"] == "adamw_torch"
+    bnb = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": "adamw_8bit"})})
+    with pytest.raises(LorakitError) as e:
+        resolved_options(bnb, "cuda")
+    assert e.value.field == "train.optimizer" and "FSDP" in e.value.message
 
 
 def test_estimate_cli_strategy_options(tmp_path):

@@ -149,7 +149,22 @@ CROSS = [
     ({"method": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}]}, "data": {"path": "d.jsonl", "packing": True}},
      "data.packing", "GRPO"),
     ({"train": {"precision": "fp16"}, "quantization": {"compute_dtype": "bf16"}}, "train.precision", "bf16"),
+    ({"train": {"optimizer": "adamw_8bit"}, "distributed": {"strategy": "fsdp"}}, "train.optimizer", "FSDP"),
 ]
+
+
+def test_auto_optimizer_follows_device_and_strategy():
+    """bitsandbytes' paged 8-bit AdamW on a GPU, except under FSDP, whose sharded (DTensor) parameters it
+    cannot update (measured: `optimizer_update_8bit_blockwise got mixed torch.Tensor and DTensor` on 2 H200s)."""
+    from lorakit.recipe import resolved_optimizer
+
+    base = {"base_model": "x", "data": {"path": "d.jsonl"}}
+    assert resolved_optimizer(validate_data(base), "cuda") == "paged_adamw_8bit"
+    assert resolved_optimizer(validate_data(base), "cpu") == "adamw_torch"
+    fsdp = validate_data({**base, "distributed": {"strategy": "fsdp"}})
+    assert resolved_optimizer(fsdp, "cuda") == "adamw_torch"
+    chosen = validate_data({**base, "train": {"optimizer": "adafactor"}, "distributed": {"strategy": "fsdp"}})
+    assert resolved_optimizer(chosen, "cuda") == "adafactor"
 
 
 @pytest.mark.parametrize("extra,field,text", CROSS)

@@ -366,15 +366,47 @@ def test_auto_padding_free_is_settled_by_the_data(tmp_path):
     out = SimpleNamespace(print=printed.append)
 
     def settle(lengths):
-        levers = {"padding_free": True}
+        levers = {"padding_free": True, "attn_implementation": "flex_attention"}
         prepared = SimpleNamespace(train=_Rows(lengths))
-        return _settle_padding_free(recipe, levers, prepared, out), levers
+        return _settle_padding_free(recipe, levers, prepared, out, "cuda"), levers
 
     same, levers = settle([64] * 32)
     assert same.data.padding_free is False and levers["padding_free"] is False and printed
+    assert levers["attn_implementation"] == "sdpa"  # auto attention follows: no per-row mask to skip
     assert same._source == recipe._source  # still knows its file (errors, resume hints)
     kept, levers = settle([8, 64] * 16)
     assert kept.data.padding_free == "auto" and levers["padding_free"] is True
+    assert levers["attn_implementation"] == "flex_attention"
+
+
+def test_auto_attention_is_flex_for_padding_free_batches_on_cuda(bf16_gpu):
+    assert speed.plan(recipe(), "cuda")["attn_implementation"] == "flex_attention"
+    assert speed.plan(recipe(), "cpu")["attn_implementation"] == "sdpa"
+    assert speed.plan(recipe(train={"batch_size": 1}), "cuda")["attn_implementation"] == "sdpa"  # no padding-free
+    assert speed.plan(recipe(data={"path": "d", "padding_free": False}), "cuda")["attn_implementation"] == "sdpa"
+    for chosen in ("sdpa", "eager"):  # the recipe's own choice is kept
+        assert speed.plan(recipe(model={"attn_implementation": chosen}), "cuda")["attn_implementation"] == chosen
+    assert "flex attention" in speed.describe_levers(speed.plan(recipe(), "cuda"))
+    grpo = recipe(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}]}, data={"path": "d", "padding_free": True})
+    assert speed.plan(grpo, "cuda")["attn_implementation"] == "sdpa"  # GRPO does not flatten its batches
+
+
+def test_auto_flex_falls_back_to_sdpa_for_a_class_without_it(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    from lorakit.models import attn_implementation
+
+    llama, gpt2 = tmp_path / "llama", tmp_path / "gpt2"
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(llama)
+    GPT2Config(n_layer=1).save_pretrained(gpt2)
+    flex = {"attn_implementation": "flex_attention"}
+    assert attn_implementation(recipe(), llama, flex) == "flex_attention"
+    assert attn_implementation(recipe(), gpt2, flex) == "sdpa"  # GPT-2 has no flex attention in transformers
+    assert attn_implementation(recipe(), tmp_path / "missing", flex) == "sdpa"
+    assert attn_implementation(recipe(model={"trust_remote_code": True}), llama, flex) == "sdpa"  # remote class
+    asked = recipe(model={"attn_implementation": "flex_attention"})  # asked for: kept (the load says if it fails)
+    assert attn_implementation(asked, gpt2, flex) == "flex_attention"
+    assert attn_implementation(recipe(), llama, None) == "sdpa"
 
 
 class _Rows:
