@@ -5,6 +5,10 @@ GPU command (one call, carry [".gpu-wheels"], ~7 minutes of GPU wall time; resul
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --out $OUT --write-bench $OUT/bench
 
+Where a step's time goes (torch.profiler over the last 2 steps of each run; tables in $OUT/prof, no bench files):
+
+    ... && python3 scripts/bench_train.py --models 8b --only baseline,lorakit,lk_flex --out $OUT --profile $OUT/prof
+
 CPU smoke test (tiny model; a few minutes on 2 busy CPUs, mostly imports; the same code paths and files):
 
     .venv/bin/python scripts/bench_train.py --tiny --device cpu --out /tmp/lkb --write-bench /tmp/lkb/bench
@@ -35,6 +39,7 @@ OUT/train.json, OUT/train.md, OUT/log.txt, and with --write-bench DIR the bench 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -377,8 +382,54 @@ def lorakit(args) -> dict:
 
 def child(args) -> None:
     fn = baseline if args.run.startswith("baseline") else lorakit
-    res = {"model": args.model, "workload": args.workload, "run": args.run, "steps": args.steps, **fn(args)}
+    prof = os.environ.get("LKBENCH_PROFILE")
+    if prof:
+        with profiled(Path(prof) / f"profile-{args.model}-{args.workload}-{args.run}.txt", args.steps, args.device):
+            out = fn(args)
+    else:
+        out = fn(args)
+    res = {"model": args.model, "workload": args.workload, "run": args.run, "steps": args.steps, **out}
     Path(args.result).write_text(json.dumps(res))
+
+
+@contextlib.contextmanager
+def profiled(path: Path, steps: int, device: str):
+    """torch.profiler over the last 2 optimizer steps of a run (stepped by a global optimizer hook, so the same
+    for the baseline and lorakit): where a step's time goes, written as tables to `path`."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    stamps: list[float] = []
+    prof = profile(activities=acts, schedule=schedule(wait=max(0, steps - 3), warmup=1, active=2, repeat=1))
+
+    def step(*_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        prof.step()
+
+    prof.start()
+    hook = register_optimizer_step_post_hook(step)
+    try:
+        yield
+    finally:
+        hook.remove()
+        prof.stop()
+        ka = prof.key_averages()
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        busy_us = sum(getattr(e, key, 0) for e in ka) if device == "cuda" else None
+        wall_us = (stamps[-1] - stamps[-3]) * 1e6 if len(stamps) >= 3 else None
+        head = [f"# {path.stem}: the last 2 optimizer steps", f"wall per step: {wall_us / 2 / 1e3:.1f} ms"
+                if wall_us else "wall: n/a"]
+        if busy_us is not None and wall_us:
+            head.append(f"GPU kernel time per step: {busy_us / 2 / 1e3:.1f} ms ({100 * busy_us / wall_us:.0f}% of wall)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(head) + f"\n\n## by {key}\n"
+                        + ka.table(sort_by=key, row_limit=30, max_name_column_width=60)
+                        + "\n## by self CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=20,
+                                                                  max_name_column_width=60), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +521,9 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=450, help="seconds: skip what would run past it")
     ap.add_argument("--budget-gb", type=float, default=40, help="train.memory_budget_gb of lorakit_budget")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile the last 2 steps of each run into DIR/profile-*.txt (its tok/s are then not "
+                         "comparable: no --write-bench)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--child", choices=["build", "variant", "rate"])
     ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--run")
@@ -487,6 +541,10 @@ def main() -> None:
     if args.child == "variant":
         return child(args)
 
+    if args.profile and args.write_bench:
+        ap.error("--profile slows the steps it records: its figures do not go to the bench files (drop --write-bench)")
+    if args.profile:
+        os.environ["LKBENCH_PROFILE"] = str(Path(args.profile).resolve())
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
