@@ -397,7 +397,11 @@ def test_a_launcher_asking_for_fsdp_sets_the_optimizer(monkeypatch):
     from lorakit.errors import LorakitError
     from lorakit.train import resolved_options
 
+    import lorakit.distributed
+
     monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16")
+    # a launched process before its Trainer exists: no accelerate state yet (an earlier test may have made one)
+    monkeypatch.setattr(lorakit.distributed, "_accelerate_type", lambda: None)
     recipe = _8b()
     assert resolved_options(recipe, "cuda")["optimizer"] == "paged_adamw_8bit"
     monkeypatch.setenv("WORLD_SIZE", "2")
