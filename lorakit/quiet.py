@@ -15,9 +15,16 @@ def progress_bars_off() -> None:
 
 def quiet_libraries() -> None:
     """Keep transformers/TRL/datasets to errors, no progress bars of their own, no deprecation noise."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
+
+    # bitsandbytes' CPU backend warns on import when the optional `kernels` package (a faster CPU 4-bit gemm
+    # from the hub) is missing, and falls back on its own kernel; liger-kernel logs each optional backend it
+    # cannot import (CuTe DSL, Ascend) on every CUDA run. Neither is something the user can act on.
+    for name in ("bitsandbytes", "liger_kernel"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*deprecated.*")
 

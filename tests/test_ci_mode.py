@@ -238,3 +238,16 @@ def test_workflow_data_validate_and_estimate_steps_run_here(tmp_path):
         assert json.loads((tmp_path / f"validate-{r}.json").read_text())["ok"] is True
         assert json.loads((tmp_path / f"estimate-{r}.json").read_text())["memory"]["peak_bytes"] > 0
     assert json.loads(p.stdout)["strategy"]["name"] == "fsdp"  # the per-GPU estimate printed last
+
+
+def test_library_warnings_nobody_can_act_on_are_off():
+    """bitsandbytes' missing-`kernels` warning (CPUs with AVX512-BF16) and liger-kernel's optional-backend
+    lines are logged below ERROR once lorakit quiets the libraries; errors still get through."""
+    import logging
+
+    from lorakit.quiet import quiet_libraries
+
+    quiet_libraries()
+    for name in ("bitsandbytes.backends.cpu.ops", "liger_kernel.ops.backends"):
+        log = logging.getLogger(name)
+        assert not log.isEnabledFor(logging.WARNING) and log.isEnabledFor(logging.ERROR)
