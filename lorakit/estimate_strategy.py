@@ -22,6 +22,7 @@ GPUs with scripts/bench_train.py).
 from __future__ import annotations
 
 from lorakit.errors import LorakitError
+from lorakit.recipe import fsdp_optimizer_problem
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
@@ -160,11 +161,8 @@ def _warnings(recipe, strategy: str, device: str) -> list[str]:
                    "quantization.quant_storage: bf16 (the compute dtype)")
     if strategy == "fsdp" and bits == 8:
         out.append("FSDP does not shard 8-bit (LLM.int8) weights: use 4-bit with quant_storage: bf16, or ddp")
-    from lorakit.recipe import BNB_OPTIMIZERS
-
-    if strategy == "fsdp" and recipe.train.optimizer in BNB_OPTIMIZERS:
-        out.append(f"train.optimizer {recipe.train.optimizer} (bitsandbytes) cannot update FSDP's sharded "
-                   "parameters: use adamw_torch or auto")
+    if strategy == "fsdp" and fsdp_optimizer_problem(recipe.train.optimizer):
+        out.append(f"train.optimizer {fsdp_optimizer_problem(recipe.train.optimizer)}")
     return out
 
 

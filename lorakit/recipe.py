@@ -331,6 +331,14 @@ class OutputSection(Section):
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
+def fsdp_optimizer_problem(optimizer: str) -> str | None:
+    """Why `optimizer` cannot run under FSDP, or None (one message for the recipe rule, the launcher check in
+    train.py and estimate's --strategy fsdp warning)."""
+    if optimizer in BNB_OPTIMIZERS:
+        return f"{optimizer} (bitsandbytes) cannot update FSDP's sharded parameters; use adamw_torch or auto"
+    return None
+
+
 def resolved_optimizer(recipe: Recipe, device: str, strategy: str | None = None) -> str:
     """train.optimizer with `auto` resolved: bitsandbytes' paged 8-bit AdamW on CUDA (the QLoRA paper's), except
     under FSDP (see BNB_OPTIMIZERS), and torch's AdamW on CPU. `strategy` (the engine actually used, e.g. from
@@ -414,9 +422,8 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
                              f"{recipe.train.batch_size} (completions per optimizer step)"))
     if recipe.method == "grpo" and recipe.data.packing:
         problems.append(("data.packing", "packing is for SFT; GRPO generates per prompt"))
-    if recipe.distributed.strategy == "fsdp" and recipe.train.optimizer in BNB_OPTIMIZERS:
-        problems.append(("train.optimizer", f"{recipe.train.optimizer} (bitsandbytes) cannot update FSDP's sharded "
-                         "parameters; use adamw_torch or auto under distributed.strategy fsdp"))
+    if recipe.distributed.strategy == "fsdp" and fsdp_optimizer_problem(recipe.train.optimizer):
+        problems.append(("train.optimizer", fsdp_optimizer_problem(recipe.train.optimizer)))
     if recipe.train.precision == "fp16" and recipe.quantization.compute_dtype == "bf16":
         problems.append(("train.precision", "fp16 mixed precision with bf16 compute_dtype mixes formats; use bf16"))
     return problems

@@ -66,13 +66,13 @@ def resolved_options(recipe, device: str) -> dict:
         raise LorakitError("train.precision: fp16 mixed precision needs a CUDA GPU (this machine has none)",
                            field="train.precision", hint="use fp32 (or auto) on CPU")
     from lorakit.distributed import strategy
-    from lorakit.recipe import BNB_OPTIMIZERS, resolved_optimizer
+    from lorakit.recipe import fsdp_optimizer_problem, resolved_optimizer
 
-    engine = "fsdp" if strategy() == "fsdp" else recipe.distributed.strategy  # a launcher may ask for FSDP
+    # a launcher may ask for FSDP (on CPU accelerate runs it as DDP)
+    engine = "fsdp" if device == "cuda" and strategy() == "fsdp" else recipe.distributed.strategy
     optimizer = resolved_optimizer(recipe, device, engine)
-    if engine == "fsdp" and optimizer in BNB_OPTIMIZERS:
-        raise LorakitError(f"train.optimizer: {optimizer} (bitsandbytes) cannot update FSDP's sharded parameters",
-                           field="train.optimizer", hint="use adamw_torch or auto under FSDP")
+    if engine == "fsdp" and fsdp_optimizer_problem(optimizer):
+        raise LorakitError(f"train.optimizer: {fsdp_optimizer_problem(optimizer)}", field="train.optimizer")
     from lorakit.speed import plan_for_run
 
     # speed levers (liger, fused_lora, padding_free, gradient checkpointing, frozen dtype): lorakit.speed
@@ -451,7 +451,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     else:
         run.check_new(overwrite=overwrite)
     with located(recipe):
-        resolved_options(recipe, device)  # input errors before any weight is loaded
+        levers = resolved_options(recipe, device)  # input errors before any weight is loaded
         _check_rewards(recipe)
     _quiet_libraries()
 
@@ -471,7 +471,6 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     with located(recipe):
         from lorakit.speed import describe_levers
 
-        levers = resolved_options(recipe, device)
         # data before weights: a data problem fails in seconds, and padding-free (with the attention it
         # brings) is settled on the real rows before the model loads with that attention
         tokenizer, base_dir = load_training_tokenizer(recipe)
