@@ -445,7 +445,7 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
         act = _DTYPE_BYTES[cdt] if prec == "fp32" else _DTYPE_BYTES[prec]
     else:
         act = _DTYPE_BYTES[prec]
-    opt = resolved_optimizer(recipe, "cuda" if cuda else "cpu")
+    opt = resolved_optimizer(recipe, device)
     attn = levers.get("attn_implementation") or "sdpa"
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
                  optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,

@@ -197,6 +197,8 @@ def main() -> None:
     unknown = set(args.only.split(",")) - {r[1] for r in RUNS} if args.only else set()
     if unknown:
         ap.error(f"--only: unknown run(s) {', '.join(sorted(unknown))} (known: {', '.join(r[1] for r in RUNS)})")
+    if args.repeat < 1:
+        ap.error("--repeat: 1 or more")
     if not WARMUP + 2 <= args.steps <= MAX_STEPS:
         ap.error(f"--steps: between {WARMUP + 2} and {MAX_STEPS}")
     STEPS = args.steps
