@@ -216,6 +216,8 @@ class Setup:
     bf16 compute dtype, as lorakit does on CUDA (lorakit.speed)."""
     fused_lora: bool = False
     """lorakit's fused LoRA layer (lorakit.speed): saves the dropout mask, not the dropped copy of the input."""
+    dropout_kernel: bool = False
+    """The fused layer on CUDA draws its dropout mask inside Triton kernels (lorakit.lora_triton): no mask kept."""
     fused_lm_head: bool = False
     """TRL's chunked LM head (SFTTrainer / GRPOTrainer since TRL 1.16): no full logits are ever materialized."""
     checkpoint_layers: int | None = None
@@ -300,7 +302,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
         key, width = inputs.get(name, (name, shape.linears[name][0]))
         lora_saved += lora.r * a  # lora_A output, saved by lora_B
         if s.fused_lora:
-            lora_saved += width if s.dropout > 0 else 0  # the dropout mask (one byte per element)
+            lora_saved += width if s.dropout > 0 and not s.dropout_kernel else 0  # the mask (a byte per element)
             if key not in shared_inputs:  # the input itself, once per distinct tensor
                 shared_inputs.add(key)
                 lora_saved += {"attn_in": resid, "mlp_in": resid, "mlp_mid": mlp_bytes}.get(key, a) * width
@@ -452,7 +454,8 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
                  batch=t.batch_size, seq=_seq_len(recipe),
                  checkpointing=bool(levers["gradient_checkpointing"]), device=device,
                  frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
-                 fused_lora=bool(levers["fused_lora"]), fused_lm_head=_trl_fused_lm_head(),
+                 fused_lora=bool(levers["fused_lora"]), dropout_kernel=bool(levers["fused_lora"]) and cuda,
+                 fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe))
 
 

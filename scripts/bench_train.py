@@ -9,6 +9,13 @@ Where a step's time goes (torch.profiler over the last 2 steps of each run; tabl
 
     ... && python3 scripts/bench_train.py --models 8b --only baseline,lorakit,lk_flex --out $OUT --profile $OUT/prof
 
+A code change beside the code before it, in the same call (an untracked folder in the checkout travels to the device):
+
+    mkdir bench-prev && git archive HEAD lorakit | tar -x -C bench-prev
+    ... && python3 scripts/bench_train.py --models 8b --workloads fixed --only baseline,lorakit,lorakit@prev --prev-code bench-prev --out $OUT --write-bench $OUT/bench
+
+After editing this script's text: `python3 scripts/bench_train.py --render bench` rewrites bench/train.md from bench/train.json.
+
 CPU smoke test (tiny model; a few minutes on 2 busy CPUs, mostly imports; the same code paths and files):
 
     .venv/bin/python scripts/bench_train.py --tiny --device cpu --out /tmp/lkb --write-bench /tmp/lkb/bench
@@ -26,6 +33,8 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
 - lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
 - lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
 - lk_flex: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work).
+- lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
+  lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
 
 Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
 Both sides see the same token ids in the same order (same seed and data_seed). Measured per run: non-padding tokens/s
@@ -50,7 +59,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# a run named "X@prev" imports lorakit from --prev-code DIR (the code before a change, measured beside it)
+sys.path.insert(0, os.environ.get("LKBENCH_CODE") or str(ROOT))
 
 WORK = Path(os.environ.get("LKBENCH_DIR", "/tmp/lkbench"))
 WARMUP = 4
@@ -83,6 +93,7 @@ PLAN = [
     ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
+    ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -306,6 +317,7 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
     from lorakit.recipe import load_recipe
 
     cuda = device == "cuda"
+    tag, run = run.replace("@", "-"), run.split("@")[0]  # X@prev: variant X (run with older code)
     train = {"max_steps": steps, "lr": 2.0e-4, "scheduler": "constant", "warmup_ratio": 0.0,
              "batch_size": batch_size(workload), "grad_accum": 1, "logging_steps": 1, "seed": 42,
              "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch"}
@@ -321,6 +333,8 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["liger"] = False
     if run == "lk_no_fused_lora":
         train["fused_lora"] = False
+    if run == "lk_compile":
+        train["torch_compile"] = True
     attn = "sdpa"
     if run == "lk_flex":  # flex attention skips the masked blocks of padding-free's per-row mask (bench/README.md)
         attn = "flex_attention"
@@ -329,13 +343,13 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["fused_lora"] = True
         train["gradient_checkpointing"] = {"lorakit": True, "lorakit_budget": False}.get(run, 2)
         data["padding_free"] = workload == "varied"
-    doc = {"name": f"bench-{model}-{workload}-{run}", "base_model": str(model_dir(model)),
+    doc = {"name": f"bench-{model}-{workload}-{tag}", "base_model": str(model_dir(model)),
            "model": {"attn_implementation": attn},
            "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-           "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
-           "data": data, "train": train, "output": {"dir": str(runs / f"{model}-{workload}-{run}")}}
+           "lora": {"r": 16, "alpha": 32, "dropout": 0.0 if run == "lk_no_dropout" else 0.05, "targets": "all-linear"},
+           "data": data, "train": train, "output": {"dir": str(runs / f"{model}-{workload}-{tag}")}}
     runs.mkdir(parents=True, exist_ok=True)
-    path = runs / f"{model}-{workload}-{run}.yaml"
+    path = runs / f"{model}-{workload}-{tag}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return load_recipe(path)
 
@@ -384,7 +398,7 @@ def child(args) -> None:
     fn = baseline if args.run.startswith("baseline") else lorakit
     prof = os.environ.get("LKBENCH_PROFILE")
     if prof:
-        with profiled(Path(prof) / f"profile-{args.model}-{args.workload}-{args.run}.txt", args.steps, args.device):
+        with profiled(Path(prof) / f"profile-{args.model}-{args.workload}-{args.run.replace('@', '-')}.txt", args.steps, args.device):
             out = fn(args)
     else:
         out = fn(args)
@@ -419,7 +433,12 @@ def profiled(path: Path, steps: int, device: str):
         prof.stop()
         ka = prof.key_averages()
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        busy_us = sum(getattr(e, key, 0) for e in ka) if device == "cuda" else None
+        # kernels only (device events), as torch's own "Self CUDA time total": CPU-side ranges such as
+        # ProfilerStep* also report a device time that spans their kernels
+        from torch.autograd import DeviceType
+
+        busy_us = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) \
+            if device == "cuda" else None
         wall_us = (stamps[-1] - stamps[-3]) * 1e6 if len(stamps) >= 3 else None
         head = [f"# {path.stem}: the last 2 optimizer steps", f"wall per step: {wall_us / 2 / 1e3:.1f} ms"
                 if wall_us else "wall: n/a"]
@@ -466,13 +485,14 @@ def measure(res: dict) -> None:
     res.update(timed_steps=steps, tokens_per_s=tok / span, step_ms=1e3 * span / steps, tokens_per_step=tok / steps)
 
 
-def sh(cmd: list[str], log: Path, timeout: float) -> tuple[object, float]:
+def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[object, float]:
     t = time.time()
     with open(log, "a") as f:
         f.write(f"\n===== {' '.join(cmd[2:])}\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout)).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout),
+                                env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return rc, time.time() - t
@@ -524,6 +544,11 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile the last 2 steps of each run into DIR/profile-*.txt (its tok/s are then not "
                          "comparable: no --write-bench)")
+    ap.add_argument("--prev-code", default=None, metavar="DIR",
+                    help="runs named X@prev (e.g. --only baseline,lorakit,lorakit@prev) run variant X with the "
+                         "lorakit package found in DIR (e.g. a `git worktree` of the commit before a change)")
+    ap.add_argument("--render", default=None, metavar="DIR",
+                    help="rewrite DIR/train.md from DIR/train.json (e.g. bench) with this script's text; runs nothing")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--child", choices=["build", "variant", "rate"])
     ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--run")
@@ -541,6 +566,11 @@ def main() -> None:
     if args.child == "variant":
         return child(args)
 
+    if args.render:  # the markdown again from the JSON (after a change to this text; the figures are the JSON's)
+        d = Path(args.render)
+        doc = json.loads((d / "train.json").read_text(encoding="utf-8"))
+        prev_md = (d / "train.md").read_text(encoding="utf-8").partition(MARKER)[2].strip()
+        return write(d, None, doc["info"], doc["results"], prev_md, doc.get("previous_runs"))
     if args.profile and args.write_bench:
         ap.error("--profile slows the steps it records: its figures do not go to the bench files (drop --write-bench)")
     if args.profile:
@@ -553,7 +583,8 @@ def main() -> None:
     os.environ["LKBENCH_BUDGET_GB"] = str(args.budget_gb)
     me = [sys.executable, str(Path(__file__).resolve())]
     dev = ["--device", args.device]
-    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": WARMUP, "budget_gb": args.budget_gb}
+    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": WARMUP, "budget_gb": args.budget_gb,
+                  "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
         rate_file = WORK / "rate.json"
         rc, _ = sh(me + ["--child", "rate", "--result", str(rate_file)] + dev, log, 90)
@@ -565,7 +596,11 @@ def main() -> None:
     plan = [(("tiny" if args.tiny else m), w, r, s) for m, w, r, s in PLAN
             if (args.tiny and m == "8b") or (not args.tiny and m in models)]
     if args.only:
-        plan = [p for p in plan if p[2] in args.only.split(",")]
+        only = args.only.split(",")
+        plan = [q for p in plan for q in (p, (*p[:2], p[2] + "@prev", p[3]))
+                if q[2] in only]
+        if any(r.endswith("@prev") for r in only) and not (args.prev_code and (Path(args.prev_code) / "lorakit").is_dir()):
+            ap.error("runs named X@prev need --prev-code DIR with DIR/lorakit")
     plan = [p for p in plan if p[1] in args.workloads.split(",")]
     built: dict[str, object] = {}
     checked: dict[tuple[str, str], str] = {}
@@ -574,7 +609,7 @@ def main() -> None:
         cost = COST[model]
         if model not in built:
             left = args.deadline - (time.time() - start)
-            if left < cost["build"] + cost[steps]:
+            if left < (0 if (model_dir(model) / "config.json").exists() else cost["build"]) + cost[steps]:
                 built[model] = "skipped (deadline)"
             else:
                 rc, dt = sh(me + ["--child", "build", "--model", model] + dev, log, min(left - 10, 4 * cost["build"]))
@@ -599,7 +634,8 @@ def main() -> None:
             rf.unlink(missing_ok=True)
             cmd = me + ["--child", "variant", "--model", model, "--workload", workload, "--run", run,
                         "--steps", str(steps), "--result", str(rf)] + dev
-            rc, dt = sh(cmd, log, min(left - 5, 3 * cost[steps]))
+            env = {"LKBENCH_CODE": str(Path(args.prev_code).resolve())} if run.endswith("@prev") else None
+            rc, dt = sh(cmd, log, min(left - 5, 3 * cost[steps]), env)
             if rf.exists():
                 res = json.loads(rf.read_text())
                 measure(res)
@@ -702,17 +738,21 @@ Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['p
 bitsandbytes {v['bitsandbytes']}, liger-kernel {v['liger-kernel']}, accelerate {v['accelerate']}.
 Measured bf16 matmul rate (8192^3, median of 5): {f'**{rate:.0f} TFLOP/s**' if rate else 'n/a'}.
 Script: `scripts/bench_train.py` (one call, one process tree: a child process per run). Raw: `bench/train.json`.
+Command: `{info.get('command', 'n/a')}`
 
 Runs (random-init models of real shapes, NF4 double-quant base, bf16 compute, LoRA r=16 alpha=32 dropout 0.05
 all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in the same order on both sides):
 - **baseline**: the TRL docs' QLoRA recipe (SFTTrainer with peft_config, gradient_checkpointing=True, bf16), padded
   batches; **baseline_peft**: the same after peft's `prepare_model_for_kbit_training` (the peft docs' recipe).
 - **lorakit**: `lorakit train` (lorakit.train.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
-  fused LoRA, frozen weights kept bf16, padding-free batches, every layer checkpointed (the baseline's memory).
+  fused LoRA (with LoRA dropout drawn inside the matmul: lorakit/lora_triton.py), frozen weights kept bf16,
+  padding-free batches with flex attention where padding would waste >= 15% (the varied rows), every layer
+  checkpointed (the baseline's memory).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
-  **lk_flex**: padding-free batches with flex attention (`model.attn_implementation: flex_attention`), lorakit's
-  `auto` attention for padding-free batches since this measurement (before it, `lorakit` used sdpa).
+  **lk_flex**: padding-free batches with flex attention forced (`model.attn_implementation: flex_attention`);
+  **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
+  same recipe); **X@prev**: run X with the lorakit package of `--prev-code` (the code before a change, beside it).
 
 Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
 sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # tests/test_lora_triton.py runs lorakit's Triton kernels in Triton's interpreter on a CPU; it must be on before
+    # anything imports triton (bitsandbytes does). lorakit itself never runs the kernels on a CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

@@ -193,6 +193,14 @@ def test_memory_terms_respond_to_the_recipe():
     # lorakit's fused LoRA keeps dropout masks, not dropped copies of each input
     assert peak(train__gradient_checkpointing=False, train__fused_lora=True)["activations_bytes"] < \
         0.95 * peak(train__gradient_checkpointing=False, train__fused_lora=False)["activations_bytes"]
+    # on CUDA the fused layer draws its dropout mask inside its kernels (lorakit.lora_triton): none is kept, so
+    # dropout costs no activation memory there; on a CPU (torch's dropout) the mask is a byte per input element
+    fused = dict(train__gradient_checkpointing=False, train__fused_lora=True)
+    assert peak(**fused, lora__dropout=0.05)["activations_bytes"] == \
+        peak(**fused, lora__dropout=0.0)["activations_bytes"]
+    cpu = {p: estimate(_recipe(**fused, lora__dropout=p), device="cpu")["memory"]["activations_bytes"]
+           for p in (0.0, 0.05)}
+    assert cpu[0.05] > cpu[0.0]
     # checkpointing the first 16 of 32 layers lands between none and all
     k16 = peak(train__gradient_checkpointing=16)["activations_bytes"]
     assert peak(train__gradient_checkpointing=True)["activations_bytes"] < k16 < base["activations_bytes"]

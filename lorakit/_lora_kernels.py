@@ -1,0 +1,72 @@
+"""The Triton kernels behind lorakit.lora_triton (imported only where Triton is installed; see that module)."""
+
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    """The dropout mask of a tile: element (row, col) is kept when its uniform draw is >= p."""
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]  # 64-bit: Philox takes the high word as a counter too
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, p, inv_keep,
+             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+    """h[BM rows, :R] = (mask * x) @ A^T * inv_keep, one program per block of rows."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rs = tl.arange(0, RP)
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+        x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0).to(a_ptr.dtype.element_ty)
+        a = tl.load(a_ptr + rs[None, :] * K + cols[:, None], mask=(rs[None, :] < R) & (cols[:, None] < K),
+                    other=0.0)  # A^T tile, BK x RP
+        acc += tl.dot(x, a)
+    out = (acc * inv_keep).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows[:, None] * R + rs[None, :], out, mask=(rows[:, None] < M) & (rs[None, :] < R))
+
+
+@triton.jit
+def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_split, seed, p, inv_keep,
+             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+    """For a block of columns and a slice of rows: grad_x = mask * (grad_h @ A) * inv_keep, and this slice's
+    part of grad_A = grad_h^T @ (mask * x) * inv_keep (summed over slices by the caller). grad_A is accumulated
+    transposed (columns x rank) so that both dots have a 64-row left operand (a 16-row one made Triton 3.6's
+    GPU lowering fail for ranks that are multiples of 16)."""
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    split = tl.program_id(1)
+    rs = tl.arange(0, RP)
+    a = tl.load(a_ptr + rs[:, None] * K + cols[None, :], mask=(rs[:, None] < R) & (cols[None, :] < K),
+                other=0.0)  # RP x BK
+    acc_t = tl.zeros((BK, RP), dtype=tl.float32)
+    start = split * rows_per_split
+    for m0 in range(start, start + rows_per_split, BM):
+        rows = m0 + tl.arange(0, BM)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        keep = _keep(seed, rows, cols, K, p)
+        gh = tl.load(gh_ptr + rows[:, None] * R + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
+                     other=0.0)  # BM x RP
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+        x = tl.where(keep, x, 0.0).to(a_ptr.dtype.element_ty)
+        gh_b = tl.load(gh_ptr + rows[:, None] * R + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
+                       other=0.0)  # the same tile again: one tensor per dot operand
+        acc_t += tl.dot(tl.trans(x), gh_b)
+        gx = tl.where(keep, tl.dot(gh, a) * inv_keep, 0.0)
+        tl.store(gx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                 mask=inside)
+    tl.store(ga_ptr + split * R * K + rs[None, :] * K + cols[:, None], acc_t * inv_keep,
+             mask=(rs[None, :] < R) & (cols[:, None] < K))
+
+
+@triton.jit
+def mask_kernel(out_ptr, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    keep = _keep(seed, rows, cols, K, p)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
