@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from lorakit import lora_triton
 from lorakit.errors import LorakitError
 from lorakit.recipe import resolved_optimizer
 from lorakit.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
@@ -454,7 +455,8 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
                  batch=t.batch_size, seq=_seq_len(recipe),
                  checkpointing=bool(levers["gradient_checkpointing"]), device=device,
                  frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
-                 fused_lora=bool(levers["fused_lora"]), dropout_kernel=bool(levers["fused_lora"]) and cuda,
+                 fused_lora=bool(levers["fused_lora"]),
+                 dropout_kernel=bool(levers["fused_lora"]) and cuda and lora_triton.covers(recipe.lora.r, act),
                  fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe))
 

@@ -15,16 +15,25 @@ Triton's interpreter (tests/conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Any
 
 
-def available(device_type: str, dtype: Any) -> bool:
-    """The kernels are used here: Triton is installed, the tensors are on a GPU and the compute dtype is 16-bit
-    (fp32 stays with torch, whose matmuls do not round to TF32 by default as Triton's dots do)."""
-    import torch
+# The largest LoRA rank the kernels take: a rank is one tile (padded to a power of two), measured on the GPU up to
+# 64; larger ranks would need tiling over the rank to stay within shared memory, and keep torch's dropout.
+MAX_RANK = 64
 
-    return (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+def covers(rank: int, dtype_bytes: int) -> bool:
+    """The kernels' reach, without probing a machine: 16-bit compute (fp32 stays with torch, whose matmuls do not
+    round to TF32 by default as Triton's dots do) and a rank of at most MAX_RANK. lorakit.estimate uses it too."""
+    return dtype_bytes == 2 and 0 < rank <= MAX_RANK
+
+
+def available(device_type: str, dtype: Any, rank: int) -> bool:
+    """The kernels are used here: on a GPU, with Triton installed, for a covered dtype and rank."""
+    return (device_type == "cuda" and covers(rank, dtype.itemsize)
             and importlib.util.find_spec("triton") is not None)
 
 
@@ -51,8 +60,9 @@ def down_forward(x2: Any, a: Any, p: float, seed: int) -> Any:
     a = a.contiguous()
     h = torch.empty((M, R), device=x2.device, dtype=a.dtype)
     BM = 32 if M >= 8192 else 16
-    fwd[(triton.cdiv(M, BM),)](x2, a, h, M, K, R, x2.stride(0), seed, float(p), 1.0 / (1.0 - p),
-                              BM=BM, BK=128, RP=_rank_pad(R))
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        fwd[(triton.cdiv(M, BM),)](x2, a, h, M, K, R, x2.stride(0), seed, float(p), 1.0 / (1.0 - p),
+                                  BM=BM, BK=128, RP=_rank_pad(R))
     return h
 
 
@@ -73,8 +83,9 @@ def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: int, need_x: boo
     splits = triton.cdiv(M, rows_per_split)
     gx = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
     ga = torch.empty((splits, R, K), device=x2.device, dtype=torch.float32)
-    bwd[(col_blocks, splits)](x2, a, grad_h, gx, ga, M, K, R, x2.stride(0), rows_per_split, seed, float(p),
-                              1.0 / (1.0 - p), BM=BM, BK=BK, RP=rp)
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        bwd[(col_blocks, splits)](x2, a, grad_h, gx, ga, M, K, R, x2.stride(0), rows_per_split, seed, float(p),
+                                  1.0 / (1.0 - p), BM=BM, BK=BK, RP=rp)
     return (gx if need_x else None), ga.sum(0)
 
 

@@ -309,7 +309,7 @@ def _lora_fn():
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x2 = x.reshape(-1, x.shape[-1])
                 a_c, b_c = a_w.to(cdt), b_w.to(cdt)
-                if p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1 and lora_triton.available(x.device.type, cdt):
+                if p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1 and lora_triton.available(x.device.type, cdt, a_w.shape[0]):
                     # dropout inside the matmul (lorakit.lora_triton): the mask comes from this seed, again in
                     # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x)
                     ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)))

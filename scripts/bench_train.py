@@ -568,6 +568,8 @@ def main() -> None:
 
     if args.render:  # the markdown again from the JSON (after a change to this text; the figures are the JSON's)
         d = Path(args.render)
+        if not (d / "train.json").is_file() or not (d / "train.md").is_file():
+            ap.error(f"--render {d}: needs {d}/train.json and {d}/train.md")
         doc = json.loads((d / "train.json").read_text(encoding="utf-8"))
         prev_md = (d / "train.md").read_text(encoding="utf-8").partition(MARKER)[2].strip()
         return write(d, None, doc["info"], doc["results"], prev_md, doc.get("previous_runs"))

@@ -201,6 +201,9 @@ def test_memory_terms_respond_to_the_recipe():
     cpu = {p: estimate(_recipe(**fused, lora__dropout=p), device="cpu")["memory"]["activations_bytes"]
            for p in (0.0, 0.05)}
     assert cpu[0.05] > cpu[0.0]
+    # ... and ranks above the kernels' reach keep torch's dropout (and its mask) on CUDA too
+    assert peak(**fused, lora__dropout=0.05, lora__r=128)["activations_bytes"] > \
+        peak(**fused, lora__dropout=0.0, lora__r=128)["activations_bytes"]
     # checkpointing the first 16 of 32 layers lands between none and all
     k16 = peak(train__gradient_checkpointing=16)["activations_bytes"]
     assert peak(train__gradient_checkpointing=True)["activations_bytes"] < k16 < base["activations_bytes"]

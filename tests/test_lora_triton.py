@@ -72,8 +72,8 @@ def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkey
 
     mod, device = lt
     if device == "cpu":
-        monkeypatch.setattr(mod, "available", lambda device_type, dtype: True)
-    assert mod.available(device, torch.bfloat16)
+        monkeypatch.setattr(mod, "available", lambda device_type, dtype, rank: True)
+    assert mod.available(device, torch.bfloat16, 16)
     dt = _dtype(device)
     torch.manual_seed(0)
     x = torch.randn(2, 9, 48, device=device, dtype=dt, requires_grad=True)
@@ -95,9 +95,61 @@ def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkey
     assert torch.equal(base.grad, torch.ones_like(base)) and a.grad.dtype == a.dtype
 
 
-def test_only_a_gpu_runs_the_kernels():
+def test_only_a_gpu_runs_the_kernels_for_16_bit_compute_and_ranks_up_to_64():
     from lorakit import lora_triton
 
-    assert not lora_triton.available("cpu", torch.bfloat16)  # even with the interpreter on (this session)
-    assert lora_triton.available("cuda", torch.bfloat16) and lora_triton.available("cuda", torch.float16)
-    assert not lora_triton.available("cuda", torch.float32)  # fp32 keeps torch's dropout and matmul
+    assert not lora_triton.available("cpu", torch.bfloat16, 16)  # even with the interpreter on (this session)
+    assert lora_triton.available("cuda", torch.bfloat16, 16) and lora_triton.available("cuda", torch.float16, 64)
+    assert not lora_triton.available("cuda", torch.float32, 16)  # fp32 keeps torch's dropout and matmul
+    assert not lora_triton.available("cuda", torch.bfloat16, 128)  # one tile per rank: not measured beyond 64
+
+
+def test_kernels_read_rows_through_their_stride(lt):
+    """x may be a column slice of a wider tensor (row stride > K): the kernels read it in place."""
+    mod, device = lt
+    dt = _dtype(device)
+    torch.manual_seed(1)
+    wide = torch.randn(40, 80, device=device, dtype=dt)
+    x = wide[:, 8:56]
+    assert x.stride(0) == 80 and x.stride(1) == 1
+    a = (torch.randn(16, 48, device=device) * 0.1).to(dt)
+    gh = torch.randn(40, 16, device=device, dtype=dt)
+    h = mod.down_forward(x, a, 0.1, 99)
+    gx, ga = mod.down_backward(x, a, gh, 0.1, 99)
+    xc = x.contiguous()
+    h2 = mod.down_forward(xc, a, 0.1, 99)
+    gx2, ga2 = mod.down_backward(xc, a, gh, 0.1, 99)
+    assert torch.equal(h, h2) and torch.equal(gx, gx2) and torch.allclose(ga, ga2, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_recompute_keeps_the_forward_mask(lt, monkeypatch):
+    """Under torch's non-reentrant checkpoint (lorakit's), backward uses the mask of the original forward: the
+    gradients equal those of the same step without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lorakit import speed
+
+    mod, device = lt
+    if device == "cpu":
+        monkeypatch.setattr(mod, "available", lambda device_type, dtype, rank: True)
+    dt = _dtype(device)
+
+    def step(checkpointed: bool):
+        torch.manual_seed(0)
+        x = torch.randn(2, 9, 48, device=device, dtype=dt, requires_grad=True)
+        a = (torch.randn(16, 48, device=device) * 0.1).requires_grad_()
+        b = (torch.randn(24, 16, device=device) * 0.1).requires_grad_()
+        base = torch.randn(2, 9, 24, device=device, dtype=dt)
+
+        def layer(x):
+            return speed.lora_delta(base, x.tanh(), a, b, 0.3, 2.0, True).square().sum()
+
+        torch.manual_seed(7)
+        loss = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        torch.manual_seed(123)  # the RNG moves on before backward (as other layers' dropout would move it)
+        loss.backward()
+        return loss.detach(), x.grad, a.grad, b.grad
+
+    plain, ckpt = step(False), step(True)
+    for got, want in zip(ckpt, plain):
+        assert torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-6)
