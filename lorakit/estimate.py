@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from lorakit import lora_triton
 from lorakit.errors import LorakitError
 from lorakit.recipe import resolved_optimizer
 from lorakit.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
@@ -456,7 +455,7 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
                  checkpointing=bool(levers["gradient_checkpointing"]), device=device,
                  frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
                  fused_lora=bool(levers["fused_lora"]),
-                 dropout_kernel=bool(levers["fused_lora"]) and cuda and lora_triton.covers(recipe.lora.r, act),
+                 dropout_kernel=bool(levers.get("dropout_kernel")),
                  fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe))
 
@@ -573,6 +572,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "attention": s.attn, "liger": s.liger, "batch_size": s.batch, "seq_len": s.seq,
                   "gradient_checkpointing": s.checkpointing, "checkpoint_layers": s.checkpoint_layers,
                   "checkpointing_reason": levers.get("checkpointing_reason", ""), "fused_lora": s.fused_lora,
+                  "lora_dropout_kernel": s.dropout_kernel,
                   "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.get("frozen_dtype"),
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
                   "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,

@@ -46,6 +46,7 @@ def _memory_table(result: dict) -> Table:
     k = s.get("checkpoint_layers")
     gc = ("on" if k is None else f"first {k} layers") if s["gradient_checkpointing"] else "off"
     levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
+                                     ("lora_dropout_kernel", "LoRA dropout kernel"),
                                      ("fused_lm_head", "chunked LM head")) if s.get(key)]
     if s.get("frozen_dtype"):
         levers.append(f"frozen {s['frozen_dtype']}")

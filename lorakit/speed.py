@@ -32,6 +32,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from lorakit import lora_triton
+
 GIB = 1024**3
 
 # Measured on an H100 (bench/train.md, 8B shape, 2x2048 tokens): leaving 4 or 8 of 32 layers un-checkpointed
@@ -115,8 +117,13 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         padding_free = cuda and recipe.method == "sft" and not data.packing and train.batch_size > 1
     cdt = compute_dtype or (_compute_dtype(recipe, device, bits) if cuda and bits == 4 else None)
     frozen = "bf16" if cuda and bits == 4 and cdt == "bf16" else None
+    # the fused layer's dropout inside Triton kernels (lorakit.lora_triton; CUDA builds of torch bring Triton)
+    kernel_cdt = cdt or (_compute_dtype(recipe, device, bits) if cuda else None)
+    dropout_kernel = bool(fused) and cuda and recipe.lora.dropout > 0 and lora_triton.covers(
+        recipe.lora.r, 2 if kernel_cdt in ("bf16", "fp16") else 4)
     out: dict[str, Any] = {
-        "liger": bool(liger), "fused_lora": bool(fused), "padding_free": bool(padding_free),
+        "liger": bool(liger), "fused_lora": bool(fused), "dropout_kernel": dropout_kernel,
+        "padding_free": bool(padding_free),
         "attn_implementation": attention(recipe, device, bool(padding_free)),
         "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
         "memory_budget_bytes": None, "checkpointing_reason": "",
@@ -186,7 +193,8 @@ def describe_levers(p: dict) -> str:
     k = p.get("checkpoint_layers")
     gc = ("every layer" if k is None else f"first {k} layers") if p.get("gradient_checkpointing") else "off"
     on = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
-                                 ("padding_free", "padding-free")) if p.get(key)]
+                                 ("dropout_kernel", "LoRA dropout kernel"), ("padding_free", "padding-free"))
+          if p.get(key)]
     if p.get("attn_implementation") == "flex_attention":
         on.append("flex attention")
     if p.get("frozen_dtype"):

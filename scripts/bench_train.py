@@ -385,8 +385,8 @@ def lorakit(args) -> dict:
         out["checkpointing"], out["gc_fraction"] = "every layer", 1.0
     else:
         out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
-    on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("padding_free", "padding-free"))
-          if o.get(key)]
+    on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("dropout_kernel", "dropout kernel"),
+                                 ("padding_free", "padding-free")) if o.get(key)]
     on += ["flex attention"] if o.get("attn_implementation") == "flex_attention" else []
     out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))
     out["events"] = events

@@ -195,6 +195,12 @@ def test_plan_on_cuda_defaults_to_the_fast_path_at_baseline_memory(bf16_gpu):
     assert p["fused_lora"] is True and p["padding_free"] is True and p["frozen_dtype"] == "bf16"
     assert p["gradient_checkpointing"] is True and p["checkpoint_layers"] is None  # every layer, no budget
     assert speed.trainer_checkpointing(p)
+    # LoRA dropout in Triton kernels: with the fused layer, dropout > 0, 16-bit compute and a rank they cover
+    assert p["dropout_kernel"] is True and speed.plan(recipe(), "cpu")["dropout_kernel"] is False
+    for lora in ({"dropout": 0.0}, {"r": 128}, {"dora": True}):
+        assert speed.plan(recipe(lora=lora), "cuda")["dropout_kernel"] is False, lora
+    assert speed.plan(recipe(train={"precision": "fp32"}, quantization={"compute_dtype": "fp32"}),
+                      "cuda")["dropout_kernel"] is False
     # the levers follow the recipe
     assert speed.plan(recipe(lora={"dora": True}), "cuda")["fused_lora"] is False
     assert speed.plan(recipe(quantization={"bits": 8}), "cuda")["fused_lora"] is False
@@ -254,10 +260,11 @@ def test_sft_kwargs_padding_free_drops_max_length():
 
 
 def test_describe_levers():
-    line = speed.describe_levers({"liger": True, "fused_lora": True, "padding_free": False, "frozen_dtype": "bf16",
-                                  "gradient_checkpointing": True, "checkpoint_layers": None,
+    line = speed.describe_levers({"liger": True, "fused_lora": True, "dropout_kernel": True, "padding_free": False,
+                                  "frozen_dtype": "bf16", "gradient_checkpointing": True, "checkpoint_layers": None,
                                   "checkpointing_reason": "auto"})
-    assert line == "speed: liger, fused LoRA, frozen weights bf16; gradient checkpointing every layer (auto)"
+    assert line == ("speed: liger, fused LoRA, LoRA dropout kernel, frozen weights bf16; "
+                    "gradient checkpointing every layer (auto)")
 
 
 # ---- train.py maps the plan onto the trainer ------------------------------------------------------------
