@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _keep(seed, rows, cols, K, p):
     """The dropout mask of a tile: element (row, col) is kept when its uniform draw is >= p."""

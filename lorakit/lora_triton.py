@@ -4,8 +4,9 @@ Why: with torch ops, LoRA dropout writes a dropped copy of x and a mask for ever
 back for the matmul and again in backward (rebuilding the copy, dropping the gradient, adding it to the base
 layer's), and under gradient checkpointing does the forward half twice. On the 8B shape (2x2048 tokens, every
 layer checkpointed, H200, one call) `lora.dropout: 0.05` ran at 6242 tok/s against 7186 with `0.0`; with these
-kernels 6824, and 0.26 GiB less peak memory (bench/train.md). These kernels draw the dropout mask inside the matmul from (seed, element index) with Triton's Philox
-generator, so nothing but x is read and no mask is stored: the backward draws the same mask again.
+kernels 6824, and 0.26 GiB less peak memory (bench/train.md). These kernels draw the dropout mask inside the
+matmul from (seed, element index) with Triton's Philox generator, so nothing but x is read and no mask is
+stored: the backward draws the same mask again.
 
 Same distribution as torch's dropout (each element kept with probability 1 - p, scaled by 1 / (1 - p),
 independently per layer, element and step), not the same random numbers. Used by lorakit.speed's fused LoRA
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from typing import Any
-
 
 # The largest LoRA rank the kernels take: a rank is one tile (padded to a power of two), measured on the GPU up to
 # 64; larger ranks would need tiling over the rank to stay within shared memory, and keep torch's dropout.

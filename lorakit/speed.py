@@ -115,12 +115,11 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
     padding_free = data.padding_free
     if padding_free == "auto":
         padding_free = cuda and recipe.method == "sft" and not data.packing and train.batch_size > 1
-    cdt = compute_dtype or (_compute_dtype(recipe, device, bits) if cuda and bits == 4 else None)
+    cdt = compute_dtype or (_compute_dtype(recipe, device, bits) if cuda else None)
     frozen = "bf16" if cuda and bits == 4 and cdt == "bf16" else None
     # the fused layer's dropout inside Triton kernels (lorakit.lora_triton; CUDA builds of torch bring Triton)
-    kernel_cdt = cdt or (_compute_dtype(recipe, device, bits) if cuda else None)
     dropout_kernel = bool(fused) and cuda and recipe.lora.dropout > 0 and lora_triton.covers(
-        recipe.lora.r, 2 if kernel_cdt in ("bf16", "fp16") else 4)
+        recipe.lora.r, 2 if cdt in ("bf16", "fp16") else 4)
     out: dict[str, Any] = {
         "liger": bool(liger), "fused_lora": bool(fused), "dropout_kernel": dropout_kernel,
         "padding_free": bool(padding_free),
@@ -317,7 +316,8 @@ def _lora_fn():
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x2 = x.reshape(-1, x.shape[-1])
                 a_c, b_c = a_w.to(cdt), b_w.to(cdt)
-                if p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1 and lora_triton.available(x.device.type, cdt, a_w.shape[0]):
+                kernel = p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1
+                if kernel and lora_triton.available(x.device.type, cdt, a_w.shape[0]):
                     # dropout inside the matmul (lorakit.lora_triton): the mask comes from this seed, again in
                     # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x)
                     ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)))
