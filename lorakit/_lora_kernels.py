@@ -12,9 +12,13 @@ def _keep(seed, rows, cols, K, p):
 
 
 @triton.jit
-def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, p, inv_keep,
-             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, seed_ptr, p, inv_keep,
+             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SEED_PTR: tl.constexpr):
     """h[BM rows, :R] = (mask * x) @ A^T * inv_keep, one program per block of rows."""
+    if SEED_PTR:  # under CUDA graphs (which fix launch arguments) the seed is read from device memory
+        key = tl.load(seed_ptr)
+    else:
+        key = seed
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rs = tl.arange(0, RP)
     acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -22,7 +26,7 @@ def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, p, inv_keep,
         cols = k0 + tl.arange(0, BK)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0).to(a_ptr.dtype.element_ty)
+        x = tl.where(_keep(key, rows, cols, K, p), x, 0.0).to(a_ptr.dtype.element_ty)
         a = tl.load(a_ptr + rs[None, :] * K + cols[:, None], mask=(rs[None, :] < R) & (cols[:, None] < K),
                     other=0.0)  # A^T tile, BK x RP
         acc += tl.dot(x, a)
@@ -31,12 +35,16 @@ def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, p, inv_keep,
 
 
 @triton.jit
-def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_split, seed, p, inv_keep,
-             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_split, seed, seed_ptr, p, inv_keep,
+             BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SEED_PTR: tl.constexpr):
     """For a block of columns and a slice of rows: grad_x = mask * (grad_h @ A) * inv_keep, and this slice's
     part of grad_A = grad_h^T @ (mask * x) * inv_keep (summed over slices by the caller). grad_A is accumulated
     transposed (columns x rank) so that both dots have a 64-row left operand (a 16-row one made Triton 3.6's
     GPU lowering fail for ranks that are multiples of 16)."""
+    if SEED_PTR:  # under CUDA graphs (which fix launch arguments) the seed is read from device memory
+        key = tl.load(seed_ptr)
+    else:
+        key = seed
     cols = tl.program_id(0) * BK + tl.arange(0, BK)
     split = tl.program_id(1)
     rs = tl.arange(0, RP)
@@ -47,7 +55,7 @@ def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
-        keep = _keep(seed, rows, cols, K, p)
+        keep = _keep(key, rows, cols, K, p)
         gh = tl.load(gh_ptr + rows[:, None] * R + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
                      other=0.0)  # BM x RP
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
@@ -63,9 +71,13 @@ def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_
 
 
 @triton.jit
-def mask_kernel(out_ptr, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+def mask_kernel(out_ptr, M, K, seed, seed_ptr, p, BM: tl.constexpr, BK: tl.constexpr, SEED_PTR: tl.constexpr):
+    if SEED_PTR:  # under CUDA graphs (which fix launch arguments) the seed is read from device memory
+        key = tl.load(seed_ptr)
+    else:
+        key = seed
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    keep = _keep(seed, rows, cols, K, p)
+    keep = _keep(key, rows, cols, K, p)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))

@@ -47,7 +47,8 @@ def _memory_table(result: dict) -> Table:
     gc = ("on" if k is None else f"first {k} layers") if s["gradient_checkpointing"] else "off"
     levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
                                      ("lora_dropout_kernel", "LoRA dropout kernel"),
-                                     ("fused_lm_head", "chunked LM head")) if s.get(key)]
+                                     ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"))
+              if s.get(key)]
     if s.get("frozen_dtype"):
         levers.append(f"frozen {s['frozen_dtype']}")
     st = result.get("strategy")
@@ -76,6 +77,9 @@ def _memory_table(result: dict) -> Table:
     t.add_row("activations", human(m["activations_bytes"]),
               f"{human(m['activations_per_token_per_layer'])}/token/layer"
               + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed" if s["gradient_checkpointing"] else ""))
+    if m.get("cuda_graphs_bytes"):
+        t.add_row("of which CUDA graphs", human(m["cuda_graphs_bytes"]),
+                  "a layer's working set in the graphs' pool + 4 hidden-state buffers")
     t.add_row("logits + loss", human(m["logits_bytes"]), "")
     if m.get("generation_bytes"):
         t.add_row("generation (GRPO)", human(m["generation_bytes"]),

@@ -49,9 +49,59 @@ def _rank_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def down_forward(x2: Any, a: Any, p: float, seed: int) -> Any:
-    """h = dropout(x2) @ a^T with the mask of `seed`; x2: (M, K) with unit column stride, a: (R, K) in the
-    compute dtype (h comes in it too)."""
+def _seed_args(seed: Any, like: Any) -> tuple[int, Any, bool]:
+    """(scalar seed, seed pointer, SEED_PTR) for a seed given as an int or as a one-element int64 tensor on the
+    kernels' device (the pointer form: CUDA graphs replay launches with the arguments they were captured with)."""
+    if isinstance(seed, int):
+        return seed, like, False
+    return 0, seed, True
+
+
+class DeviceSeeds:
+    """Seeds in device memory for the LoRA layers of one captured region (lorakit.layer_graphs): each fused LoRA
+    call takes the next slot in call order while `active()`, so a region's replayed recompute takes the slots
+    its forward took. `refresh()` draws new seeds (one kernel) before each replay of the forward."""
+
+    def __init__(self, n: int, device: Any):
+        import torch
+
+        self.values = torch.zeros(n, dtype=torch.int64, device=device)
+        self.used = 0
+        # its own generator, seeded from torch's: the default CUDA generator is tied to graph captures
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+    def refresh(self) -> None:
+        self.values.random_(0, 2**31 - 1, generator=self.generator)
+
+    def take(self) -> Any:
+        if self.used >= self.values.numel():
+            raise RuntimeError(f"more LoRA dropout calls in this region than its {self.values.numel()} seeds")
+        self.used += 1
+        return self.values[self.used - 1:self.used]
+
+
+_ACTIVE: list = []
+
+
+@contextlib.contextmanager
+def device_seeds(seeds: DeviceSeeds):
+    """Inside this block the fused LoRA layer takes its dropout seeds from `seeds`, slot by slot from the first."""
+    seeds.used = 0
+    _ACTIVE.append(seeds)
+    try:
+        yield seeds
+    finally:
+        _ACTIVE.pop()
+
+
+def active_seeds() -> DeviceSeeds | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def down_forward(x2: Any, a: Any, p: float, seed: Any) -> Any:
+    """h = dropout(x2) @ a^T with the mask of `seed` (an int, or a one-element int64 tensor on x2's device);
+    x2: (M, K) with unit column stride, a: (R, K) in the compute dtype (h comes in it too)."""
     import torch
 
     triton, fwd, _, _ = _kernels()
@@ -61,12 +111,13 @@ def down_forward(x2: Any, a: Any, p: float, seed: int) -> Any:
     h = torch.empty((M, R), device=x2.device, dtype=a.dtype)
     BM = 32 if M >= 8192 else 16
     with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
-        fwd[(triton.cdiv(M, BM),)](x2, a, h, M, K, R, x2.stride(0), seed, float(p), 1.0 / (1.0 - p),
-                                  BM=BM, BK=128, RP=_rank_pad(R))
+        s, s_ptr, from_ptr = _seed_args(seed, x2)
+        fwd[(triton.cdiv(M, BM),)](x2, a, h, M, K, R, x2.stride(0), s, s_ptr, float(p), 1.0 / (1.0 - p),
+                                  BM=BM, BK=128, RP=_rank_pad(R), SEED_PTR=from_ptr)
     return h
 
 
-def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: int, need_x: bool = True) -> tuple[Any, Any]:
+def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: Any, need_x: bool = True) -> tuple[Any, Any]:
     """(grad_x2 in x2's dtype or None, grad_a in fp32) for `down_forward(x2, a, p, seed)`."""
     import torch
 
@@ -84,16 +135,18 @@ def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: int, need_x: boo
     gx = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
     ga = torch.empty((splits, R, K), device=x2.device, dtype=torch.float32)
     with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
-        bwd[(col_blocks, splits)](x2, a, grad_h, gx, ga, M, K, R, x2.stride(0), rows_per_split, seed, float(p),
-                                  1.0 / (1.0 - p), BM=BM, BK=BK, RP=rp)
+        s, s_ptr, from_ptr = _seed_args(seed, x2)
+        bwd[(col_blocks, splits)](x2, a, grad_h, gx, ga, M, K, R, x2.stride(0), rows_per_split, s, s_ptr,
+                                  float(p), 1.0 / (1.0 - p), BM=BM, BK=BK, RP=rp, SEED_PTR=from_ptr)
     return (gx if need_x else None), ga.sum(0)
 
 
-def dropout_mask(M: int, K: int, p: float, seed: int, device: Any) -> Any:
+def dropout_mask(M: int, K: int, p: float, seed: Any, device: Any) -> Any:
     """The keep mask (M, K) the kernels use for `seed` (for tests and checks)."""
     import torch
 
     triton, _, _, kern = _kernels()
     out = torch.empty((M, K), device=device, dtype=torch.int8)
-    kern[(triton.cdiv(M, 16), triton.cdiv(K, 64))](out, M, K, seed, float(p), BM=16, BK=64)
+    s, s_ptr, from_ptr = _seed_args(seed, out)
+    kern[(triton.cdiv(M, 16), triton.cdiv(K, 64))](out, M, K, s, s_ptr, float(p), BM=16, BK=64, SEED_PTR=from_ptr)
     return out.bool()

@@ -236,11 +236,17 @@ class TrainSection(Section):
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     liger: bool | Literal["auto"] = "auto"
     """Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): auto = on for CUDA when installed."""
+    cuda_graphs: bool | Literal["auto"] = "auto"
+    """Replay each checkpointed decoder layer as CUDA graphs (a few launches instead of ~250 a layer and step;
+    same kernels, same math; steps no longer slow down when the host CPU is busy). Costs memory: the graphs keep
+    a layer's working set in their own pool (+0.9 GiB at the 8B shape, 2x2048 tokens). auto = in budget mode
+    (memory_budget_gb) when every layer stays checkpointed and the graphs fit too, on CUDA, for SFT batches of
+    one shape with the fused LoRA layer. Other shapes and inputs fall back to plain checkpointing."""
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""
 
-    _auto_bool_values = field_validator("fused_lora", "liger", mode="before")(_auto_or_bool)
+    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", mode="before")(_auto_or_bool)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -411,6 +417,16 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.train.fused_lora is True and bits == 8:
         problems.append(("train.fused_lora", "the fused LoRA layer supports 4-bit and 16/32-bit bases, not 8-bit; "
                          "set train.fused_lora: auto or false"))
+    if recipe.train.cuda_graphs is True:
+        t = recipe.train
+        why = ("the fused LoRA layer (train.fused_lora is false)" if t.fused_lora is False
+               else "the fused LoRA layer, which does not implement DoRA" if lora.dora
+               else "checkpointed layers (train.gradient_checkpointing is off)"
+               if t.gradient_checkpointing is False or t.gradient_checkpointing == 0
+               else "batches of one shape (data.padding_free changes the shape every batch)"
+               if recipe.data.padding_free is True else None)
+        if why:
+            problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
     g = recipe.grpo
     if recipe.method == "grpo" and g is not None and g.generation_batch_size is not None:
         gen = g.generation_batch_size

@@ -91,8 +91,40 @@ def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
     return compute_dtype_name(recipe, device) if bits else weights_dtype_name(recipe, device)
 
 
+def cuda_graphs_hold(recipe: Any, p: dict, device: str) -> bool:
+    """CUDA graphs can replay the checkpointed layers of plan `p`: CUDA, checkpointing on, the fused LoRA layer
+    (no autocast cast cache in a layer), and LoRA dropout inside the Triton kernels or none (torch's dropout
+    cannot be drawn again inside a replay)."""
+    return (device == "cuda" and bool(p.get("gradient_checkpointing")) and bool(p.get("fused_lora"))
+            and (recipe.lora.dropout == 0 or bool(p.get("dropout_kernel"))))
+
+
+def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None = None) -> bool:
+    """`train.cuda_graphs: auto`: in budget mode, when every layer stays checkpointed and the graphs' memory
+    fits the budget too (`cuda_graphs_fit`; the graphs keep a layer's working set in their own pool: +0.9 GiB
+    on the 8B shape at 2x2048, more than the plain stack's peak, so not without a budget), where graphs hold
+    (cuda_graphs_hold) and pay: one process, SFT batches of one shape (not padding-free: its shapes and flex
+    masks change every batch; GRPO's lengths vary). `one_shape`: whether the data's rows all have one length
+    (None: not known yet; train.py settles it on the data)."""
+    from lorakit.distributed import launched
+
+    return (bool(p.get("cuda_graphs_fit")) and cuda_graphs_hold(recipe, p, device) and not launched()
+            and recipe.method == "sft" and not p.get("padding_free") and one_shape is not False)
+
+
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
          budget_bytes: int | None = None, compute_dtype: str | None = None, liger_ok: bool | None = None) -> dict:
+    """Decide the levers for one run (see `_plan`); `cuda_graphs` follows from the others."""
+    out = _plan(recipe, device, estimate_result, budget_bytes=budget_bytes, compute_dtype=compute_dtype,
+                liger_ok=liger_ok)
+    graphs = recipe.train.cuda_graphs
+    out["cuda_graphs"] = (cuda_graphs_auto(recipe, out, device) if graphs == "auto"
+                          else bool(graphs) and cuda_graphs_hold(recipe, out, device))
+    return out
+
+
+def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
+          budget_bytes: int | None = None, compute_dtype: str | None = None, liger_ok: bool | None = None) -> dict:
     """Decide the levers for one run. Returns a plain dict (in summary.json under `options`).
 
     `estimate_result` is lorakit.estimate.estimate(...)'s dict (only budget mode reads it: keys
@@ -167,6 +199,11 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         fits = "" if base_peak <= budget_bytes else " (estimated peak exceeds the budget even so)"
         out["checkpointing_reason"] = (f"budget: every layer (estimated {base_peak / GIB:.1f} GiB; without "
                                        f"checkpointing {peak_none / GIB:.1f} GiB > {budget_gib:.1f} GiB){fits}")
+        graphs_peak = est.get("peak_bytes_checkpointed_graphs")
+        if graphs_peak is not None and graphs_peak <= budget_bytes:
+            out["cuda_graphs_fit"] = True
+            out["estimated_peak_bytes"]["all_layers_graphs"] = int(graphs_peak)
+            out["checkpointing_reason"] += f"; CUDA graphs fit too ({graphs_peak / GIB:.1f} GiB)"
     else:
         out.update(checkpoint_layers=k, checkpointing_reason=f"budget: the first {k} of {n_layers} layers "
                                                               f"fit {budget_gib:.1f} GiB")
@@ -192,8 +229,8 @@ def describe_levers(p: dict) -> str:
     k = p.get("checkpoint_layers")
     gc = ("every layer" if k is None else f"first {k} layers") if p.get("gradient_checkpointing") else "off"
     on = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
-                                 ("dropout_kernel", "LoRA dropout kernel"), ("padding_free", "padding-free"))
-          if p.get(key)]
+                                 ("dropout_kernel", "LoRA dropout kernel"), ("padding_free", "padding-free"),
+                                 ("cuda_graphs", "CUDA graphs per layer")) if p.get(key)]
     if p.get("attn_implementation") == "flex_attention":
         on.append("flex attention")
     if p.get("frozen_dtype"):
@@ -216,8 +253,9 @@ def checkpointing_arg_names() -> tuple[str, str]:
 
 
 def trainer_checkpointing(p: dict) -> bool:
-    """Whether the Trainer itself checkpoints (every layer); partial checkpointing is set on the model."""
-    return bool(p.get("gradient_checkpointing")) and p.get("checkpoint_layers") is None
+    """Whether the Trainer itself checkpoints (every layer); partial checkpointing and CUDA graphs are set on the
+    model (apply_to_model)."""
+    return bool(p.get("gradient_checkpointing")) and p.get("checkpoint_layers") is None and not p.get("cuda_graphs")
 
 
 def sft_config_kwargs(p: dict) -> dict:
@@ -270,11 +308,19 @@ def set_checkpointing(model: Any, checkpoint_layers: int | None) -> int:
     return k
 
 
-def apply_to_model(model: Any, p: dict) -> dict:
+def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
     """Apply the model-side levers of plan `p` to a (peft-wrapped) model: partial gradient checkpointing
-    (every-layer checkpointing is the Trainer's). Call after get_peft_model. Returns what was done."""
+    (every-layer checkpointing is the Trainer's) and CUDA graphs for the checkpointed layers
+    (lorakit.layer_graphs; `recorder` stands in for the GPU's graph capture in tests). Call after
+    get_peft_model. Returns what was done."""
     done: dict[str, Any] = {}
     k = p.get("checkpoint_layers")
+    if p.get("cuda_graphs") and p.get("gradient_checkpointing"):
+        from lorakit import layer_graphs
+
+        done["checkpoint_layers"] = set_checkpointing(model, k)
+        layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
+        return done
     if p.get("gradient_checkpointing") and k is not None:
         n = len(decoder_layers(_unwrap(model)))
         if k > n:
@@ -317,11 +363,15 @@ def _lora_fn():
                 x2 = x.reshape(-1, x.shape[-1])
                 a_c, b_c = a_w.to(cdt), b_w.to(cdt)
                 kernel = p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1
+                seeds = lora_triton.active_seeds() if p > 0 else None
                 if kernel and lora_triton.available(x.device.type, cdt, a_w.shape[0]):
                     # dropout inside the matmul (lorakit.lora_triton): the mask comes from this seed, again in
-                    # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x)
-                    ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)))
+                    # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x). Under a CUDA
+                    # graph (lorakit.layer_graphs) the seed lives in device memory, redrawn before each replay.
+                    ctx.seed = seeds.take() if seeds is not None else int(torch.randint(0, 2**31 - 1, (1,)))
                     h, mask = lora_triton.down_forward(x2, a_c, p, ctx.seed), None
+                elif seeds is not None:
+                    raise RuntimeError("LoRA dropout inside a CUDA graph needs the Triton dropout kernels")
                 else:
                     xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
                     h = xd.to(cdt) @ a_c.t()

@@ -476,6 +476,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         tokenizer, base_dir = load_training_tokenizer(recipe)
         prepared = _prepare_data(recipe, tokenizer)
         recipe = _settle_padding_free(recipe, levers, prepared, out, device)
+        recipe = _settle_cuda_graphs(recipe, levers, prepared, device)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
         levers["attn_implementation"] = info["attn_implementation"]  # sdpa where the class has no flex
         out.print(describe_params(info))
@@ -539,6 +540,23 @@ def _settle_padding_free(recipe, levers: dict, prepared, out: _Out, device: str)
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding_free": False})})
     levers.update(padding_free=False, attn_implementation=attention(recipe, device, False))
     return recipe
+
+
+def _settle_cuda_graphs(recipe, levers: dict, prepared, device: str):
+    """`train.cuda_graphs: auto` once the data is known (after padding-free was settled): graphs only for rows
+    of one length, i.e. batches of one shape (speed.cuda_graphs_auto). The resolved recipe records a choice the
+    data changed (training_args plans again from the recipe)."""
+    if recipe.train.cuda_graphs != "auto":
+        return recipe
+    from lorakit.speed import cuda_graphs_auto
+
+    ds = prepared.train
+    lengths = {len(x) for x in ds["input_ids"]} if "input_ids" in _columns(ds) else set()
+    on = cuda_graphs_auto(recipe, levers, device, one_shape=len(lengths) == 1 if lengths else None)
+    levers["cuda_graphs"] = on
+    if on == cuda_graphs_auto(recipe, levers, device):  # planning from the recipe gives the same: keep `auto`
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"cuda_graphs": on})})
 
 
 def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepared, report, out: _Out,
@@ -635,6 +653,14 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "artifacts": {"adapter": str(run.adapter_dir), "recipe": str(run.recipe_file),
                       "metrics": str(run.metrics_file), "plot": str(plot) if plot else None},
     }
+    from lorakit.layer_graphs import find
+
+    graphs = find(model)
+    if graphs is not None:  # which layer shapes replayed graphs, and why any ran torch's checkpoint instead
+        summary["cuda_graphs"] = {"captured": graphs.captured, "fallbacks": graphs.failures,
+                                  "not_graphable_calls": graphs.skipped}
+        for why in sorted(set(graphs.failures.values())):
+            out.print(f"speed: a layer ran without CUDA graphs ({why})")
     if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)
         summary["artifacts"]["merged"] = str(run.merged_dir)

@@ -34,6 +34,7 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
 - lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
 - lk_flex: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work).
 - lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
+  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
 
 Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
@@ -93,7 +94,7 @@ PLAN = [
     ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
-    ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12),
+    ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -335,6 +336,8 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["fused_lora"] = False
     if run == "lk_compile":
         train["torch_compile"] = True
+    if run in ("lk_graphs", "lk_no_graphs"):
+        train["cuda_graphs"] = run == "lk_graphs"
     attn = "sdpa"
     if run == "lk_flex":  # flex attention skips the masked blocks of padding-free's per-row mask (bench/README.md)
         attn = "flex_attention"
@@ -363,6 +366,8 @@ def lorakit(args) -> dict:
     try:
         summary = run_training(recipe, overwrite=True, console=PlainConsole())
         out["options"] = summary["options"]
+        if "cuda_graphs" in summary:
+            out["cuda_graphs"] = summary["cuda_graphs"]
     except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
         out["lorakit_error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()[-2000:]
@@ -386,7 +391,7 @@ def lorakit(args) -> dict:
     else:
         out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
     on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("dropout_kernel", "dropout kernel"),
-                                 ("padding_free", "padding-free")) if o.get(key)]
+                                 ("padding_free", "padding-free"), ("cuda_graphs", "CUDA graphs")) if o.get(key)]
     on += ["flex attention"] if o.get("attn_implementation") == "flex_attention" else []
     out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))
     out["events"] = events
@@ -740,7 +745,7 @@ Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['p
 bitsandbytes {v['bitsandbytes']}, liger-kernel {v['liger-kernel']}, accelerate {v['accelerate']}.
 Measured bf16 matmul rate (8192^3, median of 5): {f'**{rate:.0f} TFLOP/s**' if rate else 'n/a'}.
 Script: `scripts/bench_train.py` (one call, one process tree: a child process per run). Raw: `bench/train.json`.
-Command: `{info.get('command', 'n/a')}`
+Command: `{info.get('command', 'n/a')}`{chr(10) + 'Note: ' + info['note'] if info.get('note') else ''}
 
 Runs (random-init models of real shapes, NF4 double-quant base, bf16 compute, LoRA r=16 alpha=32 dropout 0.05
 all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in the same order on both sides):
@@ -754,7 +759,9 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
   **lk_flex**: padding-free batches with flex attention forced (`model.attn_implementation: flex_attention`);
   **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
-  same recipe); **X@prev**: run X with the lorakit package of `--prev-code` (the code before a change, beside it).
+  same recipe); **lk_graphs** / **lk_no_graphs**: `train.cuda_graphs: true` / `false` (checkpointed layers replayed
+  as CUDA graphs, lorakit/layer_graphs.py); **X@prev**: run X with the lorakit package of `--prev-code` (the code
+  before a change, beside it).
 
 Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
 sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after

@@ -153,3 +153,33 @@ def test_checkpointed_recompute_keeps_the_forward_mask(lt, monkeypatch):
     plain, ckpt = step(False), step(True)
     for got, want in zip(ckpt, plain):
         assert torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_seed_in_device_memory_draws_the_scalar_seeds_mask(lt):
+    """Under CUDA graphs the kernels read their seed from device memory (DeviceSeeds): the same value gives the
+    same mask, forward and backward, as the seed passed as an argument."""
+    mod, device = lt
+    dt = _dtype(device)
+    torch.manual_seed(0)
+    x = torch.randn(40, 96, device=device, dtype=dt)
+    a = (torch.randn(8, 96, device=device) * 0.1).to(dt)
+    gh = torch.randn(40, 8, device=device, dtype=dt)
+    seeds = mod.DeviceSeeds(3, device)
+    seeds.refresh()
+    with mod.device_seeds(seeds):
+        mod.active_seeds().take()
+        slot = mod.active_seeds().take()  # the second slot
+    value = int(seeds.values[1])
+    assert 0 <= value < 2**31 - 1 and seeds.used == 2 and mod.active_seeds() is None
+    assert torch.equal(mod.down_forward(x, a, 0.25, slot), mod.down_forward(x, a, 0.25, value))
+    gx1, ga1 = mod.down_backward(x, a, gh, 0.25, slot)
+    gx2, ga2 = mod.down_backward(x, a, gh, 0.25, value)
+    assert torch.equal(gx1, gx2) and torch.equal(ga1, ga2)
+    assert torch.equal(mod.dropout_mask(40, 96, 0.25, slot, device), mod.dropout_mask(40, 96, 0.25, value, device))
+    before = seeds.values.clone()
+    seeds.refresh()  # a new step: new seeds
+    assert not torch.equal(before, seeds.values)
+    with pytest.raises(RuntimeError, match="more LoRA dropout calls"):
+        with mod.device_seeds(seeds):
+            for _ in range(4):
+                seeds.take()

@@ -426,3 +426,98 @@ class _Rows:
     def __getitem__(self, key):
         assert key == "input_ids"
         return self._ids
+
+
+# ---- CUDA graphs (lorakit.layer_graphs): a budget-mode lever ------------------------------------------
+
+
+EST_GRAPHS = {**EST, "peak_bytes_checkpointed_graphs": 11 * GIB}
+FIXED = {"path": "d.jsonl", "max_length": 2048, "padding_free": False}
+
+
+def test_cuda_graphs_only_where_a_memory_budget_leaves_room_for_them(bf16_gpu):
+    """The graphs keep a layer's working set in their own pool (more than the plain stack's peak): `auto`
+    turns them on only in budget mode, when every layer stays checkpointed and their estimated peak fits."""
+    assert speed.plan(recipe(data=FIXED), "cuda")["cuda_graphs"] is False  # no budget: the plain stack's memory
+    p = speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 12}), "cuda", EST_GRAPHS)
+    assert p["cuda_graphs"] is True and p["checkpoint_layers"] is None and not speed.trainer_checkpointing(p)
+    assert "CUDA graphs fit too (11.0 GiB)" in p["checkpointing_reason"]
+    assert "CUDA graphs per layer" in speed.describe_levers(p)
+    assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 10.5}), "cuda",
+                      EST_GRAPHS)["cuda_graphs"] is False  # checkpointing fits, the graphs do not
+    assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 40}), "cuda",
+                      EST_GRAPHS)["cuda_graphs"] is False  # no checkpointing at all is faster: nothing to replay
+    budget = {"memory_budget_gb": 12}
+    for other in (recipe(train=budget), recipe(data=FIXED, train=budget, lora={"r": 128}),  # padding-free;
+                  recipe(data=FIXED, train={**budget, "fused_lora": False})):  # torch's dropout; no fused layer
+        assert speed.plan(other, "cuda", EST_GRAPHS)["cuda_graphs"] is False
+    assert speed.plan(recipe(data=FIXED, train=budget, lora={"r": 128, "dropout": 0.0}), "cuda",
+                      EST_GRAPHS)["cuda_graphs"] is True  # no dropout: nothing to redraw
+    assert speed.plan(recipe(data=FIXED, train=budget), "cpu", EST_GRAPHS)["cuda_graphs"] is False
+    # asked for: on wherever they hold, budget or not
+    forced = speed.plan(recipe(data=FIXED, train={"cuda_graphs": True}), "cuda")
+    assert forced["cuda_graphs"] is True and not speed.trainer_checkpointing(forced)
+    assert speed.plan(recipe(train={"cuda_graphs": True}), "cpu")["cuda_graphs"] is False
+
+
+def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
+    """Rows of one length make batches of one shape; rows of many lengths would need a graph per shape."""
+    import yaml
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import _settle_cuda_graphs
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": FIXED,
+                                 "train": {"batch_size": 2, "memory_budget_gb": 12}}))
+    r = load_recipe(p)
+    from types import SimpleNamespace
+
+    levers = speed.plan(r, "cuda", EST_GRAPHS)
+    assert levers["cuda_graphs"] is True
+    one = _settle_cuda_graphs(r, dict(levers), SimpleNamespace(train=_Rows([64] * 8)), "cuda")
+    many = _settle_cuda_graphs(r, dict(levers), SimpleNamespace(train=_Rows([64, 60] * 4)), "cuda")
+    assert one.train.cuda_graphs == "auto" and many.train.cuda_graphs is False  # only a changed choice is written
+    assert one._source == r._source
+    # the Trainer's arguments are planned again from the settled recipe: no checkpointing of its own under graphs
+    assert not speed.trainer_checkpointing(speed.plan(one, "cuda", EST_GRAPHS))
+    assert speed.trainer_checkpointing(speed.plan(many, "cuda", EST_GRAPHS))
+
+
+@pytest.mark.parametrize("train,extra,needle", [
+    ({"fused_lora": False}, {}, "fused LoRA layer (train.fused_lora is false)"),
+    ({"gradient_checkpointing": False}, {}, "checkpointed layers"),
+    ({"gradient_checkpointing": 0}, {}, "checkpointed layers"),
+    ({}, {"lora": {"dora": True}}, "does not implement DoRA"),
+    ({}, {"data": {"path": "d", "padding_free": True}}, "batches of one shape"),
+])
+def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, train, extra, needle):
+    import yaml
+
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import load_recipe
+
+    doc = {"base_model": "llama-3.1-8b", "data": {"path": "d"}, "train": {"cuda_graphs": True, **train}, **extra}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    (problem,) = [q for q in e.value.problems if q.field == "train.cuda_graphs"]
+    assert needle in problem.message and problem.line is not None
+
+
+def test_estimate_counts_the_graphs_pool(bf16_gpu):
+    """Measured on the H200 (bench/train.md, 8B, 2x2048): 8.12 GiB allocated with graphs against 7.24 without;
+    the estimate adds a layer's working set and four hidden-state buffers."""
+    from lorakit.estimate import estimate
+
+    plain = estimate(recipe(data=FIXED), device="cuda")
+    graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True}), device="cuda")
+    assert plain["setup"]["cuda_graphs"] is False and graphs["setup"]["cuda_graphs"] is True
+    assert plain["memory"]["cuda_graphs_bytes"] == 0
+    extra = graphs["memory"]["allocated_peak_bytes"] - plain["memory"]["allocated_peak_bytes"]
+    assert 0.3 * GIB < extra < 1.2 * GIB and graphs["memory"]["cuda_graphs_bytes"] > extra
+    assert graphs["peak_bytes_checkpointed_graphs"] == plain["peak_bytes_checkpointed_graphs"]
+    assert graphs["memory"]["allocated_peak_bytes"] == pytest.approx(8.12 * GIB, rel=0.1)
+    # reserved: 9.33 GiB measured + the CUDA context; the regular pool keeps its warm-up cache beside the graphs'
+    assert graphs["memory"]["peak_bytes"] == pytest.approx(9.33 * GIB + 0.5 * GIB, rel=0.1)

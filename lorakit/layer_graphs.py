@@ -1,0 +1,358 @@
+"""CUDA graphs for checkpointed decoder layers (train.cuda_graphs).
+
+Why: on the 8B shape a lorakit step launches ~7,800 kernels from Python (transformers' layers, peft,
+bitsandbytes, autograd) and the GPU idles about a third of the step waiting for them
+(bench/train_profile_lorakit.txt). Under gradient checkpointing a decoder layer runs twice a step - a forward
+that keeps only its input, then in backward a recompute and the layer's backward - and for batches of one shape
+both are the same kernels every step. So each is captured once as a CUDA graph and replayed: a layer's ~250
+launches a step become ~10.
+
+How: transformers checkpoints a layer by calling its `_gradient_checkpointing_func(run, *args)`;
+`GraphedCheckpoint` is that function. The first WARMUP_CALLS calls of a layer with a given input signature run
+torch's own checkpoint (kernels compile, libraries initialise); the next one captures the layer as two graphs -
+the forward without grad, and forward + backward with grad - in one memory pool shared by all layers (a layer's
+intermediates live only while its graph replays) and around static input/output buffers shared by all layers.
+`_Replay` replays them: its forward copies the input in, replays and keeps the input (as checkpointing does);
+its backward replays the second graph and returns the input's and the LoRA weights' gradients.
+
+Same math as checkpointing: the same kernels in the same order. LoRA dropout inside a graph takes its seeds from
+device memory (lorakit.lora_triton.DeviceSeeds), drawn afresh before each forward replay and read again by the
+recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
+inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
+Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and four
+hidden-state-sized buffers are shared by all layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+WARMUP_CALLS = 2  # eager calls of a layer before it is captured (Triton compiles, cuBLAS sets up)
+MAX_SIGNATURES = 2  # input shapes captured per layer (the training shape, a last short batch); others run eager
+
+
+class CudaRecorder:
+    """Captures a function into a CUDA graph, after one warm-up run on the capture stream; every graph shares
+    one memory pool (replays never overlap: one stream)."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph.replay
+
+
+class EagerRecorder:
+    """Stands in for CudaRecorder where there is no GPU (tests): "replaying" runs the function again, reading and
+    writing the same static buffers, so everything but the capture itself is exercised."""
+
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        fn()  # as CudaRecorder's warm-up: what cannot run fails at capture
+        return fn
+
+
+def _autocast_state() -> tuple:
+    import torch
+
+    dev = "cuda"
+    return (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+
+
+def _autocast_ctx(state: tuple):
+    """The caller's autocast state again, without autocast's cast cache (a cached cast made outside a capture
+    would be read by every replay after it was freed)."""
+    import torch
+
+    enabled, dtype = state
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
+
+
+class _Entry:
+    """One layer captured for one input signature: its two graphs, its seeds and its trainable parameters."""
+
+    def __init__(self, owner: GraphedCheckpoint, layer: Any, run: Any, leaves: list, spec: Any):
+        import torch
+
+        from lorakit.lora_triton import DeviceSeeds
+
+        # run: transformers' partial of the layer's forward; called again with the static buffers for its inputs
+        self.owner, self.layer, self.func, self.bound, self.spec = owner, layer, run.func, run.args, spec
+        self.named_params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        self.params = tuple(p for _, p in self.named_params)
+        self.autocast = _autocast_state()
+        h = leaves[0]
+        self.tensor_slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and i > 0]
+        self.consts = list(leaves)  # the non-tensor leaves stay as they are; tensor leaves become static buffers
+        for i in self.tensor_slots:
+            self.consts[i] = owner.buffer(("leaf", i), leaves[i])
+        self.h = owner.buffer(("h",), h)
+        self.out = owner.buffer(("out",), h)
+        self.grad_out = owner.buffer(("grad_out",), h)
+        self.grad_in = owner.buffer(("grad_in",), h)
+        n = sum(p.numel() for p in self.params)
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise _NotGraphable("trainable parameters of several dtypes")
+        self.grads = owner.buffer(("grads",), torch.empty(n, dtype=dtypes.pop(), device=h.device))
+        n_lora = sum(len(m.lora_A) for m in layer.modules()
+                     if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
+        self.seeds = DeviceSeeds(max(1, 2 * n_lora), h.device)
+        self.load_consts(leaves)  # the warm-up runs of the capture see this call's inputs
+        self.h.copy_(h)
+        self.seeds.refresh()
+        self.forward_graph = owner.recorder.record(self._forward)
+        self.backward_graph = owner.recorder.record(self._backward)
+
+    def _call(self, h: Any) -> Any:
+        import torch
+        from torch.utils._pytree import tree_unflatten
+
+        args, kwargs = tree_unflatten([h, *self.consts[1:]], self.spec)
+        out = self.func(*self.bound, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != self.h.shape:
+            raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state")
+        return out
+
+    def _forward(self) -> None:
+        import torch
+
+        from lorakit import lora_triton
+
+        with torch.no_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
+            self.out.copy_(self._call(self.h))
+
+    def _backward(self) -> None:
+        import torch
+        from torch.utils._pytree import tree_unflatten
+
+        from lorakit import lora_triton
+
+        # the LoRA weights enter as fresh leaves that alias them (same memory: replays read the current values):
+        # the weights' own gradient accumulators were made on the default stream by eager steps, and routing the
+        # captured backward through them would make that stream wait on the capture
+        aliases = {n: p.detach().requires_grad_(True) for n, p in self.named_params}
+        args, kwargs = tree_unflatten([None, *self.consts[1:]], self.spec)
+        was = self.layer.gradient_checkpointing
+        self.layer.gradient_checkpointing = False  # functional_call calls the layer: run it, do not checkpoint
+        try:
+            with torch.enable_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
+                x = self.h.detach().requires_grad_(True)
+                out = torch.func.functional_call(self.layer, aliases, (x, *args[1:]), kwargs, strict=False)
+                if not isinstance(out, torch.Tensor) or out.shape != self.h.shape:
+                    raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state")
+                grads = torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
+        finally:
+            self.layer.gradient_checkpointing = was
+        if grads[0] is None:
+            self.grad_in.zero_()
+        else:
+            self.grad_in.copy_(grads[0])
+        flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[1:], self.params)]
+        torch.cat(flat, out=self.grads)
+
+    def load_consts(self, leaves: list) -> None:
+        """Copy the layer's other tensor inputs (position embeddings, masks, ids) into the static buffers: once
+        per forward pass, since the layers share both the buffers and these inputs."""
+        for i in self.tensor_slots:
+            self.owner.load(("leaf", i), self.consts[i], leaves[i])
+
+
+class _NotGraphable(Exception):
+    pass
+
+
+def _replay_fn():
+    import torch
+
+    class _Replay(torch.autograd.Function):
+        """A captured layer: forward replays the no-grad graph and keeps the input; backward replays the
+        recompute-and-backward graph."""
+
+        @staticmethod
+        def forward(ctx, entry, leaves, h, *params):
+            entry.load_consts(leaves)
+            entry.h.copy_(h)
+            entry.seeds.refresh()
+            entry.forward_graph()
+            ctx.entry, ctx.leaves = entry, leaves
+            ctx.save_for_backward(h)
+            return entry.out.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            entry = ctx.entry
+            (h,) = ctx.saved_tensors
+            entry.load_consts(ctx.leaves)  # the same objects as in forward: copied again only if overwritten since
+            entry.h.copy_(h)
+            entry.grad_out.copy_(grad)
+            entry.backward_graph()
+            grad_in = entry.grad_in.clone() if ctx.needs_input_grad[2] else None
+            flat, out, start = entry.grads.clone(), [], 0
+            for p in entry.params:
+                out.append(flat[start:start + p.numel()].view_as(p))
+                start += p.numel()
+            return (None, None, grad_in, *out)
+
+    return _Replay
+
+
+class GraphedCheckpoint:
+    """A layer's `_gradient_checkpointing_func` that replays CUDA graphs of the layer (see the module docstring).
+    One instance serves every layer of a model. `recorder` captures (CudaRecorder on a GPU)."""
+
+    def __init__(self, recorder: Any = None):
+        self.recorder = recorder
+        self._entries: dict = {}  # (layer id, signature) -> _Entry
+        self._calls: dict = {}  # (layer id, signature) -> calls seen
+        self._per_layer: dict = {}  # layer id -> signatures captured
+        self._failed: dict = {}  # (layer id, signature) -> why it runs eager
+        self._buffers: dict = {}  # (name, shape, dtype) -> static tensor shared by the layers
+        self._loaded: dict = {}  # buffer key -> (the tensor last copied into it, its version then)
+        self.skipped: dict = {}  # why a call could not replay a graph -> calls
+        self.failure_trace = ""  # the first failed capture's traceback (for debugging)
+        self._replay = _replay_fn()
+
+    @property
+    def captured(self) -> int:
+        """Layer signatures captured so far."""
+        return len(self._entries)
+
+    @property
+    def failures(self) -> dict:
+        """Why captures failed -> how many layer shapes (those layers run torch's checkpoint)."""
+        out: dict = {}
+        for why in self._failed.values():
+            out[why] = out.get(why, 0) + 1
+        return out
+
+    def buffer(self, name: tuple, like: Any) -> Any:
+        import torch
+
+        key = (*name, tuple(like.shape), like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        return self._buffers[key]
+
+    def load(self, name: tuple, buf: Any, src: Any) -> None:
+        """Copy `src` into the shared buffer unless it holds that tensor, unchanged, already."""
+        key = (*name, tuple(buf.shape), buf.dtype, buf.device)
+        last = self._loaded.get(key)
+        if last is None or last[0] is not src or last[1] != src._version:
+            buf.copy_(src)
+            self._loaded[key] = (src, src._version)
+
+    def __call__(self, run: Any, *args: Any) -> Any:
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return run(*args)
+        found = self._graphable(run, args)
+        if found is None:
+            return checkpoint(run, *args, use_reentrant=False)
+        layer, leaves, spec, key = found
+        entry = self._entries.get(key)
+        if entry is None:
+            calls = self._calls[key] = self._calls.get(key, 0) + 1
+            if calls <= WARMUP_CALLS or key in self._failed or self._per_layer.get(id(layer), 0) >= MAX_SIGNATURES:
+                return checkpoint(run, *args, use_reentrant=False)
+            try:
+                entry = _Entry(self, layer, run, leaves, spec)
+            except Exception as e:  # a capture that fails leaves this layer and shape to torch's checkpoint
+                import traceback
+
+                self._failed[key] = f"{type(e).__name__}: {e}"[:300]
+                self.failure_trace = self.failure_trace or traceback.format_exc()
+                if isinstance(self.recorder, CudaRecorder):  # after a failed capture no further one is tried
+                    self.recorder = None
+                return checkpoint(run, *args, use_reentrant=False)
+            self._entries[key] = entry
+            self._per_layer[id(layer)] = self._per_layer.get(id(layer), 0) + 1
+        return self._replay.apply(entry, leaves, leaves[0], *entry.params)
+
+    def _graphable(self, run: Any, args: tuple) -> tuple | None:
+        """(layer, leaves, spec, key) when this call can replay a graph, else None (the reason counted in
+        `skipped`)."""
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        layer = _layer_of(run)
+        if layer is None:
+            return self._skip("not a layer's forward")
+        if self.recorder is None:
+            return self._skip("CUDA graphs turned off after a failed capture")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return self._skip("capturing")
+        leaves, spec = tree_flatten((args, run.keywords))
+        if not leaves or not args or leaves[0] is not args[0] or not isinstance(leaves[0], torch.Tensor):
+            return self._skip("the first input is not the hidden state")
+        cuda = isinstance(self.recorder, CudaRecorder)
+        sig = [spec, _autocast_state()]
+        for i, v in enumerate(leaves):
+            if isinstance(v, torch.Tensor):
+                if i > 0 and v.requires_grad:
+                    return self._skip("an input other than the hidden state requires grad")
+                if cuda and not v.is_cuda:
+                    return self._skip("an input is not on the GPU")
+                sig.append((tuple(v.shape), v.dtype))
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                sig.append(v)
+            else:
+                return self._skip(f"an input is a {type(v).__name__}")
+        if not any(p.requires_grad for p in layer.parameters()):
+            return self._skip("no trainable parameters")
+        return layer, leaves, spec, (id(layer), tuple(sig))
+
+    def _skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+        return None
+
+
+def _layer_of(run: Any) -> Any:
+    """The module whose forward `run` is: transformers passes partial(forward, layer, **kwargs) (recent
+    releases) or partial(layer.__call__, **kwargs) (5.17 and before)."""
+    import torch
+
+    if not hasattr(run, "keywords"):
+        return None
+    if len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module):
+        return run.args[0]
+    owner = getattr(run.func, "__self__", None)
+    return owner if not run.args and isinstance(owner, torch.nn.Module) else None
+
+
+def enable(layers: list, recorder: Any = None) -> GraphedCheckpoint:
+    """Checkpoint the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances) through
+    CUDA graphs: replaces the function the layers call, checkpointing itself stays on (speed.set_checkpointing)."""
+    import torch
+
+    graphed = GraphedCheckpoint(recorder or CudaRecorder(torch.cuda.current_device()))
+    for layer in layers:
+        if layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = graphed
+    return graphed
+
+
+def find(model: Any) -> GraphedCheckpoint | None:
+    """The GraphedCheckpoint serving `model`'s layers, if any (for the run's report)."""
+    for m in model.modules():
+        f = getattr(m, "_gradient_checkpointing_func", None)
+        if isinstance(f, GraphedCheckpoint):
+            return f
+    return None
