@@ -19,8 +19,8 @@ Same math as checkpointing: the same kernels in the same order. LoRA dropout ins
 device memory (lorakit.lora_triton.DeviceSeeds), drawn afresh before each forward replay and read again by the
 recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
 inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
-Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and four
-hidden-state-sized buffers are shared by all layers.
+Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and all
+layers share four hidden-state-sized buffers, one for the layer's LoRA gradients and one per other input.
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ class CudaRecorder:
         import torch
 
         graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            fn()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self.stream):
+                fn()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                fn()
+        finally:
+            caller.wait_stream(self.stream)
         return graph.replay
 
 
@@ -125,8 +128,8 @@ class _Entry:
 
         args, kwargs = tree_unflatten([h, *self.consts[1:]], self.spec)
         out = self.func(*self.bound, *args, **kwargs)
-        if not isinstance(out, torch.Tensor) or out.shape != self.h.shape:
-            raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state")
+        if not isinstance(out, torch.Tensor) or out.shape != self.h.shape or out.dtype != self.h.dtype:
+            raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state like its input")
         return out
 
     def _forward(self) -> None:
@@ -225,6 +228,7 @@ class GraphedCheckpoint:
         self._buffers: dict = {}  # (name, shape, dtype) -> static tensor shared by the layers
         self._loaded: dict = {}  # buffer key -> (the tensor last copied into it, its version then)
         self.skipped: dict = {}  # why a call could not replay a graph -> calls
+        self._layer_problem: dict = {}  # layer id -> why it cannot be captured at all ("" if it can)
         self.failure_trace = ""  # the first failed capture's traceback (for debugging)
         self._replay = _replay_fn()
 
@@ -269,6 +273,9 @@ class GraphedCheckpoint:
         layer, leaves, spec, key = found
         entry = self._entries.get(key)
         if entry is None:
+            if self.recorder is None:
+                self._skip("no captures after a failed one")
+                return checkpoint(run, *args, use_reentrant=False)
             calls = self._calls[key] = self._calls.get(key, 0) + 1
             if calls <= WARMUP_CALLS or key in self._failed or self._per_layer.get(id(layer), 0) >= MAX_SIGNATURES:
                 return checkpoint(run, *args, use_reentrant=False)
@@ -295,8 +302,6 @@ class GraphedCheckpoint:
         layer = _layer_of(run)
         if layer is None:
             return self._skip("not a layer's forward")
-        if self.recorder is None:
-            return self._skip("CUDA graphs turned off after a failed capture")
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return self._skip("capturing")
         leaves, spec = tree_flatten((args, run.keywords))
@@ -315,13 +320,35 @@ class GraphedCheckpoint:
                 sig.append(v)
             else:
                 return self._skip(f"an input is a {type(v).__name__}")
-        if not any(p.requires_grad for p in layer.parameters()):
-            return self._skip("no trainable parameters")
+        why = self._layer_problem.get(id(layer), "?")
+        if why == "?":
+            why = self._layer_problem[id(layer)] = _layer_problem(layer)
+        if why:
+            return self._skip(why)
         return layer, leaves, spec, (id(layer), tuple(sig))
 
     def _skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1
         return None
+
+
+def _layer_problem(layer: Any) -> str:
+    """Why `layer` cannot replay as graphs at all, or "". Random numbers other than LoRA dropout's (whose seeds
+    live in device memory) would differ between a replayed forward and its replayed recompute: torch's
+    checkpoint restores the generator's state for the recompute, a graph cannot."""
+    import torch
+
+    if not any(p.requires_grad for p in layer.parameters()):
+        return "no trainable parameters"
+    lora_dropouts = {id(d) for m in layer.modules() if isinstance(getattr(m, "lora_dropout", None),
+                                                                   torch.nn.ModuleDict)
+                     for d in m.lora_dropout.values()}
+    for name, m in layer.named_modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in lora_dropouts:
+            return f"dropout in {name or 'the layer'} (p={m.p})"
+        if float(getattr(m, "attention_dropout", 0) or 0) > 0:
+            return f"attention dropout in {name or 'the layer'}"
+    return ""
 
 
 def _layer_of(run: Any) -> Any:

@@ -238,8 +238,8 @@ class TrainSection(Section):
     """Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): auto = on for CUDA when installed."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each checkpointed decoder layer as CUDA graphs (a few launches instead of ~250 a layer and step;
-    same kernels, same math; steps no longer slow down when the host CPU is busy). Costs memory: the graphs keep
-    a layer's working set in their own pool (+0.9 GiB at the 8B shape, 2x2048 tokens). auto = in budget mode
+    same kernels, same math; steady step times in the measured call). Costs memory: the graphs keep a layer's
+    working set in their own pool (8B shape, 2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved). auto = in budget mode
     (memory_budget_gb) when every layer stays checkpointed and the graphs fit too, on CUDA, for SFT batches of
     one shape with the fused LoRA layer. Other shapes and inputs fall back to plain checkpointing."""
     torch_compile: bool = False
@@ -424,7 +424,9 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
                else "checkpointed layers (train.gradient_checkpointing is off)"
                if t.gradient_checkpointing is False or t.gradient_checkpointing == 0
                else "batches of one shape (data.padding_free changes the shape every batch)"
-               if recipe.data.padding_free is True else None)
+               if recipe.data.padding_free is True
+               else "layers as they are, not with train.torch_compile (untested together)" if t.torch_compile
+               else None)
         if why:
             problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
     g = recipe.grpo

@@ -93,16 +93,17 @@ def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
 
 def cuda_graphs_hold(recipe: Any, p: dict, device: str) -> bool:
     """CUDA graphs can replay the checkpointed layers of plan `p`: CUDA, checkpointing on, the fused LoRA layer
-    (no autocast cast cache in a layer), and LoRA dropout inside the Triton kernels or none (torch's dropout
-    cannot be drawn again inside a replay)."""
+    (no autocast cast cache in a layer), LoRA dropout inside the Triton kernels or none (torch's dropout
+    cannot be drawn again inside a replay), and no torch.compile (untested together)."""
     return (device == "cuda" and bool(p.get("gradient_checkpointing")) and bool(p.get("fused_lora"))
-            and (recipe.lora.dropout == 0 or bool(p.get("dropout_kernel"))))
+            and (recipe.lora.dropout == 0 or bool(p.get("dropout_kernel"))) and not recipe.train.torch_compile)
 
 
 def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None = None) -> bool:
     """`train.cuda_graphs: auto`: in budget mode, when every layer stays checkpointed and the graphs' memory
     fits the budget too (`cuda_graphs_fit`; the graphs keep a layer's working set in their own pool: +0.9 GiB
-    on the 8B shape at 2x2048, more than the plain stack's peak, so not without a budget), where graphs hold
+    allocated, +1.8 GiB reserved on the 8B shape at 2x2048, more than the plain stack's peak, so not without a
+    budget), where graphs hold
     (cuda_graphs_hold) and pay: one process, SFT batches of one shape (not padding-free: its shapes and flex
     masks change every batch; GRPO's lengths vary). `one_shape`: whether the data's rows all have one length
     (None: not known yet; train.py settles it on the data)."""
@@ -120,6 +121,12 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
     graphs = recipe.train.cuda_graphs
     out["cuda_graphs"] = (cuda_graphs_auto(recipe, out, device) if graphs == "auto"
                           else bool(graphs) and cuda_graphs_hold(recipe, out, device))
+    if graphs == "auto" and out["cuda_graphs"]:
+        peak = out["estimated_peak_bytes"]["all_layers_graphs"]
+        out["checkpointing_reason"] += f"; CUDA graphs fit too ({peak / GIB:.1f} GiB)"
+    elif graphs is True and not out["cuda_graphs"]:
+        out["checkpointing_reason"] += ("; train.cuda_graphs: true does not hold here (it needs CUDA, checkpointed "
+                                        "layers, the fused LoRA layer and LoRA dropout in its kernels or none)")
     return out
 
 
@@ -201,9 +208,8 @@ def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None
                                        f"checkpointing {peak_none / GIB:.1f} GiB > {budget_gib:.1f} GiB){fits}")
         graphs_peak = est.get("peak_bytes_checkpointed_graphs")
         if graphs_peak is not None and graphs_peak <= budget_bytes:
-            out["cuda_graphs_fit"] = True
+            out["cuda_graphs_fit"] = True  # plan() says so in the reason when it turns them on
             out["estimated_peak_bytes"]["all_layers_graphs"] = int(graphs_peak)
-            out["checkpointing_reason"] += f"; CUDA graphs fit too ({graphs_peak / GIB:.1f} GiB)"
     else:
         out.update(checkpoint_layers=k, checkpointing_reason=f"budget: the first {k} of {n_layers} layers "
                                                               f"fit {budget_gib:.1f} GiB")
@@ -315,12 +321,6 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
     get_peft_model. Returns what was done."""
     done: dict[str, Any] = {}
     k = p.get("checkpoint_layers")
-    if p.get("cuda_graphs") and p.get("gradient_checkpointing"):
-        from lorakit import layer_graphs
-
-        done["checkpoint_layers"] = set_checkpointing(model, k)
-        layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
-        return done
     if p.get("gradient_checkpointing") and k is not None:
         n = len(decoder_layers(_unwrap(model)))
         if k > n:
@@ -329,6 +329,13 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
             raise LorakitError(f"train.gradient_checkpointing: the model has {n} decoder layers; got {k}",
                                field="train.gradient_checkpointing",
                                hint=f"use a number from 0 to {n}, or true for every layer")
+    if p.get("cuda_graphs") and p.get("gradient_checkpointing"):
+        from lorakit import layer_graphs
+
+        done["checkpoint_layers"] = set_checkpointing(model, k)
+        layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
+        return done
+    if p.get("gradient_checkpointing") and k is not None:
         done["checkpoint_layers"] = set_checkpointing(model, k)
     return done
 

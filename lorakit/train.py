@@ -659,7 +659,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
     if graphs is not None:  # which layer shapes replayed graphs, and why any ran torch's checkpoint instead
         summary["cuda_graphs"] = {"captured": graphs.captured, "fallbacks": graphs.failures,
                                   "not_graphable_calls": graphs.skipped}
-        for why in sorted(set(graphs.failures.values())):
+        for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
     if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)

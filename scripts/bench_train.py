@@ -714,7 +714,8 @@ def budget_table(results: list[dict]) -> str:
     for r in results:
         if r["workload"] != "fixed" or not r["run"].startswith("lorakit") or "tokens_per_s" not in r:
             continue
-        budget = (r.get("recipe") or {}).get("train", {}).get("memory_budget_gb")
+        budget_bytes = (r.get("options") or {}).get("memory_budget_bytes")
+        budget = round(budget_bytes / 2**30, 2) if budget_bytes else None
         reason = (r.get("options") or {}).get("checkpointing_reason", "")
         lines.append(f"| {r['model']} | {r['run']} | {budget if budget else '- (default)'} | {r['checkpointing']}"
                      f" ({reason}) | {r['tokens_per_s']:.0f} | {_f(r.get('peak_alloc_gib'))} "

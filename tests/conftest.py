@@ -90,6 +90,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_lora(model, p: float = 0.0, fused: bool = True, bits=None):
+    """peft LoRA (r=8, all-linear, dropout p) on `model`, with lorakit's fused layer when `fused`; lora_B drawn
+    instead of zero so that gradients reach lora_A too."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit import speed
+
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules="all-linear", task_type="CAUSAL_LM")
+    speed.customize_lora_config(lc, {"fused_lora": fused}, bits)
+    torch.manual_seed(1)
+    pm = get_peft_model(model, lc)
+    for name, prm in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(prm, std=0.05)
+    return pm
+
+
 NAMES = ["Ada", "Bo", "Cy", "Dee", "Eve", "Flo", "Gus", "Hal"]
 CITIES = ["Paris", "Berlin", "Oslo", "Rome"]
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_lora
 
 from lorakit import speed
 from lorakit.recipe import validate_data
@@ -22,17 +23,7 @@ def _tiny_llama(layers: int = 3):
 
 
 def _tiny_peft(fused: bool, p: float = 0.0, model=None, bits=None):
-    from peft import LoraConfig, get_peft_model
-
-    model = model if model is not None else _tiny_llama()
-    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules="all-linear", task_type="CAUSAL_LM")
-    speed.customize_lora_config(lc, {"fused_lora": fused}, bits)
-    torch.manual_seed(1)
-    pm = get_peft_model(model, lc)
-    for name, prm in pm.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(prm, std=0.05)
-    return pm
+    return tiny_lora(model if model is not None else _tiny_llama(), p, fused, bits)
 
 
 def _grads(pm, ids):
@@ -445,6 +436,9 @@ def test_cuda_graphs_only_where_a_memory_budget_leaves_room_for_them(bf16_gpu):
     assert "CUDA graphs per layer" in speed.describe_levers(p)
     assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 10.5}), "cuda",
                       EST_GRAPHS)["cuda_graphs"] is False  # checkpointing fits, the graphs do not
+    for off in (recipe(train={"memory_budget_gb": 12}), recipe(data=FIXED, train={"memory_budget_gb": 12,
+                                                                                  "cuda_graphs": False})):
+        assert "CUDA graphs" not in speed.plan(off, "cuda", EST_GRAPHS)["checkpointing_reason"]  # only when on
     assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 40}), "cuda",
                       EST_GRAPHS)["cuda_graphs"] is False  # no checkpointing at all is faster: nothing to replay
     budget = {"memory_budget_gb": 12}
@@ -457,7 +451,10 @@ def test_cuda_graphs_only_where_a_memory_budget_leaves_room_for_them(bf16_gpu):
     # asked for: on wherever they hold, budget or not
     forced = speed.plan(recipe(data=FIXED, train={"cuda_graphs": True}), "cuda")
     assert forced["cuda_graphs"] is True and not speed.trainer_checkpointing(forced)
-    assert speed.plan(recipe(train={"cuda_graphs": True}), "cpu")["cuda_graphs"] is False
+    cpu = speed.plan(recipe(train={"cuda_graphs": True}), "cpu")
+    assert cpu["cuda_graphs"] is False and "cuda_graphs: true does not hold here" in cpu["checkpointing_reason"]
+    assert "does not hold" in speed.describe_levers(speed.plan(recipe(data=FIXED, lora={"r": 128},
+                                                                      train={"cuda_graphs": True}), "cuda"))
 
 
 def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
@@ -490,6 +487,7 @@ def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
     ({"gradient_checkpointing": 0}, {}, "checkpointed layers"),
     ({}, {"lora": {"dora": True}}, "does not implement DoRA"),
     ({}, {"data": {"path": "d", "padding_free": True}}, "batches of one shape"),
+    ({"torch_compile": True}, {}, "not with train.torch_compile"),
 ])
 def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, train, extra, needle):
     import yaml
