@@ -239,9 +239,10 @@ class TrainSection(Section):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each checkpointed decoder layer as CUDA graphs (a few launches instead of ~250 a layer and step;
     same kernels, same math; steady step times in the measured call). Costs memory: the graphs keep a layer's
-    working set in their own pool (8B shape, 2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved). auto = in budget mode
-    (memory_budget_gb) when every layer stays checkpointed and the graphs fit too, on CUDA, for SFT batches of
-    one shape with the fused LoRA layer. Other shapes and inputs fall back to plain checkpointing."""
+    working set in their own pool (8B shape, 2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved).
+    auto = in budget mode (memory_budget_gb) when every layer stays checkpointed and the graphs fit too, on CUDA,
+    for SFT batches of one shape with the fused LoRA layer. Other shapes and inputs fall back to plain
+    checkpointing."""
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""

@@ -103,10 +103,9 @@ def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None =
     """`train.cuda_graphs: auto`: in budget mode, when every layer stays checkpointed and the graphs' memory
     fits the budget too (`cuda_graphs_fit`; the graphs keep a layer's working set in their own pool: +0.9 GiB
     allocated, +1.8 GiB reserved on the 8B shape at 2x2048, more than the plain stack's peak, so not without a
-    budget), where graphs hold
-    (cuda_graphs_hold) and pay: one process, SFT batches of one shape (not padding-free: its shapes and flex
-    masks change every batch; GRPO's lengths vary). `one_shape`: whether the data's rows all have one length
-    (None: not known yet; train.py settles it on the data)."""
+    budget), where graphs hold (cuda_graphs_hold) and pay: one process, SFT batches of one shape (not
+    padding-free: its shapes and flex masks change every batch; GRPO's lengths vary). `one_shape`: whether the
+    data's rows all have one length (None: not known yet; train.py settles it on the data)."""
     from lorakit.distributed import launched
 
     return (bool(p.get("cuda_graphs_fit")) and cuda_graphs_hold(recipe, p, device) and not launched()

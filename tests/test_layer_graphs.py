@@ -137,7 +137,7 @@ def test_what_a_graph_cannot_hold_runs_torch_checkpoint(monkeypatch):
     losses = _train(pm, layer_graphs.WARMUP_CALLS + 2, ids)
     assert g.captured == 0 and all("Triton dropout kernels" in why for why in g.failures)
     if CUDA:  # after a failed capture on a GPU no other is tried
-        assert sum(g.failures.values()) == 1 and g.skipped["CUDA graphs turned off after a failed capture"] > 0
+        assert sum(g.failures.values()) == 1 and g.skipped["no captures after a failed one"] > 0
     else:
         assert sum(g.failures.values()) == 2
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
