@@ -89,13 +89,12 @@ def _autocast_ctx(state: tuple):
 class _Entry:
     """One layer captured for one input signature: its two graphs, its seeds and its trainable parameters."""
 
-    def __init__(self, owner: GraphedCheckpoint, layer: Any, run: Any, leaves: list, spec: Any):
+    def __init__(self, owner: GraphedCheckpoint, layer: Any, leaves: list, spec: Any):
         import torch
 
         from lorakit.lora_triton import DeviceSeeds
 
-        # run: transformers' partial of the layer's forward; called again with the static buffers for its inputs
-        self.owner, self.layer, self.func, self.bound, self.spec = owner, layer, run.func, run.args, spec
+        self.owner, self.layer, self.spec = owner, layer, spec
         self.named_params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
         self.params = tuple(p for _, p in self.named_params)
         self.autocast = _autocast_state()
@@ -122,12 +121,22 @@ class _Entry:
         self.forward_graph = owner.recorder.record(self._forward)
         self.backward_graph = owner.recorder.record(self._backward)
 
-    def _call(self, h: Any) -> Any:
+    def _run_layer(self, x: Any, aliases: dict | None = None) -> Any:
+        """The layer on `x` and the static buffers for its other inputs, itself, not checkpointed; `aliases`:
+        tensors to use for its parameters (torch.func.functional_call)."""
         import torch
         from torch.utils._pytree import tree_unflatten
 
-        args, kwargs = tree_unflatten([h, *self.consts[1:]], self.spec)
-        out = self.func(*self.bound, *args, **kwargs)
+        args, kwargs = tree_unflatten([x, *self.consts[1:]], self.spec)
+        was = self.layer.gradient_checkpointing
+        self.layer.gradient_checkpointing = False  # run it: this is the checkpointing function
+        try:
+            if aliases is None:
+                out = self.layer(*args, **kwargs)
+            else:
+                out = torch.func.functional_call(self.layer, aliases, args, kwargs, strict=False)
+        finally:
+            self.layer.gradient_checkpointing = was
         if not isinstance(out, torch.Tensor) or out.shape != self.h.shape or out.dtype != self.h.dtype:
             raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state like its input")
         return out
@@ -138,11 +147,10 @@ class _Entry:
         from lorakit import lora_triton
 
         with torch.no_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
-            self.out.copy_(self._call(self.h))
+            self.out.copy_(self._run_layer(self.h))
 
     def _backward(self) -> None:
         import torch
-        from torch.utils._pytree import tree_unflatten
 
         from lorakit import lora_triton
 
@@ -150,18 +158,10 @@ class _Entry:
         # the weights' own gradient accumulators were made on the default stream by eager steps, and routing the
         # captured backward through them would make that stream wait on the capture
         aliases = {n: p.detach().requires_grad_(True) for n, p in self.named_params}
-        args, kwargs = tree_unflatten([None, *self.consts[1:]], self.spec)
-        was = self.layer.gradient_checkpointing
-        self.layer.gradient_checkpointing = False  # functional_call calls the layer: run it, do not checkpoint
-        try:
-            with torch.enable_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
-                x = self.h.detach().requires_grad_(True)
-                out = torch.func.functional_call(self.layer, aliases, (x, *args[1:]), kwargs, strict=False)
-                if not isinstance(out, torch.Tensor) or out.shape != self.h.shape:
-                    raise _NotGraphable(f"the layer returned {type(out).__name__}, not a hidden state")
-                grads = torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
-        finally:
-            self.layer.gradient_checkpointing = was
+        with torch.enable_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
+            x = self.h.detach().requires_grad_(True)
+            out = self._run_layer(x, aliases)
+            grads = torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
         if grads[0] is None:
             self.grad_in.zero_()
         else:
@@ -280,7 +280,7 @@ class GraphedCheckpoint:
             if calls <= WARMUP_CALLS or key in self._failed or self._per_layer.get(id(layer), 0) >= MAX_SIGNATURES:
                 return checkpoint(run, *args, use_reentrant=False)
             try:
-                entry = _Entry(self, layer, run, leaves, spec)
+                entry = _Entry(self, layer, leaves, spec)
             except Exception as e:  # a capture that fails leaves this layer and shape to torch's checkpoint
                 import traceback
 

@@ -418,18 +418,18 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.train.fused_lora is True and bits == 8:
         problems.append(("train.fused_lora", "the fused LoRA layer supports 4-bit and 16/32-bit bases, not 8-bit; "
                          "set train.fused_lora: auto or false"))
-    if recipe.train.cuda_graphs is True:
-        t = recipe.train
-        why = ("the fused LoRA layer (train.fused_lora is false)" if t.fused_lora is False
-               else "the fused LoRA layer, which does not implement DoRA" if lora.dora
-               else "checkpointed layers (train.gradient_checkpointing is off)"
-               if t.gradient_checkpointing is False or t.gradient_checkpointing == 0
-               else "batches of one shape (data.padding_free changes the shape every batch)"
-               if recipe.data.padding_free is True
-               else "layers as they are, not with train.torch_compile (untested together)" if t.torch_compile
-               else None)
-        if why:
-            problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
+    t = recipe.train
+    graphs_need = [  # (what rules CUDA graphs out, what they replay)
+        (t.fused_lora is False, "the fused LoRA layer (train.fused_lora is false)"),
+        (lora.dora, "the fused LoRA layer, which does not implement DoRA"),
+        (t.gradient_checkpointing is False or t.gradient_checkpointing == 0,
+         "checkpointed layers (train.gradient_checkpointing is off)"),
+        (recipe.data.padding_free is True, "batches of one shape (data.padding_free changes the shape every batch)"),
+        (t.torch_compile, "layers as they are, not with train.torch_compile (untested together)"),
+    ]
+    why = next((what for ruled_out, what in graphs_need if ruled_out), None)
+    if t.cuda_graphs is True and why:
+        problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
     g = recipe.grpo
     if recipe.method == "grpo" and g is not None and g.generation_batch_size is not None:
         gen = g.generation_batch_size

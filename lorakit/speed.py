@@ -328,14 +328,13 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
             raise LorakitError(f"train.gradient_checkpointing: the model has {n} decoder layers; got {k}",
                                field="train.gradient_checkpointing",
                                hint=f"use a number from 0 to {n}, or true for every layer")
-    if p.get("cuda_graphs") and p.get("gradient_checkpointing"):
-        from lorakit import layer_graphs
+    graphs = bool(p.get("cuda_graphs"))
+    if p.get("gradient_checkpointing") and (k is not None or graphs):  # else the Trainer checkpoints every layer
+        done["checkpoint_layers"] = set_checkpointing(model, k)
+        if graphs:
+            from lorakit import layer_graphs
 
-        done["checkpoint_layers"] = set_checkpointing(model, k)
-        layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
-        return done
-    if p.get("gradient_checkpointing") and k is not None:
-        done["checkpoint_layers"] = set_checkpointing(model, k)
+            layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
     return done
 
 

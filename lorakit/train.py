@@ -475,8 +475,9 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         # brings) is settled on the real rows before the model loads with that attention
         tokenizer, base_dir = load_training_tokenizer(recipe)
         prepared = _prepare_data(recipe, tokenizer)
-        recipe = _settle_padding_free(recipe, levers, prepared, out, device)
-        recipe = _settle_cuda_graphs(recipe, levers, prepared, device)
+        lengths = _row_lengths(prepared)
+        recipe = _settle_padding_free(recipe, levers, lengths, out, device)
+        recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
         levers["attn_implementation"] = info["attn_implementation"]  # sdpa where the class has no flex
         out.print(describe_params(info))
@@ -521,7 +522,13 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         release_signals()
 
 
-def _settle_padding_free(recipe, levers: dict, prepared, out: _Out, device: str):
+def _row_lengths(prepared) -> list[int]:
+    """Tokens per training row (empty when the rows are not tokenized yet): what the `auto` levers settle on."""
+    ds = prepared.train
+    return [len(x) for x in ds["input_ids"]] if "input_ids" in _columns(ds) else []
+
+
+def _settle_padding_free(recipe, levers: dict, lengths: list[int], out: _Out, device: str):
     """`data.padding_free: auto` chose padding-free before the data was read: keep it only when padded
     batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it,
     and `auto` attention follows (speed.attention)."""
@@ -529,8 +536,6 @@ def _settle_padding_free(recipe, levers: dict, prepared, out: _Out, device: str)
         return recipe
     from lorakit.speed import padding_free_worth_it, padding_waste
 
-    ds = prepared.train
-    lengths = [len(x) for x in ds["input_ids"]] if "input_ids" in _columns(ds) else []
     if not lengths or padding_free_worth_it(lengths, recipe.train.batch_size, recipe.train.seed):
         return recipe
     out.print(f"speed: padding-free off (padded batches would waste only "
@@ -542,7 +547,7 @@ def _settle_padding_free(recipe, levers: dict, prepared, out: _Out, device: str)
     return recipe
 
 
-def _settle_cuda_graphs(recipe, levers: dict, prepared, device: str):
+def _settle_cuda_graphs(recipe, levers: dict, lengths: list[int], device: str):
     """`train.cuda_graphs: auto` once the data is known (after padding-free was settled): graphs only for rows
     of one length, i.e. batches of one shape (speed.cuda_graphs_auto). The resolved recipe records a choice the
     data changed (training_args plans again from the recipe)."""
@@ -550,9 +555,7 @@ def _settle_cuda_graphs(recipe, levers: dict, prepared, device: str):
         return recipe
     from lorakit.speed import cuda_graphs_auto
 
-    ds = prepared.train
-    lengths = {len(x) for x in ds["input_ids"]} if "input_ids" in _columns(ds) else set()
-    on = cuda_graphs_auto(recipe, levers, device, one_shape=len(lengths) == 1 if lengths else None)
+    on = cuda_graphs_auto(recipe, levers, device, one_shape=len(set(lengths)) == 1 if lengths else None)
     levers["cuda_graphs"] = on
     if on == cuda_graphs_auto(recipe, levers, device):  # planning from the recipe gives the same: keep `auto`
         return recipe

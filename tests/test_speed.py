@@ -365,8 +365,7 @@ def test_auto_padding_free_is_settled_by_the_data(tmp_path):
 
     def settle(lengths):
         levers = {"padding_free": True, "attn_implementation": "flex_attention"}
-        prepared = SimpleNamespace(train=_Rows(lengths))
-        return _settle_padding_free(recipe, levers, prepared, out, "cuda"), levers
+        return _settle_padding_free(recipe, levers, lengths, out, "cuda"), levers
 
     same, levers = settle([64] * 32)
     assert same.data.padding_free is False and levers["padding_free"] is False and printed
@@ -375,6 +374,18 @@ def test_auto_padding_free_is_settled_by_the_data(tmp_path):
     kept, levers = settle([8, 64] * 16)
     assert kept.data.padding_free == "auto" and levers["padding_free"] is True
     assert levers["attn_implementation"] == "flex_attention"
+
+
+def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from lorakit.train import _row_lengths
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6]], "labels": [[1, 2, 3], [4], [5, 6]]})
+    assert _row_lengths(SimpleNamespace(train=rows)) == [3, 1, 2]
+    assert _row_lengths(SimpleNamespace(train=Dataset.from_dict({"messages": [[], []]}))) == []  # not tokenized
 
 
 def test_auto_attention_is_flex_for_padding_free_batches_on_cuda(bf16_gpu):
@@ -405,18 +416,6 @@ def test_auto_flex_falls_back_to_sdpa_for_a_class_without_it(tmp_path):
     asked = recipe(model={"attn_implementation": "flex_attention"})  # asked for: kept (the load says if it fails)
     assert attn_implementation(asked, gpt2, flex) == "flex_attention"
     assert attn_implementation(recipe(), llama, None) == "sdpa"
-
-
-class _Rows:
-    """The two things _settle_padding_free reads of a datasets.Dataset."""
-
-    def __init__(self, lengths):
-        self.column_names = ["input_ids"]
-        self._ids = [[0] * n for n in lengths]
-
-    def __getitem__(self, key):
-        assert key == "input_ids"
-        return self._ids
 
 
 # ---- CUDA graphs (lorakit.layer_graphs): a budget-mode lever ------------------------------------------
@@ -468,12 +467,10 @@ def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
     p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": FIXED,
                                  "train": {"batch_size": 2, "memory_budget_gb": 12}}))
     r = load_recipe(p)
-    from types import SimpleNamespace
-
     levers = speed.plan(r, "cuda", EST_GRAPHS)
     assert levers["cuda_graphs"] is True
-    one = _settle_cuda_graphs(r, dict(levers), SimpleNamespace(train=_Rows([64] * 8)), "cuda")
-    many = _settle_cuda_graphs(r, dict(levers), SimpleNamespace(train=_Rows([64, 60] * 4)), "cuda")
+    one = _settle_cuda_graphs(r, dict(levers), [64] * 8, "cuda")
+    many = _settle_cuda_graphs(r, dict(levers), [64, 60] * 4, "cuda")
     assert one.train.cuda_graphs == "auto" and many.train.cuda_graphs is False  # only a changed choice is written
     assert one._source == r._source
     # the Trainer's arguments are planned again from the settled recipe: no checkpointing of its own under graphs
