@@ -203,7 +203,7 @@ class Setup:
     weight_bytes: int  # bytes per unquantized weight as loaded (bf16: 2)
     act_bytes: int  # compute dtype (autocast) bytes
     optimizer: str
-    attn: str  # sdpa | eager | flash_attention_2 | flex_attention
+    attn: str  # sdpa | eager | flash_attention_2 | flex_attention | varlen (all but eager: q, k, v, out, lse)
     liger: bool
     dropout: float
     batch: int

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit import registry
+from lorakit import registry, varlen_attention
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 
 log = logging.getLogger("lorakit")
@@ -334,26 +334,47 @@ def lora_config(recipe, model):
 
 
 def attn_implementation(recipe, base_dir: Path, levers: dict | None = None) -> str:
-    """The attention kernel to load with: the recipe's, or for `auto` the run's plan (speed.attention), where
-    flex attention falls back to sdpa for a model class that does not support it."""
+    """The attention kernel to load with: the recipe's, or for `auto` the run's plan (speed.attention). `auto`
+    falls back where the planned kernel does not fit: varlen -> flex attention (a model whose attention is not
+    plain causal, or no varlen kernel on this GPU) -> sdpa (a class without flex support, remote code).
+    `varlen` comes back as the name registered with transformers (lorakit.varlen_attention.NAME)."""
     a = (levers or {}).get("attn_implementation") or recipe.model.attn_implementation
+    auto = recipe.model.attn_implementation == "auto"
     if a == "auto":
         return "sdpa"
-    if a == "flex_attention" and recipe.model.attn_implementation == "auto" and (
-            recipe.model.trust_remote_code or not _supports_flex(base_dir)):  # remote classes: sdpa, as before
-        return "sdpa"
+    if a == "varlen" and auto and (recipe.model.trust_remote_code or not _varlen_fits(base_dir)):
+        a = "flex_attention"
+    if a == "flex_attention" and auto and (recipe.model.trust_remote_code or not _supports_flex(base_dir)):
+        return "sdpa"  # remote classes: sdpa, as before
+    if a == "varlen":
+        varlen_attention.register()
+        return varlen_attention.NAME
     return a
+
+
+def _config(base_dir: Path):
+    """The checkpoint's config without running remote code (None: remote code or an unreadable config)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    except (KeyError, OSError, ValueError):
+        return None
+
+
+def _varlen_fits(base_dir: Path) -> bool:
+    """This machine has the varlen kernel and the checkpoint's attention is what it computes."""
+    config = _config(base_dir)
+    return config is not None and varlen_attention.fits(config) and varlen_attention.available()
 
 
 def _supports_flex(base_dir: Path) -> bool:
     """The transformers class for this checkpoint's config implements flex attention (config only)."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except (KeyError, OSError, ValueError):  # remote code or an unknown architecture
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(_config(base_dir))]
+    except KeyError:  # remote code, an unknown architecture or no config
         return False
     return bool(getattr(cls, "_supports_flex_attn", False))
 
@@ -410,7 +431,8 @@ def load_training_model(recipe, device: str, base_dir: Path, tokenizer, levers: 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, info = attach_adapter(recipe, model, device, bits, levers)
-    info["attn_implementation"] = model.config._attn_implementation
+    attn = model.config._attn_implementation
+    info["attn_implementation"] = "varlen" if attn == varlen_attention.NAME else attn
     return model, {"base_dir": str(base_dir), **info}
 
 

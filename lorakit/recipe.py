@@ -60,8 +60,9 @@ class ModelSection(Section):
     """Run the model repository's own Python code. Off unless you trust the repository."""
     allow_pickle: bool = False
     """Allow .bin/.pt weights (pickle). Off: weights load from safetensors only."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
-    """Attention kernel: auto = sdpa."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"] = "auto"
+    """Attention kernel: auto = varlen for padding-free batches on a GPU (torch's flash kernel given the rows'
+    boundaries; flex_attention where the model's attention is not plain causal), else sdpa."""
     chat_template: str | None = None
     """A Jinja chat template (or a path to a .jinja file) replacing the tokenizer's."""
 
@@ -412,6 +413,10 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("lora.dora", "peft's DoRA does not support 8-bit bitsandbytes layers; use bits 4 or none"))
     if recipe.data.packing and recipe.data.padding_free is True:
         problems.append(("data.padding_free", "packing and padding_free are alternatives; pick one"))
+    if recipe.model.attn_implementation == "varlen" and (recipe.method != "sft" or recipe.data.padding_free is False
+                                                          or recipe.data.packing):
+        problems.append(("model.attn_implementation", "varlen attention is for padding-free SFT batches (it takes "
+                         "the rows' boundaries instead of a mask); use sdpa or auto"))
     if recipe.train.fused_lora is True and lora.dora:
         problems.append(("train.fused_lora", "the fused LoRA layer does not implement DoRA; "
                          "set train.fused_lora: auto or false"))

@@ -15,10 +15,11 @@ bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a
   memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
 - data.padding_free: flattened batches (TRL's padding_free; attention keeps rows apart through
   position_ids); rows come truncated to data.max_length from data.prepare_sft.
-- model.attn_implementation: auto = flex attention for padding-free batches on CUDA, else sdpa. Padding-free
+- model.attn_implementation: auto = varlen attention for padding-free batches on CUDA, else sdpa. Padding-free
   batches carry a per-row (block-diagonal) mask; SDPA cannot use its flash kernel with a mask and computes the
-  whole square of the flattened row, flex attention skips the masked blocks (8B, varied lengths, H200:
-  5651 vs 3793 tok/s, bench/train.md).
+  whole square of the flattened row; flex attention skips the masked blocks (8B, varied lengths, H200:
+  5651 vs 3793 tok/s, bench/train.md); varlen attention (lorakit.varlen_attention) runs torch's flash kernel
+  on the rows' boundaries, with no mask at all. Models whose attention it does not fit keep flex (models.py).
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its unquantized frozen
   weights (embeddings, norms, lm_head) in bf16, as TRL does, instead of peft's
   `prepare_model_for_kbit_training` fp32 upcast (which makes the residual stream fp32: ~25% slower and
@@ -76,13 +77,13 @@ def fused_lora_supported(recipe: Any, bits: int | None) -> bool:
 
 
 def attention(recipe: Any, device: str, padding_free: bool) -> str:
-    """model.attn_implementation with `auto` resolved: flex attention for padding-free batches on CUDA (it skips
-    the blocks that the per-row mask hides), sdpa otherwise. A model class without flex support falls back to
-    sdpa at load (models.load_base)."""
+    """model.attn_implementation with `auto` resolved: varlen attention for padding-free batches on CUDA (the
+    rows' boundaries instead of a per-row mask), sdpa otherwise. At load (models.attn_implementation) a model
+    whose attention varlen does not fit falls back to flex attention, then to sdpa."""
     a = recipe.model.attn_implementation
     if a != "auto":
         return a
-    return "flex_attention" if device == "cuda" and padding_free and recipe.method == "sft" else "sdpa"
+    return "varlen" if device == "cuda" and padding_free and recipe.method == "sft" else "sdpa"
 
 
 def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
@@ -236,8 +237,9 @@ def describe_levers(p: dict) -> str:
     on = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
                                  ("dropout_kernel", "LoRA dropout kernel"), ("padding_free", "padding-free"),
                                  ("cuda_graphs", "CUDA graphs per layer")) if p.get(key)]
-    if p.get("attn_implementation") == "flex_attention":
-        on.append("flex attention")
+    attn = {"flex_attention": "flex attention", "varlen": "varlen attention"}.get(p.get("attn_implementation"))
+    if attn:
+        on.append(attn)
     if p.get("frozen_dtype"):
         on.append(f"frozen weights {p['frozen_dtype']}")
     why = p.get("checkpointing_reason") or ""

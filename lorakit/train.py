@@ -479,7 +479,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         recipe = _settle_padding_free(recipe, levers, lengths, out, device)
         recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
-        levers["attn_implementation"] = info["attn_implementation"]  # sdpa where the class has no flex
+        levers["attn_implementation"] = info["attn_implementation"]  # as loaded: the fallbacks of `auto`
         out.print(describe_params(info))
         out.print(describe_levers(levers))
     report = dict(getattr(prepared, "report", None) or {})
@@ -633,7 +633,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "cpu_threads": _threads(device),
         "resumed": checkpoint is not None,
         "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"],
-                    "attn_implementation": info["attn_implementation"]},  # as loaded (sdpa without flex support)
+                    "attn_implementation": info["attn_implementation"]},  # as loaded (auto's fallbacks)
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "loss": {"first": points["train"][0][1] if points["train"] else None,
@@ -664,6 +664,10 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
                                   "not_graphable_calls": graphs.skipped}
         for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
+    if info["attn_implementation"] == "varlen":  # calls with the rows' boundaries (varlen) and without (sdpa)
+        from lorakit.varlen_attention import calls
+
+        summary["attention_calls"] = dict(calls)
     if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)
         summary["artifacts"]["merged"] = str(run.merged_dir)

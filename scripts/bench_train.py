@@ -32,7 +32,8 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed).
 - lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
 - lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
-- lk_flex: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work).
+- lk_flex / lk_sdpa: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work)
+  or sdpa (the L x L square): the attention kernels before varlen attention, lorakit's default for such batches.
 - lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
   lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
@@ -87,7 +88,7 @@ NAMES = {"8b": "Llama-3.1-8B shape", "1b": "Llama-3.2-1B shape", "tiny": "tiny L
 # Most important first: a timeout still leaves the headline numbers. (model, workload, run, steps)
 PLAN = [
     ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20),
-    ("8b", "varied", "baseline", 12), ("8b", "varied", "lorakit", 12), ("8b", "varied", "lk_flex", 16),
+    ("8b", "varied", "baseline", 12), ("8b", "varied", "lorakit", 12), ("8b", "varied", "lk_flex", 12),
     ("8b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "baseline_peft", 12),
     ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
     ("1b", "varied", "baseline", 12), ("1b", "varied", "lorakit", 12),
@@ -95,6 +96,7 @@ PLAN = [
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
     ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
+    ("8b", "varied", "lk_sdpa", 12),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -338,9 +340,9 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["torch_compile"] = True
     if run in ("lk_graphs", "lk_no_graphs"):
         train["cuda_graphs"] = run == "lk_graphs"
-    attn = "sdpa"
-    if run == "lk_flex":  # flex attention skips the masked blocks of padding-free's per-row mask (bench/README.md)
-        attn = "flex_attention"
+    attn = "auto"  # lorakit's default: varlen attention for padding-free batches on CUDA, else sdpa
+    if run in ("lk_flex", "lk_sdpa"):  # padding-free with flex attention (masked blocks skipped) or sdpa (the L x L
+        attn = run.removeprefix("lk_").replace("flex", "flex_attention")  # square): what varlen replaced
         data["padding_free"] = True
     if not cuda:  # CPU smoke test: switch on what auto leaves off on a CPU, to run those code paths
         train["fused_lora"] = True
@@ -392,7 +394,8 @@ def lorakit(args) -> dict:
         out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
     on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("dropout_kernel", "dropout kernel"),
                                  ("padding_free", "padding-free"), ("cuda_graphs", "CUDA graphs")) if o.get(key)]
-    on += ["flex attention"] if o.get("attn_implementation") == "flex_attention" else []
+    on += [{"flex_attention": "flex attention", "varlen": "varlen attention"}.get(o.get("attn_implementation"), "")]
+    on = [x for x in on if x]
     out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))
     out["events"] = events
     out.update(_peak(args.device))
@@ -754,11 +757,13 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   batches; **baseline_peft**: the same after peft's `prepare_model_for_kbit_training` (the peft docs' recipe).
 - **lorakit**: `lorakit train` (lorakit.train.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
   fused LoRA (with LoRA dropout drawn inside the matmul: lorakit/lora_triton.py), frozen weights kept bf16,
-  padding-free batches with flex attention where padding would waste >= 15% (the varied rows), every layer
-  checkpointed (the baseline's memory).
+  padding-free batches with varlen attention (torch's flash kernel given the rows' boundaries:
+  lorakit/varlen_attention.py) where padding would waste >= 15% (the varied rows), every layer checkpointed (the
+  baseline's memory).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
-  **lk_flex**: padding-free batches with flex attention forced (`model.attn_implementation: flex_attention`);
+  **lk_flex** / **lk_sdpa**: padding-free batches with flex attention / sdpa forced (`model.attn_implementation`; what
+  varlen attention replaced);
   **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
   same recipe); **lk_graphs** / **lk_no_graphs**: `train.cuda_graphs: true` / `false` (checkpointed layers replayed
   as CUDA graphs, lorakit/layer_graphs.py); **X@prev**: run X with the lorakit package of `--prev-code` (the code

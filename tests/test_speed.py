@@ -364,7 +364,7 @@ def test_auto_padding_free_is_settled_by_the_data(tmp_path):
     out = SimpleNamespace(print=printed.append)
 
     def settle(lengths):
-        levers = {"padding_free": True, "attn_implementation": "flex_attention"}
+        levers = {"padding_free": True, "attn_implementation": "varlen"}
         return _settle_padding_free(recipe, levers, lengths, out, "cuda"), levers
 
     same, levers = settle([64] * 32)
@@ -373,7 +373,7 @@ def test_auto_padding_free_is_settled_by_the_data(tmp_path):
     assert same._source == recipe._source  # still knows its file (errors, resume hints)
     kept, levers = settle([8, 64] * 16)
     assert kept.data.padding_free == "auto" and levers["padding_free"] is True
-    assert levers["attn_implementation"] == "flex_attention"
+    assert levers["attn_implementation"] == "varlen"
 
 
 def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
@@ -388,14 +388,14 @@ def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
     assert _row_lengths(SimpleNamespace(train=Dataset.from_dict({"messages": [[], []]}))) == []  # not tokenized
 
 
-def test_auto_attention_is_flex_for_padding_free_batches_on_cuda(bf16_gpu):
-    assert speed.plan(recipe(), "cuda")["attn_implementation"] == "flex_attention"
+def test_auto_attention_is_varlen_for_padding_free_batches_on_cuda(bf16_gpu):
+    assert speed.plan(recipe(), "cuda")["attn_implementation"] == "varlen"
     assert speed.plan(recipe(), "cpu")["attn_implementation"] == "sdpa"
     assert speed.plan(recipe(train={"batch_size": 1}), "cuda")["attn_implementation"] == "sdpa"  # no padding-free
     assert speed.plan(recipe(data={"path": "d", "padding_free": False}), "cuda")["attn_implementation"] == "sdpa"
     for chosen in ("sdpa", "eager"):  # the recipe's own choice is kept
         assert speed.plan(recipe(model={"attn_implementation": chosen}), "cuda")["attn_implementation"] == chosen
-    assert "flex attention" in speed.describe_levers(speed.plan(recipe(), "cuda"))
+    assert "varlen attention" in speed.describe_levers(speed.plan(recipe(), "cuda"))
     grpo = recipe(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}]}, data={"path": "d", "padding_free": True})
     assert speed.plan(grpo, "cuda")["attn_implementation"] == "sdpa"  # GRPO does not flatten its batches
 
