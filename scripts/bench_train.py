@@ -35,7 +35,8 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
 - lk_flex / lk_sdpa: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work)
   or sdpa (the L x L square): the attention kernels before varlen attention, lorakit's default for such batches.
 - lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
-  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py);
+  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py); lk_adamw_fused:
+  train.optimizer adamw_torch_fused (fp32 optimizer states; the default is paged 8-bit AdamW);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
 
 Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
@@ -96,7 +97,7 @@ PLAN = [
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
     ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
-    ("8b", "varied", "lk_sdpa", 12),
+    ("8b", "varied", "lk_sdpa", 12), ("8b", "fixed", "lk_adamw_fused", 20), ("1b", "fixed", "lk_adamw_fused", 20),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -338,6 +339,8 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["fused_lora"] = False
     if run == "lk_compile":
         train["torch_compile"] = True
+    if run == "lk_adamw_fused":  # torch's fused AdamW (fp32 states, one launch) instead of paged 8-bit AdamW
+        train["optimizer"] = "adamw_torch_fused"
     if run in ("lk_graphs", "lk_no_graphs"):
         train["cuda_graphs"] = run == "lk_graphs"
     attn = "auto"  # lorakit's default: varlen attention for padding-free batches on CUDA, else sdpa
@@ -441,12 +444,12 @@ def profiled(path: Path, steps: int, device: str):
         prof.stop()
         ka = prof.key_averages()
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        # kernels only (device events), as torch's own "Self CUDA time total": CPU-side ranges such as
-        # ProfilerStep* also report a device time that spans their kernels
+        # kernels only (device events that are not user annotations), as torch's own "Self CUDA time total": CPU-side
+        # ranges and the GPU-side copies of annotations (ProfilerStep*, Optimizer.step#...) span their kernels
         from torch.autograd import DeviceType
 
-        busy_us = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) \
-            if device == "cuda" else None
+        busy_us = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False)) if device == "cuda" else None
         wall_us = (stamps[-1] - stamps[-3]) * 1e6 if len(stamps) >= 3 else None
         head = [f"# {path.stem}: the last 2 optimizer steps", f"wall per step: {wall_us / 2 / 1e3:.1f} ms"
                 if wall_us else "wall: n/a"]
