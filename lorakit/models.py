@@ -8,7 +8,7 @@ safetensors checkpoint in the user's cache dir (atomically, under a file lock), 
 `load_for_training` (= `load_training_tokenizer`, which data preparation needs first, then
 `load_training_model`) loads the base with bitsandbytes 4/8-bit or in 16/32-bit and wraps it in a peft
 LoRA model configured by the recipe, with the model-side speed levers of `lorakit.speed.plan`: the
-attention kernel (flex for padding-free batches), the fused LoRA layer, frozen weights kept in bf16 on CUDA
+attention kernel (varlen for padding-free batches), the fused LoRA layer, frozen weights kept in bf16 on CUDA
 (instead of peft's fp32 upcast in `prepare_model_for_kbit_training`, which stays the path on CPU and for
 fp16 / 8-bit), and partial gradient checkpointing.
 """
@@ -336,14 +336,23 @@ def lora_config(recipe, model):
 def attn_implementation(recipe, base_dir: Path, levers: dict | None = None) -> str:
     """The attention kernel to load with: the recipe's, or for `auto` the run's plan (speed.attention). `auto`
     falls back where the planned kernel does not fit: varlen -> flex attention (a model whose attention is not
-    plain causal, or no varlen kernel on this GPU) -> sdpa (a class without flex support, remote code).
-    `varlen` comes back as the name registered with transformers (lorakit.varlen_attention.NAME)."""
+    plain causal, or no varlen kernel on this GPU) -> sdpa (a class without flex support, remote code); an
+    explicit varlen on such a model is an error. `varlen` comes back as the name registered with transformers
+    (lorakit.varlen_attention.NAME)."""
     a = (levers or {}).get("attn_implementation") or recipe.model.attn_implementation
     auto = recipe.model.attn_implementation == "auto"
     if a == "auto":
         return "sdpa"
-    if a == "varlen" and auto and (recipe.model.trust_remote_code or not _varlen_fits(base_dir)):
-        a = "flex_attention"
+    if a == "varlen":
+        config = None if recipe.model.trust_remote_code else _config(base_dir)
+        fits = config is not None and varlen_attention.fits(config)
+        if auto and not (fits and varlen_attention.available()):
+            a = "flex_attention"
+        elif not fits:
+            kind = getattr(config, "model_type", None) or "remote code"
+            raise LorakitError(f"model.attn_implementation: varlen computes plain causal attention, which "
+                               f"{recipe.base_model} ({kind}) does not use (sliding windows, softcapping, other "
+                               "kinds); use auto or sdpa", field="model.attn_implementation")
     if a == "flex_attention" and auto and (recipe.model.trust_remote_code or not _supports_flex(base_dir)):
         return "sdpa"  # remote classes: sdpa, as before
     if a == "varlen":
@@ -360,12 +369,6 @@ def _config(base_dir: Path):
         return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
     except (KeyError, OSError, ValueError):
         return None
-
-
-def _varlen_fits(base_dir: Path) -> bool:
-    """This machine has the varlen kernel and the checkpoint's attention is what it computes."""
-    config = _config(base_dir)
-    return config is not None and varlen_attention.fits(config) and varlen_attention.available()
 
 
 def _supports_flex(base_dir: Path) -> bool:

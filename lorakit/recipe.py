@@ -61,8 +61,9 @@ class ModelSection(Section):
     allow_pickle: bool = False
     """Allow .bin/.pt weights (pickle). Off: weights load from safetensors only."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"] = "auto"
-    """Attention kernel: auto = varlen for padding-free batches on a GPU (torch's flash kernel given the rows'
-    boundaries; flex_attention where the model's attention is not plain causal), else sdpa."""
+    """Attention kernel: auto = varlen for padding-free or packed SFT batches on a GPU with 16-bit compute (torch's
+    flash kernel given the rows' boundaries; flex_attention where the model's attention is not plain causal),
+    else sdpa. varlen asked for turns padding-free batches on."""
     chat_template: str | None = None
     """A Jinja chat template (or a path to a .jinja file) replacing the tokenizer's."""
 
@@ -413,10 +414,10 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("lora.dora", "peft's DoRA does not support 8-bit bitsandbytes layers; use bits 4 or none"))
     if recipe.data.packing and recipe.data.padding_free is True:
         problems.append(("data.padding_free", "packing and padding_free are alternatives; pick one"))
-    if recipe.model.attn_implementation == "varlen" and (recipe.method != "sft" or recipe.data.padding_free is False
-                                                          or recipe.data.packing):
-        problems.append(("model.attn_implementation", "varlen attention is for padding-free SFT batches (it takes "
-                         "the rows' boundaries instead of a mask); use sdpa or auto"))
+    if recipe.model.attn_implementation == "varlen" and (
+            recipe.method != "sft" or (recipe.data.padding_free is False and not recipe.data.packing)):
+        problems.append(("model.attn_implementation", "varlen attention is for flattened SFT batches (padding-free "
+                         "or packed: it takes the rows' boundaries instead of a mask); use sdpa or auto"))
     if recipe.train.fused_lora is True and lora.dora:
         problems.append(("train.fused_lora", "the fused LoRA layer does not implement DoRA; "
                          "set train.fused_lora: auto or false"))

@@ -76,14 +76,16 @@ def fused_lora_supported(recipe: Any, bits: int | None) -> bool:
     return bits in (4, None) and not recipe.lora.dora
 
 
-def attention(recipe: Any, device: str, padding_free: bool) -> str:
-    """model.attn_implementation with `auto` resolved: varlen attention for padding-free batches on CUDA (the
-    rows' boundaries instead of a per-row mask), sdpa otherwise. At load (models.attn_implementation) a model
-    whose attention varlen does not fit falls back to flex attention, then to sdpa."""
+def attention(recipe: Any, device: str, padding_free: bool, sixteen_bit: bool = True) -> str:
+    """model.attn_implementation with `auto` resolved: varlen attention for flattened SFT batches (padding-free,
+    or packed: TRL packs through its padding-free collator) on CUDA whose attention inputs are 16-bit (the flash
+    kernel's; `sixteen_bit`), sdpa otherwise. At load (models.attn_implementation) a model whose attention
+    varlen does not fit falls back to flex attention, then to sdpa."""
     a = recipe.model.attn_implementation
     if a != "auto":
         return a
-    return "varlen" if device == "cuda" and padding_free and recipe.method == "sft" else "sdpa"
+    flattened = padding_free or recipe.data.packing
+    return "varlen" if device == "cuda" and flattened and recipe.method == "sft" and sixteen_bit else "sdpa"
 
 
 def _compute_dtype(recipe: Any, device: str, bits: int | None) -> str:
@@ -152,17 +154,20 @@ def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None
     if fused == "auto":
         fused = cuda and fused_lora_supported(recipe, bits) and recipe.distributed.strategy != "fsdp"
     padding_free = data.padding_free
-    if padding_free == "auto":
-        padding_free = cuda and recipe.method == "sft" and not data.packing and train.batch_size > 1
+    if padding_free == "auto":  # an explicit varlen attention needs the flattened rows' boundaries, anywhere
+        padding_free = recipe.method == "sft" and not data.packing and (
+            (cuda and train.batch_size > 1) or recipe.model.attn_implementation == "varlen")
     cdt = compute_dtype or (_compute_dtype(recipe, device, bits) if cuda else None)
     frozen = "bf16" if cuda and bits == 4 and cdt == "bf16" else None
+    # attention inputs stay 16-bit where the residual stream does: frozen weights kept bf16, or a 16-bit base
+    sixteen_bit = cdt in ("bf16", "fp16") and (frozen is not None or bits is None)
     # the fused layer's dropout inside Triton kernels (lorakit.lora_triton; CUDA builds of torch bring Triton)
     dropout_kernel = bool(fused) and cuda and recipe.lora.dropout > 0 and lora_triton.covers(
         recipe.lora.r, 2 if cdt in ("bf16", "fp16") else 4)
     out: dict[str, Any] = {
         "liger": bool(liger), "fused_lora": bool(fused), "dropout_kernel": dropout_kernel,
         "padding_free": bool(padding_free),
-        "attn_implementation": attention(recipe, device, bool(padding_free)),
+        "attn_implementation": attention(recipe, device, bool(padding_free), sixteen_bit),
         "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
         "memory_budget_bytes": None, "checkpointing_reason": "",
     }

@@ -532,7 +532,8 @@ def _settle_padding_free(recipe, levers: dict, lengths: list[int], out: _Out, de
     """`data.padding_free: auto` chose padding-free before the data was read: keep it only when padded
     batches of these rows would waste enough (speed.padding_free_worth_it); the resolved recipe records it,
     and `auto` attention follows (speed.attention)."""
-    if recipe.method != "sft" or recipe.data.padding_free != "auto" or not levers.get("padding_free"):
+    if recipe.method != "sft" or recipe.data.padding_free != "auto" or not levers.get("padding_free") \
+            or recipe.model.attn_implementation == "varlen":  # asked for varlen: it needs the flattened rows
         return recipe
     from lorakit.speed import padding_free_worth_it, padding_waste
 
@@ -580,7 +581,11 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         run.write_json(BEFORE_FILE, before)
 
     t_train = time.time()
+    from lorakit.varlen_attention import calls
+
+    calls_before = calls.copy()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    attention_calls = dict(calls - calls_before)
     train_seconds = time.time() - t_train
     state = trainer.state
 
@@ -664,10 +669,9 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
                                   "not_graphable_calls": graphs.skipped}
         for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
-    if info["attn_implementation"] == "varlen":  # calls with the rows' boundaries (varlen) and without (sdpa)
-        from lorakit.varlen_attention import calls
-
-        summary["attention_calls"] = dict(calls)
+    if info["attn_implementation"] == "varlen":  # training's attention calls (a checkpointed layer's recompute
+        # calls again): flattened rows through the kernel (varlen) or row by row (rows), others SDPA (sdpa)
+        summary["attention_calls"] = attention_calls
     if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)
         summary["artifacts"]["merged"] = str(run.merged_dir)

@@ -1,16 +1,19 @@
 """Variable-length attention for padding-free batches: torch's flash kernel with the rows' boundaries.
 
-Why: a padding-free batch is one flattened row of several sequences. SDPA needs a per-row (block-diagonal)
-mask for it and then cannot use its flash kernel; flex attention skips the masked blocks but builds a block
-mask every step and runs a generic kernel. `torch.nn.attention.varlen.varlen_attn` takes the rows' cumulative
-lengths instead of a mask and runs the flash kernel on each row. 8B shape, 8 rows of varied length a step, H200,
-one call (bench/train_varlen.md): 5254 tok/s against 3176 with flex attention and 3243 for the padded baseline.
+Why: a padding-free (or packed) batch is one flattened row of several sequences. SDPA needs a per-row
+(block-diagonal) mask for it and then cannot use its flash kernel; flex attention skips the masked blocks but
+builds a block mask every step and runs a generic kernel. `torch.nn.attention.varlen.varlen_attn` takes the
+rows' cumulative lengths instead of a mask and runs the flash kernel on each row. 8B shape, 8 rows of varied
+length a step, H200 (bench/train_varlen.md): 5269 tok/s against 3044 for the padded baseline in one call; in
+another, 1.65x flex attention's speed (5254 vs 3176 tok/s, with the grouped key/value heads then repeated).
 
-TRL's padding-free collator already computes the boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`);
-transformers passes them through the model to the attention function, so no step reads anything back from the
-GPU. Registered under NAME through transformers' own extension points (AttentionInterface for the function,
-AttentionMaskInterface with SDPA's masks), so every call without boundaries - padded batches, generation with a
-cache - runs SDPA exactly as `attn_implementation="sdpa"` would.
+TRL's padding-free collator computes the boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`); transformers
+passes them through the model to the attention function. Registered under NAME through transformers' own
+extension points (AttentionInterface for the function, AttentionMaskInterface for the mask), so no library code
+is patched. The mask function builds no mask for a batch without a 2D attention mask (the flattened rows: their
+L x L mask would only be thrown away) and SDPA's mask otherwise, so every call without boundaries - padded
+batches, generation with a cache - runs SDPA exactly as `attn_implementation="sdpa"` would. Flattened rows that
+come without boundaries get them from `position_ids` (a read-back from the GPU, only on that path).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ PLAIN_CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", 
 calls: Counter = Counter()
 
 
+@functools.cache
 def available() -> bool:
     """torch has the varlen kernel and a GPU it runs on (flash attention: compute capability 8.0 or newer)."""
     import torch
@@ -42,43 +46,89 @@ def available() -> bool:
 
 
 def fits(config: Any) -> bool:
-    """This model's attention is what the varlen kernel computes: plain causal attention, head size <= 256, no
-    attention dropout, no sliding window in use."""
+    """This model's attention is what the varlen kernel computes: plain causal softmax attention (a model type
+    known for it, no sliding window in use, no attention dropout), head size <= 256."""
     window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    windowed_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (getattr(config, "model_type", None) in PLAIN_CAUSAL and not window and head <= 256
-            and not getattr(config, "attention_dropout", 0.0))
+    return (getattr(config, "model_type", None) in PLAIN_CAUSAL and not window and not windowed_layers
+            and head <= 256 and not getattr(config, "attention_dropout", 0.0))
 
 
 def register() -> None:
     """Make NAME a valid `attn_implementation` for transformers (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mask)
+
+
+def mask(*args, attention_mask=None, **kwargs):
+    """No mask without a 2D attention mask (flattened rows: `attention` keeps them apart by their boundaries;
+    a single row: causal), else SDPA's mask for it (padded batches, generation)."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+# attention variants this function does not compute: a model passing them must not get here (models.py checks
+# `fits` before loading with NAME); a call with them fails loudly instead of attending differently
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               **kwargs):
     """transformers' attention-function contract: query (B, H, L, D), key/value (B, H_kv, L, D) ->
-    (output (B, L, H, D), None). With the rows' boundaries in kwargs (a padding-free batch: B == 1) the varlen
-    kernel runs on a GPU, each row through SDPA on a CPU; otherwise SDPA with transformers' mask."""
-    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None or max_len is None or query.shape[0] != 1 or dropout:
+    (output (B, L, H, D), None). Flattened rows (B == 1 with boundaries) run the varlen kernel on a GPU for
+    16-bit inputs without dropout, else each row through SDPA; any other call runs SDPA with its mask."""
+    used = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    if used:
+        raise RuntimeError(f"lorakit's varlen attention does not implement {', '.join(used)} "
+                           f"({type(module).__name__}); use model.attn_implementation: sdpa")
+    cu, max_len = _boundaries(query, kwargs) if attention_mask is None else (None, None)
+    if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         calls["sdpa"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, D)
-    if query.is_cuda:
+    if query.is_cuda and not dropout and _kernel_takes(q, k, v):
         calls["varlen"] += 1
-        out = _varlen(q, k, v, cu, int(max_len), scaling)
+        out = _varlen(q, k, v, cu, max_len, scaling)
     else:
         calls["rows"] += 1
-        out = _rows(q, k, v, cu, scaling)
+        out = _rows(q, k, v, cu, scaling, dropout)
     return out.unsqueeze(0), None
+
+
+def _boundaries(query, kwargs: dict):
+    """(cumulative row lengths, longest row) of a flattened batch, or (None, None): from the collator's kwargs,
+    else from position_ids restarting at 0 within one row."""
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if query.shape[0] != 1:
+        return None, None
+    if cu is not None and max_len is not None:
+        return cu, int(max_len)
+    pos = kwargs.get("position_ids")
+    if pos is None or query.shape[2] == 1 or pos.shape[-1] != query.shape[2]:  # decoding steps: one token
+        return None, None
+    import torch
+
+    starts = (pos.reshape(-1) == 0).nonzero().flatten()
+    if starts.numel() <= 1:
+        return None, None  # one row: causal SDPA is the same
+    cu = torch.cat([starts, starts.new_tensor([pos.shape[-1]])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _kernel_takes(q, k, v) -> bool:
+    """The flash kernel runs here for these inputs: fp16/bf16 (one dtype) on a GPU that has it."""
+    import torch
+
+    return q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype and available()
 
 
 def _varlen(q, k, v, cu, max_len: int, scale: float | None):
@@ -107,8 +157,8 @@ def _varlen_params() -> frozenset:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _rows(q, k, v, cu, scale: float | None):
-    """The same attention one row at a time through SDPA (CPUs have no varlen kernel): the reference."""
+def _rows(q, k, v, cu, scale: float | None, dropout: float = 0.0):
+    """The same attention one row at a time through SDPA (CPUs, fp32 inputs, attention dropout)."""
     import torch
     import torch.nn.functional as F
 
@@ -116,6 +166,6 @@ def _rows(q, k, v, cu, scale: float | None):
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         qq, kk, vv = (t[s:e].transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
+        outs.append(F.scaled_dot_product_attention(qq, kk, vv, dropout_p=dropout, is_causal=True, scale=scale,
                                                    enable_gqa=qq.shape[0] != kk.shape[0]).transpose(0, 1))
     return torch.cat(outs)

@@ -104,6 +104,7 @@ def recipe(**sections):
 def test_auto_loads_varlen_where_it_fits_else_flex_then_sdpa(tmp_path, monkeypatch):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
+    from lorakit.errors import LorakitError
     from lorakit.models import attn_implementation
 
     llama, qwen_sw, gpt2 = tmp_path / "llama", tmp_path / "qwen_sw", tmp_path / "gpt2"
@@ -119,15 +120,19 @@ def test_auto_loads_varlen_where_it_fits_else_flex_then_sdpa(tmp_path, monkeypat
     assert attn_implementation(recipe(model={"trust_remote_code": True}), llama, planned) == "sdpa"
     monkeypatch.setattr(va, "available", lambda: False)  # no kernel (old torch, pre-Ampere GPU)
     assert attn_implementation(recipe(), llama, planned) == "flex_attention"
-    asked = recipe(model={"attn_implementation": "varlen"})  # asked for: kept
-    assert attn_implementation(asked, gpt2, planned) == va.NAME
+    asked = recipe(model={"attn_implementation": "varlen"})  # asked for: kept (rows through SDPA without a kernel)
+    assert attn_implementation(asked, llama, planned) == va.NAME
+    for other in (gpt2, qwen_sw):  # but not where it would attend differently from the model
+        with pytest.raises(LorakitError, match="plain causal attention") as e:
+            attn_implementation(asked, other, planned)
+        assert e.value.field == "model.attn_implementation"
 
 
 @pytest.mark.parametrize("sections", [
     {"data": {"path": "d.jsonl", "padding_free": False}},
-    {"data": {"path": "d.jsonl", "packing": True}},
+    {"method": "grpo", "grpo": {"rewards": [{"fn": "exact_answer"}]}, "data": {"path": "d.jsonl"}},
 ])
-def test_recipe_refuses_varlen_without_padding_free_batches(tmp_path, sections):
+def test_recipe_refuses_varlen_without_flattened_sft_batches(tmp_path, sections):
     import yaml
 
     from lorakit.errors import RecipeError
@@ -138,9 +143,8 @@ def test_recipe_refuses_varlen_without_padding_free_batches(tmp_path, sections):
     p.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
-    (problem,) = e.value.problems
-    assert problem.field == "model.attn_implementation" and problem.line == 3  # `attn_implementation: varlen`
-    assert "padding-free" in problem.message
+    (problem,) = [q for q in e.value.problems if q.field == "model.attn_implementation"]
+    assert problem.line == 3 and "padding-free" in problem.message  # the `attn_implementation: varlen` line
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel runs on a GPU")
@@ -169,3 +173,83 @@ def test_varlen_kernel_matches_rows_through_sdpa_on_gpu():
     for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
         err = (a - b).abs().max().item() / b.abs().max().item()
         assert err < 2e-2, (name, err)
+
+
+def test_flattened_rows_without_boundaries_take_them_from_position_ids():
+    """A flattened batch with only position_ids (no collator kwargs) still attends within each row, and no
+    L x L mask is built for it (transformers' mask for the batch is None)."""
+    from transformers.masking_utils import create_causal_mask
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    va.register()
+    rows = _rows()
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    model = _tiny_llama().eval()
+    with torch.no_grad():
+        ref = model(**padded, use_cache=False).loss.item()
+        model.set_attn_implementation(va.NAME)
+        before = va.calls["rows"]
+        got = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"],
+                    use_cache=False).loss.item()
+        embeds = model.get_input_embeddings()(flat["input_ids"])
+        built = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
+                                   past_key_values=None, position_ids=flat["position_ids"])
+    assert va.calls["rows"] - before == 2 and got == pytest.approx(ref, rel=1e-5)
+    assert built is None
+
+
+def test_inputs_the_kernel_does_not_take_go_row_by_row():
+    q16 = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
+    assert not va._kernel_takes(q16.float(), q16.float(), q16.float())  # fp32 (peft's upcast residual stream)
+    assert not va._kernel_takes(q16, q16.float(), q16)  # mixed
+    with pytest.raises(RuntimeError, match="does not implement sliding_window"):
+        va.attention(torch.nn.Module(), q16[None], q16[None], q16[None], None, sliding_window=4)
+
+
+def test_plan_picks_varlen_for_flattened_16_bit_sft_on_cuda(monkeypatch):
+    import lorakit.models
+    from lorakit import speed
+
+    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16" if device == "cuda" else "fp32")
+    monkeypatch.setattr(speed, "liger_available", lambda: False)
+
+    def attn(**sections):
+        return speed.plan(recipe(**sections), "cuda")["attn_implementation"]
+
+    assert attn() == "varlen"
+    assert attn(data={"path": "d", "packing": True}) == "varlen"  # TRL packs through its padding-free collator
+    assert attn(quantization={"bits": 8}) == "sdpa"  # peft's fp32 upcast: fp32 attention inputs
+    assert attn(quantization={"bits": 4, "compute_dtype": "fp16"}, train={"batch_size": 2, "precision": "fp16"}) \
+        == "sdpa"  # fp16 compute keeps the fp32 upcast too
+    assert attn(quantization={"bits": "none"}) == "varlen"  # a bf16 base
+    assert speed.plan(recipe(), "cpu")["attn_implementation"] == "sdpa"
+    # asked for: padding-free follows, even where auto would leave it off (one row a batch, a CPU)
+    asked = {"model": {"attn_implementation": "varlen"}}
+    assert speed.plan(recipe(train={"batch_size": 1}, **asked), "cuda")["padding_free"] is True
+    assert speed.plan(recipe(**asked), "cpu")["padding_free"] is True
+
+
+def test_run_with_varlen_asked_for_keeps_padding_free_and_a_loadable_recipe(tmp_path, monkeypatch, tiny_model_dir):
+    """Rows of one length would settle `padding_free: auto` off; an explicit varlen keeps it (else every call
+    would run SDPA and the written recipe would break the varlen rule). On a CPU the rows go through SDPA one by
+    one; the summary counts the training's calls."""
+    import yaml
+    from conftest import write_jsonl
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import run_training
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 8)
+    doc = {"name": "varlen", "base_model": str(tiny_model_dir), "quantization": {"bits": "none"},
+           "model": {"attn_implementation": "varlen"}, "lora": {"r": 4},
+           "data": {"path": "train.jsonl", "max_length": 24},
+           "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "gradient_checkpointing": True},
+           "output": {"dir": "runs/varlen"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    summary = run_training(load_recipe(tmp_path / "r.yaml"))
+    assert summary["options"]["padding_free"] is True and summary["options"]["attn_implementation"] == "varlen"
+    calls = summary["attention_calls"]
+    assert set(calls) == {"rows"} and calls["rows"] == 2 * 2 * 2  # 2 layers, 2 steps, forward + recompute
+    assert load_recipe(tmp_path / "runs/varlen/recipe.yaml").model.attn_implementation == "varlen"
