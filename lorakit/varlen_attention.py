@@ -27,7 +27,7 @@ NAME = "lorakit_varlen"
 # model types whose attention is plain causal softmax attention (no sliding window in use, no logit softcapping,
 # no attention sinks): what this function computes. Others keep flex attention or sdpa.
 PLAIN_CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "granite", "smollm3"}
-# how many calls ran which path since the process started (the run's summary reports them)
+# how many calls ran which path in this process (train.py reports the training's share in the run's summary)
 calls: Counter = Counter()
 
 
