@@ -373,6 +373,8 @@ def lorakit(args) -> dict:
         out["options"] = summary["options"]
         if "cuda_graphs" in summary:
             out["cuda_graphs"] = summary["cuda_graphs"]
+        if "attention_calls" in summary:  # which path varlen attention's calls took (varlen kernel, rows, sdpa)
+            out["attention_calls"] = summary["attention_calls"]
     except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
         out["lorakit_error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()[-2000:]
