@@ -341,23 +341,22 @@ def attn_implementation(recipe, base_dir: Path, levers: dict | None = None) -> s
     (lorakit.varlen_attention.NAME)."""
     a = (levers or {}).get("attn_implementation") or recipe.model.attn_implementation
     auto = recipe.model.attn_implementation == "auto"
-    if a == "auto":
-        return "sdpa"
+    if a not in ("varlen", "flex_attention"):
+        return "sdpa" if a == "auto" else a
+    config = None if recipe.model.trust_remote_code else _config(base_dir)  # remote classes: sdpa, as before
     if a == "varlen":
-        config = None if recipe.model.trust_remote_code else _config(base_dir)
         fits = config is not None and varlen_attention.fits(config)
-        if auto and not (fits and varlen_attention.available()):
-            a = "flex_attention"
-        elif not fits:
+        if not fits and not auto:
             kind = getattr(config, "model_type", None) or "remote code"
-            raise LorakitError(f"model.attn_implementation: varlen computes plain causal attention, which "
-                               f"{recipe.base_model} ({kind}) does not use (sliding windows, softcapping, other "
-                               "kinds); use auto or sdpa", field="model.attn_implementation")
-    if a == "flex_attention" and auto and (recipe.model.trust_remote_code or not _supports_flex(base_dir)):
-        return "sdpa"  # remote classes: sdpa, as before
-    if a == "varlen":
-        varlen_attention.register()
-        return varlen_attention.NAME
+            raise LorakitError(f"varlen computes plain causal attention, which {recipe.base_model} ({kind}) does "
+                               "not use (sliding windows, softcapping, other kinds); use auto or sdpa",
+                               field="model.attn_implementation")
+        if fits and (not auto or varlen_attention.available()):
+            varlen_attention.register()
+            return varlen_attention.NAME
+        a = "flex_attention"
+    if auto and not _supports_flex(config):
+        return "sdpa"
     return a
 
 
@@ -371,13 +370,13 @@ def _config(base_dir: Path):
         return None
 
 
-def _supports_flex(base_dir: Path) -> bool:
-    """The transformers class for this checkpoint's config implements flex attention (config only)."""
+def _supports_flex(config) -> bool:
+    """The transformers class for this config implements flex attention."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(_config(base_dir))]
-    except KeyError:  # remote code, an unknown architecture or no config
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # no config or an unknown architecture
         return False
     return bool(getattr(cls, "_supports_flex_attn", False))
 
