@@ -68,6 +68,7 @@ sys.path.insert(0, os.environ.get("LKBENCH_CODE") or str(ROOT))
 WORK = Path(os.environ.get("LKBENCH_DIR", "/tmp/lkbench"))
 WARMUP = 4
 LOSSES = 20
+PROFILED_STEPS = 3  # --profile: a warm-up step and 2 recorded steps, run after the timed steps
 MARKER = "<!-- previous runs below: kept by scripts/bench_train.py -->"
 
 SHAPES = {
@@ -407,15 +408,35 @@ def lorakit(args) -> dict:
     return out
 
 
+def memory_by_step(device: str) -> list:
+    """GPU memory after each optimizer step (allocated, reserved, and their peaks so far, GiB): where a run's
+    peak comes from (e.g. the step that captures CUDA graphs). Filled by a global optimizer hook."""
+    if device != "cuda":
+        return []
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    log: list = []
+    g = 2**30
+    register_optimizer_step_post_hook(lambda *_: log.append(
+        [round(torch.cuda.memory_allocated() / g, 3), round(torch.cuda.memory_reserved() / g, 3),
+         round(torch.cuda.max_memory_allocated() / g, 3), round(torch.cuda.max_memory_reserved() / g, 3)]))
+    return log
+
+
 def child(args) -> None:
     fn = baseline if args.run.startswith("baseline") else lorakit
+    mem_log = memory_by_step(args.device)
     prof = os.environ.get("LKBENCH_PROFILE")
-    if prof:
+    steps = args.steps
+    if prof:  # PROFILED_STEPS more steps after the timed ones (measure() stops at `steps`)
+        args.steps += PROFILED_STEPS
         with profiled(Path(prof) / f"profile-{args.model}-{args.workload}-{args.run.replace('@', '-')}.txt", args.steps, args.device):
             out = fn(args)
     else:
         out = fn(args)
-    res = {"model": args.model, "workload": args.workload, "run": args.run, "steps": args.steps, **out}
+    res = {"model": args.model, "workload": args.workload, "run": args.run, "steps": steps, **out,
+           "memory_by_step": mem_log}
     Path(args.result).write_text(json.dumps(res))
 
 
@@ -431,10 +452,26 @@ def profiled(path: Path, steps: int, device: str):
     stamps: list[float] = []
     prof = profile(activities=acts, schedule=schedule(wait=max(0, steps - 3), warmup=1, active=2, repeat=1))
 
+    open_ranges: dict[int, object] = {}
+
+    def pre(mod, _args):  # the model's forward as a range in the trace (trace_gaps charges idle time to it)
+        if type(mod).__name__.endswith("ForCausalLM"):
+            open_ranges[id(mod)] = torch.autograd.profiler.record_function("lk.model_forward").__enter__()
+
+    def post(mod, _args, _out):
+        r = open_ranges.pop(id(mod), None)
+        if r is not None:
+            r.__exit__(None, None, None)
+
+    hooks: list = []
+
     def step(*_):
         if device == "cuda":
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if len(stamps) == steps - 2:  # the profiler's warm-up step begins: annotate from here on
+            hooks.extend([torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                          torch.nn.modules.module.register_module_forward_hook(post)])
         prof.step()
 
     prof.start()
@@ -443,7 +480,26 @@ def profiled(path: Path, steps: int, device: str):
         yield
     finally:
         hook.remove()
+        for h in hooks:
+            h.remove()
         prof.stop()
+        gaps = ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if device == "cuda":
+            import gzip
+
+            import trace_gaps
+
+            trace = path.with_suffix(".trace.json")
+            prof.export_chrome_trace(str(trace))
+            try:
+                gaps = "\n## where the GPU idles (scripts/trace_gaps.py)\n" + trace_gaps.analyze_file(trace)
+            except Exception as e:  # noqa: BLE001 - the tables below and the run's figures still count
+                gaps = f"\ntrace_gaps failed: {type(e).__name__}: {e}\n"
+            if trace.stat().st_size < 200e6:  # kept gzipped for a closer look (chrome://tracing, perfetto)
+                with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+                    g.write(f.read())
+            trace.unlink()
         ka = prof.key_averages()
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         # kernels only (device events that are not user annotations), as torch's own "Self CUDA time total": CPU-side
@@ -458,7 +514,7 @@ def profiled(path: Path, steps: int, device: str):
         if busy_us is not None and wall_us:
             head.append(f"GPU kernel time per step: {busy_us / 2 / 1e3:.1f} ms ({100 * busy_us / wall_us:.0f}% of wall)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(head) + f"\n\n## by {key}\n"
+        path.write_text("\n".join(head) + "\n" + gaps + f"\n\n## by {key}\n"
                         + ka.table(sort_by=key, row_limit=30, max_name_column_width=60)
                         + "\n## by self CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=20,
                                                                   max_name_column_width=60), encoding="utf-8")
@@ -485,7 +541,7 @@ def flops_per_token(model: str, seq: float, gc_frac: float) -> float:
 
 def measure(res: dict) -> None:
     """tokens/s etc. from the per-step log events (after WARMUP steps)."""
-    ev = sorted(res.get("events") or [], key=lambda e: e["step"])
+    ev = sorted((e for e in res.get("events") or [] if e["step"] <= res["steps"]), key=lambda e: e["step"])
     res["losses"] = [round(e["loss"], 5) for e in ev][:LOSSES]
     w = next((e for e in ev if e["step"] == WARMUP), None)
     last = ev[-1] if ev else None
@@ -555,8 +611,8 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=40, help="train.memory_budget_gb of lorakit_budget")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="profile the last 2 steps of each run into DIR/profile-*.txt (its tok/s are then not "
-                         "comparable: no --write-bench)")
+                    help="profile 2 extra steps after each run's timed steps into DIR/profile-*.txt (tables and where "
+                         "the GPU idles, scripts/trace_gaps.py)")
     ap.add_argument("--prev-code", default=None, metavar="DIR",
                     help="runs named X@prev (e.g. --only baseline,lorakit,lorakit@prev) run variant X with the "
                          "lorakit package found in DIR (e.g. a `git worktree` of the commit before a change)")
@@ -586,8 +642,6 @@ def main() -> None:
         doc = json.loads((d / "train.json").read_text(encoding="utf-8"))
         prev_md = (d / "train.md").read_text(encoding="utf-8").partition(MARKER)[2].strip()
         return write(d, None, doc["info"], doc["results"], prev_md, doc.get("previous_runs"))
-    if args.profile and args.write_bench:
-        ap.error("--profile slows the steps it records: its figures do not go to the bench files (drop --write-bench)")
     if args.profile:
         os.environ["LKBENCH_PROFILE"] = str(Path(args.profile).resolve())
     start = time.time()

@@ -65,6 +65,30 @@ def test_mask_has_dropouts_distribution(lt):
     assert rows.std().item() < 0.05 and (m1[0] != m1[1]).any()  # no row is special or repeated
 
 
+def test_mask_draws_are_independent_of_their_neighbours(lt):
+    """The draws hash (seed, row, column): neighbours in a row, a column, a diagonal, the four corners of random
+    rectangles (the row and column hashes are combined by XOR) and the same element under the next seed behave
+    as independent draws. Bounds: 5 standard deviations."""
+    mod, device = lt
+    p, q = 0.25, 0.75
+    m = mod.dropout_mask(256, 512, p, 7, device).float().cpu()
+
+    def near(got, want, n):
+        assert abs(got - want) < 5 * (want * (1 - want) / n) ** 0.5, (got, want)
+
+    near(m.mean().item(), q, m.numel())
+    near(m.diagonal().mean().item(), q, 256)  # row i and column i hash apart
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m[:-1, :-1], m[1:, 1:])):
+        near((a * b).mean().item(), q * q, a.numel())
+    g = torch.Generator().manual_seed(0)
+    r, c = torch.randint(0, 256, (2, 100_000), generator=g), torch.randint(0, 512, (2, 100_000), generator=g)
+    ok = (r[0] != r[1]) & (c[0] != c[1])
+    odd = ((m[r[0], c[0]] + m[r[0], c[1]] + m[r[1], c[0]] + m[r[1], c[1]])[ok] % 2).mean().item()
+    near(odd, (1 - (1 - 2 * p) ** 4) / 2, int(ok.sum()))  # an odd number of the four corners dropped
+    m2 = mod.dropout_mask(256, 512, p, 8, device).float().cpu()
+    near((m * m2).mean().item(), q * q, m.numel())
+
+
 def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkeypatch):
     """The fused LoRA function on a device where Triton runs: same output and gradients as torch's
     dropout -> matmul with the mask drawn from the seed the layer took from torch's RNG."""
