@@ -227,6 +227,8 @@ class Setup:
     cuda_graphs: bool = False
     """Checkpointed layers replayed as CUDA graphs (lorakit.layer_graphs): a layer's recompute-and-backward
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
+    offload_embeddings: bool = False
+    """The input embeddings live in host memory (lorakit.host_embedding; untied embeddings only)."""
 
 
 def optimizer_bytes(trainable_tensors: list[int], optimizer: str, param_bytes: int = 4) -> int:
@@ -360,6 +362,8 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     store = weight_storage(shape, s.bits, dtype_bytes=s.weight_bytes, unquantized_bytes=unq_bytes,
                            double_quant=s.double_quant)
     weights = store["total_bytes"]
+    if s.offload_embeddings and not shape.tie_word_embeddings:
+        weights -= shape.vocab * shape.hidden * unq_bytes
     tb = _trainable_bytes(s)
     save_bytes = params["modules_to_save"] * (tb if kbit else unq_bytes)
     lora_bytes = params["lora"] * tb
@@ -468,7 +472,8 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
                  dropout_kernel=bool(levers.get("dropout_kernel")),
                  fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe),
-                 cuda_graphs=bool(levers.get("cuda_graphs")))
+                 cuda_graphs=bool(levers.get("cuda_graphs")),
+                 offload_embeddings=bool(levers.get("offload_embeddings")))
 
 
 def _seq_len(recipe) -> int:
@@ -556,15 +561,23 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     levers = _plan(recipe, device)
     s = _setup(recipe, device, levers)
 
-    def peak_with(**kw) -> int:
-        return memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(s), **kw}))["peak_bytes"]
+    def peak_with(key: str = "peak_bytes", **kw) -> int:
+        kw = {"offload_embeddings": False, **kw}
+        return memory(shape, recipe.lora, targets, mts, params, Setup(**{**asdict(s), **kw}))[key]
 
     # the two ends budget mode (train.memory_budget_gb) chooses between; with a budget, its choice
     peaks = {gc: peak_with(checkpointing=gc, checkpoint_layers=None, cuda_graphs=False) for gc in (True, False)}
     graphs_peak = peak_with(checkpointing=True, checkpoint_layers=None, cuda_graphs=True)
+    # without a budget: CUDA graphs where, with the input embeddings in host memory, their peak allocated
+    # memory stays within the eager run's (speed.plan)
+    alloc = "allocated_peak_bytes"
     shape_info = {"model": shape.summary(), "peak_bytes_checkpointed": peaks[True],
-                  "peak_bytes_uncheckpointed": peaks[False], "peak_bytes_checkpointed_graphs": graphs_peak}
-    if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and recipe.train.memory_budget_gb:
+                  "peak_bytes_uncheckpointed": peaks[False], "peak_bytes_checkpointed_graphs": graphs_peak,
+                  "allocated_bytes_checkpointed": peak_with(alloc, checkpointing=True, checkpoint_layers=None,
+                                                            cuda_graphs=False),
+                  "allocated_bytes_graphs_offloaded": None if shape.tie_word_embeddings else peak_with(
+                      alloc, checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True)}
+    if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
         levers = _plan(recipe, device, shape_info)  # budget mode: its choice from the two peaks
         s = _setup(recipe, device, levers)
     verdict = None
@@ -585,6 +598,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "gradient_checkpointing": s.checkpointing, "checkpoint_layers": s.checkpoint_layers,
                   "checkpointing_reason": levers.get("checkpointing_reason", ""), "fused_lora": s.fused_lora,
                   "lora_dropout_kernel": s.dropout_kernel, "cuda_graphs": s.cuda_graphs,
+                  "offload_embeddings": s.offload_embeddings,
                   "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.get("frozen_dtype"),
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
                   "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,
@@ -595,6 +609,8 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         "peak_bytes_checkpointed": int(peaks[True]),
         "peak_bytes_uncheckpointed": int(peaks[False]),
         "peak_bytes_checkpointed_graphs": int(graphs_peak),
+        "allocated_bytes_checkpointed": shape_info["allocated_bytes_checkpointed"],
+        "allocated_bytes_graphs_offloaded": shape_info["allocated_bytes_graphs_offloaded"],
     }
 
 

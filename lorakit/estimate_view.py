@@ -47,7 +47,8 @@ def _memory_table(result: dict) -> Table:
     gc = ("on" if k is None else f"first {k} layers") if s["gradient_checkpointing"] else "off"
     levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
                                      ("lora_dropout_kernel", "LoRA dropout kernel"),
-                                     ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"))
+                                     ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"),
+                                     ("offload_embeddings", "input embeddings in host memory"))
               if s.get(key)]
     if s.get("frozen_dtype"):
         levers.append(f"frozen {s['frozen_dtype']}")
@@ -64,7 +65,8 @@ def _memory_table(result: dict) -> Table:
     shard = f"1/{st['gpus']} shard" if st and st["name"] == "fsdp" else ""
     t.add_row("weights", human(m["weights_bytes"]),
               shard or (f"quantized {human(w['quantized_bytes'])} + {w['unquantized_dtype']} "
-                        f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}"))
+                        f"{'/'.join(w['unquantized'])} {human(w['unquantized_bytes'])}"
+                        + (" less the input embeddings (host memory)" if s.get("offload_embeddings") else "")))
     t.add_row("adapter", human(m["adapter_bytes"]), ", ".join(x for x in (s.get("adapter_dtype", "fp32"), shard) if x))
     t.add_row("gradients", human(m["gradients_bytes"]), shard)
     if m.get("ddp_buckets_bytes"):
@@ -85,7 +87,8 @@ def _memory_table(result: dict) -> Table:
         t.add_row("generation (GRPO)", human(m["generation_bytes"]),
                   f"KV cache of {s['generation_batch']} sequences; the peak is the larger phase")
     t.add_row("runtime overhead", human(m["overhead_bytes"]), "CUDA context, workspaces, allocator cache")
-    t.add_row("peak", human(m["peak_bytes"]), f"torch reserved {human(m['reserved_peak_bytes'])}", style="bold")
+    t.add_row("peak", human(m["peak_bytes"]), f"torch reserved {human(m['reserved_peak_bytes'])}, allocated "
+              f"{human(m['allocated_peak_bytes'])}", style="bold")
     a = result["artifacts"]
     t.add_row("adapter file", human(a["adapter_bytes"]), "")
     t.add_row("merged checkpoint", human(a["merged_bytes"]), "")

@@ -56,6 +56,8 @@ class CudaRecorder:
                 fn()
         finally:
             caller.wait_stream(self.stream)
+        # the warm-up's blocks are cached for the capture stream, which nothing else allocates on: give them back
+        torch.cuda.empty_cache()
         return graph.replay
 
 

@@ -240,16 +240,22 @@ class TrainSection(Section):
     """Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): auto = on for CUDA when installed."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each checkpointed decoder layer as CUDA graphs (a few launches instead of ~250 a layer and step;
-    same kernels, same math; steady step times in the measured call). Costs memory: the graphs keep a layer's
-    working set in their own pool (8B shape, 2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved).
-    auto = in budget mode (memory_budget_gb) when every layer stays checkpointed and the graphs fit too, on CUDA,
-    for SFT batches of one shape with the fused LoRA layer. Other shapes and inputs fall back to plain
-    checkpointing."""
+    same kernels, same math). Costs memory: the graphs keep a layer's working set in their own pool (8B shape,
+    2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved). auto = on CUDA, for SFT batches of one shape with
+    the fused LoRA layer, in one process: in budget mode (memory_budget_gb) when every layer stays
+    checkpointed and the graphs fit too; without a budget when, with the input embeddings in host memory
+    (offload_embeddings), the estimated peak allocated memory stays within the run without graphs. Other
+    shapes and inputs fall back to plain checkpointing."""
+    offload_embeddings: bool | Literal["auto"] = "auto"
+    """Keep the input embedding table in host memory and copy each batch's rows to the GPU (8B: 1 GiB less GPU
+    memory; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = where it pays
+    for CUDA graphs (cuda_graphs)."""
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""
 
-    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", mode="before")(_auto_or_bool)
+    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", "offload_embeddings",
+                                        mode="before")(_auto_or_bool)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -436,6 +442,12 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
     why = next((what for ruled_out, what in graphs_need if ruled_out), None)
     if t.cuda_graphs is True and why:
         problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
+    if t.offload_embeddings is True and recipe.method != "sft":
+        problems.append(("train.offload_embeddings", "host-memory embeddings are for SFT (generation would copy "
+                         "the rows of every new token); set train.offload_embeddings: auto or false"))
+    elif t.offload_embeddings is True and any("embed" in m for m in lora.modules_to_save):
+        problems.append(("train.offload_embeddings", "the input embeddings are trained (lora.modules_to_save); "
+                         "set train.offload_embeddings: auto or false"))
     g = recipe.grpo
     if recipe.method == "grpo" and g is not None and g.generation_batch_size is not None:
         gen = g.generation_batch_size

@@ -103,16 +103,30 @@ def cuda_graphs_hold(recipe: Any, p: dict, device: str) -> bool:
 
 
 def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None = None) -> bool:
-    """`train.cuda_graphs: auto`: in budget mode, when every layer stays checkpointed and the graphs' memory
-    fits the budget too (`cuda_graphs_fit`; the graphs keep a layer's working set in their own pool: +0.9 GiB
-    allocated, +1.8 GiB reserved on the 8B shape at 2x2048, more than the plain stack's peak, so not without a
-    budget), where graphs hold (cuda_graphs_hold) and pay: one process, SFT batches of one shape (not
-    padding-free: its shapes and flex masks change every batch; GRPO's lengths vary). `one_shape`: whether the
-    data's rows all have one length (None: not known yet; train.py settles it on the data)."""
+    """`train.cuda_graphs: auto`: where graphs hold (cuda_graphs_hold) and pay - one process, SFT batches of one
+    shape (not padding-free: its shapes change every batch; GRPO's lengths vary) - and fit: in budget mode
+    when every layer stays checkpointed and the graphs' estimated peak fits the budget (`cuda_graphs_fit`),
+    without a budget when the input embeddings can move to host memory and, with them there, the graphs'
+    estimated peak allocated memory is within the run's without graphs (`cuda_graphs_fit_offloaded`: on the
+    8B shape at 2x2048 the pool holds 1.2 GiB, the table is 1 GiB, and lorakit's eager run is 0.5 GiB under the
+    plain stack's peak). `one_shape`: whether the data's rows all have one length (None: not known yet;
+    train.py settles it on the data)."""
     from lorakit.distributed import launched
 
-    return (bool(p.get("cuda_graphs_fit")) and cuda_graphs_hold(recipe, p, device) and not launched()
+    fits = bool(p.get("cuda_graphs_fit")) or (bool(p.get("cuda_graphs_fit_offloaded"))
+                                              and recipe.train.offload_embeddings is not False)
+    return (fits and cuda_graphs_hold(recipe, p, device) and not launched()
             and recipe.method == "sft" and not p.get("padding_free") and one_shape is not False)
+
+
+def offload_embeddings(recipe: Any, p: dict) -> bool:
+    """`train.offload_embeddings` resolved for plan `p`: the recipe's true/false, or under auto exactly when
+    the CUDA graphs of `p` were chosen on the condition that the embeddings leave the GPU."""
+    v = recipe.train.offload_embeddings
+    if v != "auto":
+        return bool(v)
+    return (recipe.train.cuda_graphs == "auto" and bool(p.get("cuda_graphs")) and not p.get("cuda_graphs_fit")
+            and bool(p.get("cuda_graphs_fit_offloaded")))
 
 
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
@@ -123,9 +137,16 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
     graphs = recipe.train.cuda_graphs
     out["cuda_graphs"] = (cuda_graphs_auto(recipe, out, device) if graphs == "auto"
                           else bool(graphs) and cuda_graphs_hold(recipe, out, device))
-    if graphs == "auto" and out["cuda_graphs"]:
+    out["offload_embeddings"] = offload_embeddings(recipe, out)
+    out["offload_embeddings_required"] = recipe.train.offload_embeddings is True
+    if graphs == "auto" and out["cuda_graphs"] and out.get("cuda_graphs_fit"):
         peak = out["estimated_peak_bytes"]["all_layers_graphs"]
         out["checkpointing_reason"] += f"; CUDA graphs fit too ({peak / GIB:.1f} GiB)"
+    elif graphs == "auto" and out["cuda_graphs"]:
+        a = out["estimated_allocated_bytes"]
+        out["checkpointing_reason"] += (f"; CUDA graphs, paid for by the input embeddings in host memory (estimated "
+                                        f"peak allocated {a['graphs_offloaded'] / GIB:.1f} GiB, without graphs "
+                                        f"{a['all_layers'] / GIB:.1f} GiB)")
     elif graphs is True and not out["cuda_graphs"]:
         out["checkpointing_reason"] += ("; train.cuda_graphs: true does not hold here (it needs CUDA, checkpointed "
                                         "layers, the fused LoRA layer and LoRA dropout in its kernels or none)")
@@ -185,12 +206,16 @@ def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None
     if budget_bytes is None and train.memory_budget_gb is not None:
         budget_bytes = int(train.memory_budget_gb * GIB)
     out["gradient_checkpointing"], out["checkpoint_layers"] = True, None
+    est = estimate_result or {}
     if budget_bytes is None:
         out["checkpointing_reason"] = ("auto: every layer (the plain stack's memory); "
                                        "set train.memory_budget_gb to trade memory for speed")
+        eager, offloaded = est.get("allocated_bytes_checkpointed"), est.get("allocated_bytes_graphs_offloaded")
+        if eager is not None and offloaded is not None and offloaded <= eager:
+            out["cuda_graphs_fit_offloaded"] = True
+            out["estimated_allocated_bytes"] = {"all_layers": int(eager), "graphs_offloaded": int(offloaded)}
         return out
     out["memory_budget_bytes"] = int(budget_bytes)
-    est = estimate_result or {}
     n_layers = (est.get("model") or {}).get("num_layers")
     base_peak, peak_none = est.get("peak_bytes_checkpointed"), est.get("peak_bytes_uncheckpointed")
     if base_peak is None or peak_none is None or not n_layers:
@@ -222,9 +247,12 @@ def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None
 
 
 def plan_for_run(recipe: Any, device: str) -> dict:
-    """`plan` with the memory estimate it needs (budget mode on CUDA only; config files, no weights)."""
+    """`plan` with the memory estimate it needs (CUDA, checkpointing auto: budget mode and CUDA graphs' fit;
+    config files, no weights)."""
     est = None
-    if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and recipe.train.memory_budget_gb:
+    wants_graphs = recipe.train.cuda_graphs == "auto" and recipe.method == "sft"
+    if device == "cuda" and recipe.train.gradient_checkpointing == "auto" and (
+            recipe.train.memory_budget_gb or wants_graphs):
         from lorakit.errors import LorakitError
         from lorakit.estimate import estimate
 
@@ -247,6 +275,8 @@ def describe_levers(p: dict) -> str:
         on.append(attn)
     if p.get("frozen_dtype"):
         on.append(f"frozen weights {p['frozen_dtype']}")
+    if p.get("offload_embeddings"):
+        on.append("input embeddings in host memory")
     why = p.get("checkpointing_reason") or ""
     return f"speed: {', '.join(on) or 'no levers'}; gradient checkpointing {gc}" + (f" ({why})" if why else "")
 
@@ -336,6 +366,20 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
                                field="train.gradient_checkpointing",
                                hint=f"use a number from 0 to {n}, or true for every layer")
     graphs = bool(p.get("cuda_graphs"))
+    if p.get("offload_embeddings"):
+        from lorakit import host_embedding
+
+        why = host_embedding.problem(model)
+        if why is None:
+            done["offloaded_embedding_bytes"] = host_embedding.offload(model)
+        elif p.get("offload_embeddings_required"):
+            from lorakit.errors import LorakitError
+
+            raise LorakitError(f"train.offload_embeddings: {why}", field="train.offload_embeddings",
+                               hint="set train.offload_embeddings: auto or false")
+        else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU
+            p["offload_embeddings"] = graphs = p["cuda_graphs"] = False
+            done["not_offloaded"] = why
     if p.get("gradient_checkpointing") and (k is not None or graphs):  # else the Trainer checkpoints every layer
         done["checkpoint_layers"] = set_checkpointing(model, k)
         if graphs:

@@ -399,7 +399,8 @@ def lorakit(args) -> dict:
     else:
         out["checkpointing"], out["gc_fraction"] = f"first {k} of {n} layers", min(1.0, k / n)
     on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("dropout_kernel", "dropout kernel"),
-                                 ("padding_free", "padding-free"), ("cuda_graphs", "CUDA graphs")) if o.get(key)]
+                                 ("padding_free", "padding-free"), ("cuda_graphs", "CUDA graphs"),
+                                 ("offload_embeddings", "embeddings in host memory")) if o.get(key)]
     on += [{"flex_attention": "flex attention", "varlen": "varlen attention"}.get(o.get("attn_implementation"), "")]
     on = [x for x in on if x]
     out["levers"] = ", ".join(on + ([f"frozen {o['frozen_dtype']}"] if o.get("frozen_dtype") else []))

@@ -418,7 +418,7 @@ def test_auto_flex_falls_back_to_sdpa_for_a_class_without_it(tmp_path):
     assert attn_implementation(recipe(), llama, None) == "sdpa"
 
 
-# ---- CUDA graphs (lorakit.layer_graphs): a budget-mode lever ------------------------------------------
+# ---- CUDA graphs (lorakit.layer_graphs) ----------------------------------------------------------------
 
 
 EST_GRAPHS = {**EST, "peak_bytes_checkpointed_graphs": 11 * GIB}
@@ -506,8 +506,8 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
     the estimate adds a layer's working set and four hidden-state buffers."""
     from lorakit.estimate import estimate
 
-    plain = estimate(recipe(data=FIXED), device="cuda")
-    graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True}), device="cuda")
+    plain = estimate(recipe(data=FIXED, train={"cuda_graphs": False}), device="cuda")
+    graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": False}), device="cuda")
     assert plain["setup"]["cuda_graphs"] is False and graphs["setup"]["cuda_graphs"] is True
     assert plain["memory"]["cuda_graphs_bytes"] == 0
     extra = graphs["memory"]["allocated_peak_bytes"] - plain["memory"]["allocated_peak_bytes"]
@@ -516,3 +516,109 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
     assert graphs["memory"]["allocated_peak_bytes"] == pytest.approx(8.12 * GIB, rel=0.1)
     # reserved: 9.33 GiB measured + the CUDA context; the regular pool keeps its warm-up cache beside the graphs'
     assert graphs["memory"]["peak_bytes"] == pytest.approx(9.33 * GIB + 0.5 * GIB, rel=0.1)
+
+
+# ---- input embeddings in host memory (lorakit.host_embedding): what pays for the graphs' pool --------------
+
+EST_OFFLOAD = {**EST, "allocated_bytes_checkpointed": int(7.7 * GIB), "allocated_bytes_graphs_offloaded": int(7.3 * GIB)}
+
+
+def test_graphs_without_a_budget_where_host_embeddings_pay_for_their_pool(bf16_gpu):
+    """No budget: graphs (and the embeddings in host memory) when, with the table off the GPU, the graphs'
+    estimated peak allocated memory is within the run's without graphs; never otherwise."""
+    p = speed.plan(recipe(data=FIXED), "cuda", EST_OFFLOAD)
+    assert p["cuda_graphs"] is True and p["offload_embeddings"] is True and not speed.trainer_checkpointing(p)
+    assert "paid for by the input embeddings in host memory (estimated peak allocated 7.3 GiB, without " \
+           "graphs 7.7 GiB)" in p["checkpointing_reason"]
+    assert "input embeddings in host memory" in speed.describe_levers(p)
+    over = {**EST_OFFLOAD, "allocated_bytes_graphs_offloaded": int(7.8 * GIB)}
+    tied = {**EST_OFFLOAD, "allocated_bytes_graphs_offloaded": None}
+    for r, est in ((recipe(data=FIXED), over), (recipe(data=FIXED), tied),
+                   (recipe(data=FIXED, train={"offload_embeddings": False}), EST_OFFLOAD),
+                   (recipe(train={}), EST_OFFLOAD),  # padding-free batches: no graphs, so the table stays
+                   (recipe(data=FIXED, method="grpo", grpo={"rewards": [{"fn": "length"}]}), EST_OFFLOAD)):
+        q = speed.plan(r, "cuda", est)
+        assert q["cuda_graphs"] is False and q["offload_embeddings"] is False
+    forced = speed.plan(recipe(data=FIXED, train={"cuda_graphs": True}), "cuda", EST_OFFLOAD)
+    assert forced["cuda_graphs"] is True and forced["offload_embeddings"] is False  # asked for; memory is theirs
+    asked = speed.plan(recipe(train={"offload_embeddings": True}), "cuda", EST_OFFLOAD)
+    assert asked["offload_embeddings"] is True and asked["offload_embeddings_required"] is True
+    budget = speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 12}), "cuda", {**EST_GRAPHS, **EST_OFFLOAD})
+    assert budget["cuda_graphs"] is True and budget["offload_embeddings"] is False  # the budget holds them
+
+
+def test_estimate_plans_graphs_and_host_embeddings_for_the_8b_shape(bf16_gpu):
+    """Llama-3.1-8B at 2 x 2048 (untied 1 GiB table): the default plans graphs with the table in host memory,
+    and the estimate's weights drop by the table; Llama-3.2-1B ties its embeddings: neither."""
+    from lorakit.estimate import estimate
+
+    auto = estimate(recipe(data=FIXED), device="cuda")
+    eager = estimate(recipe(data=FIXED, train={"cuda_graphs": False}), device="cuda")
+    assert auto["setup"]["cuda_graphs"] is True and auto["setup"]["offload_embeddings"] is True
+    assert eager["memory"]["weights_bytes"] - auto["memory"]["weights_bytes"] == 128256 * 4096 * 2
+    assert auto["memory"]["allocated_peak_bytes"] <= eager["memory"]["allocated_peak_bytes"]
+    assert auto["allocated_bytes_graphs_offloaded"] == auto["memory"]["allocated_peak_bytes"]
+    small = estimate(recipe(base_model="meta-llama/Llama-3.2-1B", data=FIXED), device="cuda")
+    assert small["setup"]["cuda_graphs"] is False and small["setup"]["offload_embeddings"] is False
+    assert small["allocated_bytes_graphs_offloaded"] is None
+
+
+def test_host_embedding_gives_the_same_logits_and_frees_the_table():
+    from lorakit import host_embedding
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 300, (2, 11))
+    ids[0, 0] = 0
+    want = model(input_ids=ids).logits
+    pm = _tiny_peft(True, model=model)
+    assert host_embedding.problem(pm) is None
+    table = pm.get_input_embeddings().weight
+    assert host_embedding.offload(pm) == table.numel() * table.element_size()
+    emb = pm.get_input_embeddings()
+    assert isinstance(emb, host_embedding.HostEmbedding) and emb.weight.device.type == "cpu"
+    assert not emb.weight.requires_grad and "in host memory" in repr(emb)
+    with torch.no_grad(), pm.disable_adapter():
+        assert torch.equal(pm(input_ids=ids).logits, want)
+    pm(input_ids=ids, labels=ids).loss.backward()  # trains through it: LoRA gets gradients, the table none
+    assert emb.weight.grad is None
+    assert all(p.grad is not None for n, p in pm.named_parameters() if "lora_A" in n)
+
+
+def test_host_embedding_refuses_tied_trained_and_scaled_tables():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import host_embedding
+
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                        tie_word_embeddings=True))
+    assert "tied" in host_embedding.problem(tied)
+    trained = _tiny_llama(1)
+    trained.get_input_embeddings().weight.requires_grad_(True)
+    assert "trained" in host_embedding.problem(trained)
+
+    class Scaled(torch.nn.Embedding):
+        pass
+
+    scaled = _tiny_llama(1)
+    scaled.set_input_embeddings(Scaled(300, 64))
+    assert "Scaled, not a plain torch Embedding" in host_embedding.problem(scaled)
+
+
+def test_apply_to_model_drops_auto_graphs_when_the_table_must_stay_and_refuses_an_asked_offload():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.errors import LorakitError
+    from lorakit.layer_graphs import EagerRecorder
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    p = {"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True,
+         "offload_embeddings": True, "offload_embeddings_required": False}
+    done = speed.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)), p, EagerRecorder())
+    assert p["cuda_graphs"] is False and p["offload_embeddings"] is False and "tied" in done["not_offloaded"]
+    with pytest.raises(LorakitError) as e:
+        speed.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)),
+                             {**p, "cuda_graphs": True, "offload_embeddings": True,
+                              "offload_embeddings_required": True}, EagerRecorder())
+    assert e.value.field == "train.offload_embeddings" and "tied" in e.value.message
