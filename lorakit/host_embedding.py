@@ -33,16 +33,22 @@ def problem(model: Any) -> str | None:
 
 
 class HostEmbedding(torch.nn.Module):
-    """Stands in for a frozen nn.Embedding: the table in host memory, the rows of a batch copied to `device`."""
+    """Stands in for a frozen nn.Embedding: the table in host memory, the rows of a batch copied to `device`.
+    The table is a plain attribute, not a parameter: moving the model (`.to()`, the Trainer's placement) leaves
+    it where it is; `weight` still reads it."""
 
     def __init__(self, emb: torch.nn.Embedding, device: Any):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = emb.num_embeddings, emb.embedding_dim, emb.padding_idx
-        self.weight = torch.nn.Parameter(emb.weight.detach().to("cpu"), requires_grad=False)
+        self.table = emb.weight.detach().to("cpu")
         self.device = torch.device(device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(ids.to("cpu"), self.weight, self.padding_idx)
+        rows = torch.nn.functional.embedding(ids.to(self.table.device), self.table, self.padding_idx)
         return rows.to(self.device)
 
     def extra_repr(self) -> str:

@@ -577,6 +577,9 @@ def test_host_embedding_gives_the_same_logits_and_frees_the_table():
     emb = pm.get_input_embeddings()
     assert isinstance(emb, host_embedding.HostEmbedding) and emb.weight.device.type == "cpu"
     assert not emb.weight.requires_grad and "in host memory" in repr(emb)
+    assert all(p is not emb.weight for p in pm.parameters())  # not a parameter: moving the model leaves it
+    pm.to(torch.float64).to(torch.float32)
+    assert emb.weight.device.type == "cpu" and emb.weight.dtype == torch.float32
     with torch.no_grad(), pm.disable_adapter():
         assert torch.equal(pm(input_ids=ids).logits, want)
     pm(input_ids=ids, labels=ids).loss.backward()  # trains through it: LoRA gets gradients, the table none
