@@ -119,6 +119,15 @@ def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None =
             and recipe.method == "sft" and not p.get("padding_free") and one_shape is not False)
 
 
+def auto_graphs_reason(p: dict) -> str:
+    """What the checkpointing reason adds when `auto` turned CUDA graphs on in plan `p`."""
+    if p.get("cuda_graphs_fit"):
+        return f"; CUDA graphs fit too ({p['estimated_peak_bytes']['all_layers_graphs'] / GIB:.1f} GiB)"
+    a = p["estimated_allocated_bytes"]
+    return (f"; CUDA graphs, paid for by the input embeddings in host memory (estimated peak allocated "
+            f"{a['graphs_offloaded'] / GIB:.1f} GiB, without graphs {a['all_layers'] / GIB:.1f} GiB)")
+
+
 def offload_embeddings(recipe: Any, p: dict) -> bool:
     """`train.offload_embeddings` resolved for plan `p`: the recipe's true/false, or under auto exactly when
     the CUDA graphs of `p` were chosen on the condition that the embeddings leave the GPU."""
@@ -139,14 +148,8 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
                           else bool(graphs) and cuda_graphs_hold(recipe, out, device))
     out["offload_embeddings"] = offload_embeddings(recipe, out)
     out["offload_embeddings_required"] = recipe.train.offload_embeddings is True
-    if graphs == "auto" and out["cuda_graphs"] and out.get("cuda_graphs_fit"):
-        peak = out["estimated_peak_bytes"]["all_layers_graphs"]
-        out["checkpointing_reason"] += f"; CUDA graphs fit too ({peak / GIB:.1f} GiB)"
-    elif graphs == "auto" and out["cuda_graphs"]:
-        a = out["estimated_allocated_bytes"]
-        out["checkpointing_reason"] += (f"; CUDA graphs, paid for by the input embeddings in host memory (estimated "
-                                        f"peak allocated {a['graphs_offloaded'] / GIB:.1f} GiB, without graphs "
-                                        f"{a['all_layers'] / GIB:.1f} GiB)")
+    if graphs == "auto" and out["cuda_graphs"]:
+        out["checkpointing_reason"] += auto_graphs_reason(out)
     elif graphs is True and not out["cuda_graphs"]:
         out["checkpointing_reason"] += ("; train.cuda_graphs: true does not hold here (it needs CUDA, checkpointed "
                                         "layers, the fused LoRA layer and LoRA dropout in its kernels or none)")

@@ -554,9 +554,11 @@ def _settle_cuda_graphs(recipe, levers: dict, lengths: list[int], device: str):
     data changed (training_args plans again from the recipe)."""
     if recipe.train.cuda_graphs != "auto":
         return recipe
-    from lorakit.speed import cuda_graphs_auto, offload_embeddings
+    from lorakit.speed import auto_graphs_reason, cuda_graphs_auto, offload_embeddings
 
     on = cuda_graphs_auto(recipe, levers, device, one_shape=len(set(lengths)) == 1 if lengths else None)
+    if on and not levers.get("cuda_graphs"):  # e.g. padding-free was settled off: the batches have one shape
+        levers["checkpointing_reason"] = levers.get("checkpointing_reason", "") + auto_graphs_reason(levers)
     levers["cuda_graphs"] = on
     levers["offload_embeddings"] = offload_embeddings(recipe, levers)
     if on == cuda_graphs_auto(recipe, levers, device):  # planning from the recipe gives the same: keep `auto`

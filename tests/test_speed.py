@@ -625,3 +625,23 @@ def test_apply_to_model_drops_auto_graphs_when_the_table_must_stay_and_refuses_a
                              {**p, "cuda_graphs": True, "offload_embeddings": True,
                               "offload_embeddings_required": True}, EagerRecorder())
     assert e.value.field == "train.offload_embeddings" and "tied" in e.value.message
+
+
+def test_data_of_one_length_settles_graphs_and_host_embeddings_on(bf16_gpu, tmp_path):
+    """Padding-free is planned for batches of several rows and settled off on rows of one length: then the
+    batches have one shape, and the graphs (with the table in host memory) are settled on, said in the reason."""
+    import yaml
+
+    from lorakit.recipe import load_recipe
+    from lorakit.train import _Out, _settle_cuda_graphs, _settle_padding_free
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
+                                 "train": {"batch_size": 2}}))
+    r = load_recipe(p)
+    levers = speed.plan(r, "cuda", EST_OFFLOAD)
+    assert levers["padding_free"] is True and levers["cuda_graphs"] is False and levers["offload_embeddings"] is False
+    r = _settle_padding_free(r, levers, [2048] * 8, _Out(None, json_mode=False), "cuda")
+    _settle_cuda_graphs(r, levers, [2048] * 8, "cuda")
+    assert levers["padding_free"] is False and levers["cuda_graphs"] is True and levers["offload_embeddings"] is True
+    assert "paid for by the input embeddings in host memory" in speed.describe_levers(levers)
