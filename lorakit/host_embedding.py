@@ -39,7 +39,8 @@ class HostEmbedding(torch.nn.Module):
 
     def __init__(self, emb: torch.nn.Embedding, device: Any):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = emb.num_embeddings, emb.embedding_dim, emb.padding_idx
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
         self.table = emb.weight.detach().to("cpu")
         self.device = torch.device(device)
 

@@ -29,13 +29,15 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   bf16=True, optim=paged_adamw_8bit)); batches padded by TRL's collator.
 - baseline_peft: the same after peft's `prepare_model_for_kbit_training(model)` (the peft docs' QLoRA recipe).
 - lorakit: `lorakit.train.run_training` (what `lorakit train` runs) on the equivalent recipe with lorakit's defaults
-  (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed).
+  (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed; for batches of
+  one shape CUDA graphs with the input embeddings in host memory).
 - lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
 - lorakit_k16: an explicit gradient_checkpointing: 16 (partial checkpointing, to re-check that it does not pay).
 - lk_flex / lk_sdpa: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work)
   or sdpa (the L x L square): the attention kernels before varlen attention, lorakit's default for such batches.
 - lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
-  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py); lk_adamw_fused:
+  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py; true keeps the embeddings on
+  the GPU); lk_adamw_fused:
   train.optimizer adamw_torch_fused (fp32 optimizer states; the default is paged 8-bit AdamW);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
 
@@ -819,14 +821,17 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   fused LoRA (with LoRA dropout drawn inside the matmul: lorakit/lora_triton.py), frozen weights kept bf16,
   padding-free batches with varlen attention (torch's flash kernel given the rows' boundaries:
   lorakit/varlen_attention.py) where padding would waste >= 15% (the varied rows), every layer checkpointed (the
-  baseline's memory).
+  baseline's memory); batches of one shape (the fixed rows): the checkpointed layers replayed as CUDA graphs
+  (lorakit/layer_graphs.py), their memory pool paid for by the input embeddings kept in host memory
+  (lorakit/host_embedding.py), where the estimate says that stays within the run without graphs.
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
   **lk_flex** / **lk_sdpa**: padding-free batches with flex attention / sdpa forced (`model.attn_implementation`; what
   varlen attention replaced);
   **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
   same recipe); **lk_graphs** / **lk_no_graphs**: `train.cuda_graphs: true` / `false` (checkpointed layers replayed
-  as CUDA graphs, lorakit/layer_graphs.py); **X@prev**: run X with the lorakit package of `--prev-code` (the code
+  as CUDA graphs, lorakit/layer_graphs.py; asked for, they keep the embeddings on the GPU); **lk_adamw_fused**:
+  `train.optimizer: adamw_torch_fused`; **X@prev**: run X with the lorakit package of `--prev-code` (the code
   before a change, beside it).
 
 Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,

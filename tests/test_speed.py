@@ -520,7 +520,8 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
 
 # ---- input embeddings in host memory (lorakit.host_embedding): what pays for the graphs' pool --------------
 
-EST_OFFLOAD = {**EST, "allocated_bytes_checkpointed": int(7.7 * GIB), "allocated_bytes_graphs_offloaded": int(7.3 * GIB)}
+EST_OFFLOAD = {**EST, "allocated_bytes_checkpointed": int(7.7 * GIB),
+               "allocated_bytes_graphs_offloaded": int(7.3 * GIB)}
 
 
 def test_graphs_without_a_budget_where_host_embeddings_pay_for_their_pool(bf16_gpu):
