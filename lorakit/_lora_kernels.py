@@ -18,7 +18,7 @@ def _mix(x):
 
 
 @triton.jit
-def _keep(seed, rows, cols, K, p):
+def _keep(seed, rows, cols, p):
     """The dropout mask of a tile: element (row, col) is kept when its uniform 24-bit draw is >= p. The draw
     hashes the seed, the row and the column (a counter-based generator, as Philox is, at ~15 integer operations
     an element instead of Philox-10's ~80 for the one of its four outputs that tl.rand keeps: the kernels were
@@ -45,7 +45,7 @@ def down_fwd(x_ptr, a_ptr, h_ptr, M, K, R, stride_xm, seed, seed_ptr, p, inv_kee
         cols = k0 + tl.arange(0, BK)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(key, rows, cols, K, p), x, 0.0).to(a_ptr.dtype.element_ty)
+        x = tl.where(_keep(key, rows, cols, p), x, 0.0).to(a_ptr.dtype.element_ty)
         a = tl.load(a_ptr + rs[None, :] * K + cols[:, None], mask=(rs[None, :] < R) & (cols[:, None] < K),
                     other=0.0)  # A^T tile, BK x RP
         acc += tl.dot(x, a)
@@ -74,7 +74,7 @@ def down_bwd(x_ptr, a_ptr, gh_ptr, gx_ptr, ga_ptr, M, K, R, stride_xm, rows_per_
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
-        keep = _keep(key, rows, cols, K, p)
+        keep = _keep(key, rows, cols, p)
         gh = tl.load(gh_ptr + rows[:, None] * R + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
                      other=0.0)  # BM x RP
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
@@ -97,6 +97,6 @@ def mask_kernel(out_ptr, M, K, seed, seed_ptr, p, BM: tl.constexpr, BK: tl.const
         key = seed
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    keep = _keep(key, rows, cols, K, p)
+    keep = _keep(key, rows, cols, p)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))

@@ -578,7 +578,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "allocated_bytes_graphs_offloaded": None if shape.tie_word_embeddings else peak_with(
                       alloc, checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True)}
     if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
-        levers = _plan(recipe, device, shape_info)  # budget mode: its choice from the two peaks
+        levers = _plan(recipe, device, shape_info)  # budget mode, CUDA graphs: chosen from these peaks
         s = _setup(recipe, device, levers)
     verdict = None
     if budget_bytes is not None:
