@@ -5,7 +5,8 @@ back for the matmul and again in backward (rebuilding the copy, dropping the gra
 layer's), and under gradient checkpointing does the forward half twice. On the 8B shape (2x2048 tokens, every
 layer checkpointed, H200, one call) `lora.dropout: 0.05` ran at 6242 tok/s against 7186 with `0.0`; with these
 kernels 6824, and 0.26 GiB less peak memory (bench/train.md). These kernels draw the dropout mask inside the
-matmul from (seed, element index) with Triton's Philox generator, so nothing but x is read and no mask is
+matmul from a 32-bit integer hash of (seed, row, column) (lorakit/_lora_kernels.py; Philox per element, as
+tl.rand draws, bounded the kernels: bench/train_dropout_hash.md), so nothing but x is read and no mask is
 stored: the backward draws the same mask again.
 
 Same distribution as torch's dropout (each element kept with probability 1 - p, scaled by 1 / (1 - p),

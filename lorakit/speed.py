@@ -368,7 +368,8 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
             raise LorakitError(f"train.gradient_checkpointing: the model has {n} decoder layers; got {k}",
                                field="train.gradient_checkpointing",
                                hint=f"use a number from 0 to {n}, or true for every layer")
-    graphs = bool(p.get("cuda_graphs"))
+    # planned graphs: the Trainer (its arguments planned from the recipe) leaves checkpointing to the model
+    planned_graphs = graphs = bool(p.get("cuda_graphs"))
     if p.get("offload_embeddings"):
         from lorakit import host_embedding
 
@@ -380,10 +381,11 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
 
             raise LorakitError(f"train.offload_embeddings: {why}", field="train.offload_embeddings",
                                hint="set train.offload_embeddings: auto or false")
-        else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU
+        else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU; plain
+            # checkpointing of every layer instead, set here
             p["offload_embeddings"] = graphs = p["cuda_graphs"] = False
             done["not_offloaded"] = why
-    if p.get("gradient_checkpointing") and (k is not None or graphs):  # else the Trainer checkpoints every layer
+    if p.get("gradient_checkpointing") and (k is not None or planned_graphs):  # else the Trainer checkpoints
         done["checkpoint_layers"] = set_checkpointing(model, k)
         if graphs:
             from lorakit import layer_graphs

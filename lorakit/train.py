@@ -641,7 +641,8 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "cpu_threads": _threads(device),
         "resumed": checkpoint is not None,
         "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"],
-                    "attn_implementation": info["attn_implementation"]},  # as loaded (auto's fallbacks)
+                    "attn_implementation": info["attn_implementation"],  # as loaded (auto's fallbacks)
+                    **({"cuda_graphs": False, "offload_embeddings": False} if "not_offloaded" in info else {})},
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "loss": {"first": points["train"][0][1] if points["train"] else None,

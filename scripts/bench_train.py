@@ -516,7 +516,6 @@ def profiled(path: Path, steps: int, device: str):
                 if wall_us else "wall: n/a"]
         if busy_us is not None and wall_us:
             head.append(f"GPU kernel time per step: {busy_us / 2 / 1e3:.1f} ms ({100 * busy_us / wall_us:.0f}% of wall)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(head) + "\n" + gaps + f"\n\n## by {key}\n"
                         + ka.table(sort_by=key, row_limit=30, max_name_column_width=60)
                         + "\n## by self CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=20,

@@ -612,6 +612,7 @@ def test_host_embedding_refuses_tied_trained_and_scaled_tables():
 def test_apply_to_model_drops_auto_graphs_when_the_table_must_stay_and_refuses_an_asked_offload():
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lorakit import layer_graphs
     from lorakit.errors import LorakitError
     from lorakit.layer_graphs import EagerRecorder
 
@@ -619,8 +620,12 @@ def test_apply_to_model_drops_auto_graphs_when_the_table_must_stay_and_refuses_a
                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
     p = {"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True,
          "offload_embeddings": True, "offload_embeddings_required": False}
-    done = speed.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)), p, EagerRecorder())
+    pm = _tiny_peft(True, model=LlamaForCausalLM(cfg))
+    done = speed.apply_to_model(pm, p, EagerRecorder())
     assert p["cuda_graphs"] is False and p["offload_embeddings"] is False and "tied" in done["not_offloaded"]
+    # the Trainer was told the model checkpoints (graphs planned): every layer is checkpointed there, eagerly
+    assert done["checkpoint_layers"] == 2 and layer_graphs.find(pm) is None
+    assert all(layer.gradient_checkpointing for layer in speed.decoder_layers(pm.get_base_model()))
     with pytest.raises(LorakitError) as e:
         speed.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)),
                              {**p, "cuda_graphs": True, "offload_embeddings": True,
