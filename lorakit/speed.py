@@ -379,7 +379,7 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
         elif p.get("offload_embeddings_required"):
             from lorakit.errors import LorakitError
 
-            raise LorakitError(f"train.offload_embeddings: {why}", field="train.offload_embeddings",
+            raise LorakitError(why, field="train.offload_embeddings",
                                hint="set train.offload_embeddings: auto or false")
         else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU; plain
             # checkpointing of every layer instead, set here
