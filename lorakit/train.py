@@ -217,10 +217,14 @@ def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: 
             return build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
     from trl import SFTTrainer
 
+    from lorakit.optim import optimizer_cls_and_kwargs
+
     config = sft_config(recipe, common, _columns(prepared.train))
+    optim = optimizer_cls_and_kwargs(config, model, str(getattr(config.optim, "value", config.optim)),
+                                     "cpu" if config.use_cpu else "cuda")
     return SFTTrainer(model=model, args=config, train_dataset=prepared.train,
                       eval_dataset=prepared.eval if prepared.eval is not None else None,
-                      processing_class=tokenizer, callbacks=callbacks)
+                      processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)
 
 
 def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str) -> dict:
