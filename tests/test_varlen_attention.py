@@ -230,6 +230,7 @@ def test_plan_picks_varlen_for_flattened_16_bit_sft_on_cuda(monkeypatch):
     assert speed.plan(recipe(**asked), "cpu")["padding_free"] is True
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the CPU path (rows through SDPA one by one)")
 def test_run_with_varlen_asked_for_keeps_padding_free_and_a_loadable_recipe(tmp_path, monkeypatch, tiny_model_dir):
     """Rows of one length would settle `padding_free: auto` off; an explicit varlen keeps it (else every call
     would run SDPA and the written recipe would break the varlen rule). On a CPU the rows go through SDPA one by
@@ -253,3 +254,51 @@ def test_run_with_varlen_asked_for_keeps_padding_free_and_a_loadable_recipe(tmp_
     calls = summary["attention_calls"]
     assert set(calls) == {"rows"} and calls["rows"] == 2 * 2 * 2  # 2 layers, 2 steps, forward + recompute
     assert load_recipe(tmp_path / "runs/varlen/recipe.yaml").model.attn_implementation == "varlen"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel runs on a GPU")
+def test_varlen_kernel_with_padded_boundaries_replays_as_a_cuda_graph():
+    """What bucketed padding-free batches give the kernel: the rows, one padding row up to the bucket, empty rows
+    (repeated boundaries) up to a fixed count, and a fixed upper bound for the longest row. The real rows'
+    outputs and gradients equal those from the exact boundaries, and the call replays as a CUDA graph with new
+    inputs of the same shapes."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens, bucket, n_slots, bound = [377, 121, 632, 234], 1536, 8, 2048
+    T = sum(lens)
+    exact = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    padded = torch.tensor(exact.tolist() + [bucket] * (n_slots + 1 - len(exact)), dtype=torch.int32,
+                          device="cuda")
+
+    def leaf(h, n):
+        return torch.randn(n, h, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+
+    def run(q, k, v, cu, max_len, grad):
+        for t in (q, k, v):
+            t.grad = None
+        out = va._varlen(q, k, v, cu, max_len, 128**-0.5)
+        out.backward(grad)
+        return [out.detach()[:T].float()] + [t.grad[:T].float() for t in (q, k, v)]
+
+    q, k, v = leaf(32, bucket), leaf(8, bucket), leaf(8, bucket)
+    grad = torch.randn(bucket, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad[T:] = 0
+    ref = run(*(t.detach()[:T].clone().requires_grad_() for t in (q, k, v)), exact, max(lens), grad[:T])
+    eager = run(q, k, v, padded, bound, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), eager, ref):  # dq accumulates atomically: not bitwise
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max(), name
+
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(q, k, v, padded, bound, grad)  # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=side):
+            static = run(q, k, v, padded, bound, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():  # new inputs in the same buffers
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = run(*(t.detach()[:T].clone().requires_grad_() for t in (q, k, v)), exact, max(lens), grad[:T])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), static, ref):
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max(), name
