@@ -1,10 +1,12 @@
 """Tile sizes for the LoRA-dropout kernels (lorakit/_lora_kernels.py) on this GPU: times each configuration of
-down_fwd and down_bwd at the 8B shapes (rank 16, p 0.05, bf16), checks it against the shipped kernels (lora_triton.down_forward / down_backward; same mask: the hash depends on
-(row, column), not on the tiling), and prints the best per shape beside the shipped one. Results and what came of
-them end to end: bench/lora_kernel_tiles.md.
+down_fwd and down_bwd at the 8B shapes (rank 16, p 0.05, bf16), checks it against the shipped kernels
+(lora_triton.down_forward / down_backward; same mask: the hash depends on (row, column), not on the tiling), and
+prints the best per shape beside the shipped one. Results and what came of them end to end:
+bench/lora_kernel_tiles.md.
 
     python3 scripts/tune_lora_kernels.py [--json OUT]   # every tile at the 8B shapes
     python3 scripts/tune_lora_kernels.py --launch       # host time of a launch, options passed or not
+    python3 scripts/tune_lora_kernels.py --compare 2197,4096,5349   # shipped vs candidate tiles at these M
 """
 
 import argparse
@@ -83,13 +85,34 @@ def launch_cost(n: int = 2000) -> None:
         print(f"launch, options {label}: {host:.1f} us of host time a launch", flush=True)
 
 
+def compare(rows_list: list[int], fwd_tile: tuple, bwd_tile: tuple) -> None:
+    """Shipped kernels vs one candidate tile pair at row counts M of varied batches (K = 4096 and 14336)."""
+    for K in (4096, 14336):
+        for M in rows_list:
+            g = torch.Generator(device="cuda").manual_seed(M)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+            a = (torch.randn(R, K, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+            gh = torch.randn(M, R, device="cuda", dtype=torch.bfloat16, generator=g)
+            f0 = timed(partial(lt.down_forward, x, a, P, SEED))
+            f1 = timed(partial(fwd, x, a, *fwd_tile, 4, 3))
+            b0 = timed(partial(lt.down_backward, x, a, gh, P, SEED))
+            b1 = timed(partial(bwd, x, a, gh, *bwd_tile, 4, 3))
+            print(f"K={K} M={M}: fwd shipped {f0:.1f} candidate {f1:.1f} us; bwd shipped {b0:.1f} candidate "
+                  f"{b1:.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--launch", action="store_true", help="only the host time of a launch (options passed or not)")
+    ap.add_argument("--compare", default=None, metavar="M,M,...",
+                    help="only shipped vs the candidate tiles of bench/lora_kernel_tiles.md at these row counts")
     args = ap.parse_args()
     if args.launch:
         launch_cost()
+        return
+    if args.compare:
+        compare([int(m) for m in args.compare.split(",")], (16, 256), (32, 128, 1024))
         return
     out = []
     for M, K in SHAPES:
