@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 import triton
+from probe_lora_kernels import timed as _timed  # scripts/: CUDA events, the median
 
 from lorakit import _lora_kernels as k
 from lorakit import lora_triton as lt
@@ -24,19 +25,8 @@ R, P, SEED = 16, 0.05, 123
 SHAPES = ((4096, 4096), (4096, 14336), (4096, 1024))  # q/k/v/o/gate/up inputs, down's input; k/v outputs' size
 
 
-def timed(fn, n: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return sorted(ts)[n // 2]
+def timed(fn) -> float:
+    return _timed(fn, 30)  # median of 30 (bench/lora_kernel_tiles.md)
 
 
 def fwd(x, a, BM, BK, warps, stages):
