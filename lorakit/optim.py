@@ -53,15 +53,15 @@ def no_sync_class(cls: type) -> type:
     return NoSync
 
 
-def optimizer_cls_and_kwargs(args: Any, model: Any, optimizer: str, device: str) -> tuple | None:
+def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple | None:
     """(class, kwargs) for the Trainer's `optimizer_cls_and_kwargs`: the class transformers would build for
-    `optimizer` made sync-free, its kwargs unchanged; None where the Trainer's own choice stays (not CUDA, not
+    `args.optim` made sync-free, its kwargs unchanged; None where the Trainer's own choice stays (a CPU run, not
     a bitsandbytes 8-bit AdamW, or trainable embeddings, which transformers gives 32-bit states by recognizing
     the bitsandbytes class)."""
     import torch
     from transformers import Trainer
 
-    if device != "cuda" or optimizer not in NO_SYNC_OPTIMIZERS:
+    if args.use_cpu or str(getattr(args.optim, "value", args.optim)) not in NO_SYNC_OPTIMIZERS:
         return None
     if any(p.requires_grad for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()):
         return None

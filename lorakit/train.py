@@ -220,8 +220,7 @@ def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: 
     from lorakit.optim import optimizer_cls_and_kwargs
 
     config = sft_config(recipe, common, _columns(prepared.train))
-    optim = optimizer_cls_and_kwargs(config, model, str(getattr(config.optim, "value", config.optim)),
-                                     "cpu" if config.use_cpu else "cuda")
+    optim = optimizer_cls_and_kwargs(config, model)
     return SFTTrainer(model=model, args=config, train_dataset=prepared.train,
                       eval_dataset=prepared.eval if prepared.eval is not None else None,
                       processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)

@@ -47,12 +47,14 @@ def test_only_cuda_8bit_adamw_without_trained_embeddings_gets_it():
     for p in model.parameters():
         p.requires_grad_(False)
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
-    args = TrainingArguments(output_dir="/tmp/lk-optim", optim="paged_adamw_8bit", learning_rate=3e-4,
-                             report_to="none", use_cpu=True)
-    cls, kw = optimizer_cls_and_kwargs(args, model, "paged_adamw_8bit", "cuda")
+    def args(optim: str = "paged_adamw_8bit", use_cpu: bool = False):
+        return TrainingArguments(output_dir="/tmp/lk-optim", optim=optim, learning_rate=3e-4, report_to="none",
+                                 use_cpu=use_cpu)
+
+    cls, kw = optimizer_cls_and_kwargs(args(), model)
     assert cls.__name__.endswith("NoSync") and issubclass(cls, bnb.optim.optimizer.Optimizer8bit)
     assert kw["lr"] == 3e-4 and kw.get("is_paged") is True and kw.get("optim_bits") == 8
-    assert optimizer_cls_and_kwargs(args, model, "paged_adamw_8bit", "cpu") is None
-    assert optimizer_cls_and_kwargs(args, model, "adamw_torch", "cuda") is None
+    assert optimizer_cls_and_kwargs(args(use_cpu=True), model) is None
+    assert optimizer_cls_and_kwargs(args("adamw_torch"), model) is None
     model.model.embed_tokens.weight.requires_grad_(True)  # trained embeddings: transformers' 32-bit override
-    assert optimizer_cls_and_kwargs(args, model, "paged_adamw_8bit", "cuda") is None
+    assert optimizer_cls_and_kwargs(args(), model) is None
