@@ -55,6 +55,7 @@ class At(TrainerCallback):
 
 
 def test_sigint_saves_a_marked_checkpoint_and_stops(tiny_model_dir, tmp_path):
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     stop = GracefulStop()
     kill = At(2, "on_step_begin", lambda s, m: os.kill(os.getpid(), signal.SIGINT))
     trainer = make_trainer(tiny_model_dir, tmp_path, [kill, stop, CheckpointMarker()])
@@ -63,7 +64,7 @@ def test_sigint_saves_a_marked_checkpoint_and_stops(tiny_model_dir, tmp_path):
     assert trainer.state.global_step == 3  # the step in flight finished, nothing more
     assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 def test_handlers_are_given_back_when_training_raises(tiny_model_dir, tmp_path):
