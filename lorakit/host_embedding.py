@@ -2,8 +2,14 @@
 
 Why: on Llama-3.1-8B the input embedding table is 1 GiB of bf16 (128256 x 4096), 13% of a QLoRA run's GPU
 memory, and training only reads the rows of the batch's tokens from it: 32 MiB for 2 x 2048 tokens. Kept in host
-memory, the rows are gathered there and copied to the GPU each step (a millisecond or two); the gigabyte pays for
-CUDA graphs' memory pool (lorakit.layer_graphs), so that the graphs run within the eager run's memory.
+memory, the gigabyte pays for CUDA graphs' memory pool (lorakit.layer_graphs), so that the graphs run within the
+eager run's memory.
+
+How the rows get to the GPU: on CUDA with Triton the table is pinned and a kernel reads the batch's rows from it
+over the host link (lorakit._host_rows_kernel), ids and output on the GPU, so the step never waits for the GPU.
+Otherwise the ids are copied to the host, the rows gathered there and copied back: that copy waits for the GPU to
+finish the work queued before it, and the host's gather then leaves the GPU idle (~12 ms a step on the 8B shape,
+bench/train_idle.md). A probe at set-up checks the kernel against the host gather and falls back to it.
 
 Same math: the same rows of the same table. Only for a frozen, plain `nn.Embedding` that the output layer does
 not share (tied embeddings stay: the lm_head reads the whole table every step), in one process (DDP and FSDP
@@ -43,17 +49,60 @@ class HostEmbedding(torch.nn.Module):
         self.padding_idx = emb.padding_idx
         self.table = emb.weight.detach().to("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current GPU, by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.reads_host = False  # rows read from the pinned table by a GPU kernel (set by `use_kernel`)
+        if self.device.type == "cuda":
+            self.use_kernel()
+
+    def use_kernel(self) -> bool:
+        """Pin the table and read rows with the Triton kernel, if it gives the host gather's rows here."""
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return False
+        try:
+            pinned = self.table.pin_memory()
+            ids = torch.tensor([0, self.num_embeddings - 1, self.num_embeddings // 2], device=self.device)
+            got = _kernel_rows(pinned, ids, self.device)
+            ok = torch.equal(got.cpu(), self.table[ids.cpu()])
+        except Exception:  # noqa: BLE001 - no UVA, an old driver, a Triton that refuses host pointers
+            return False
+        if ok:
+            self.table, self.reads_host = pinned, True
+        return ok
 
     @property
     def weight(self) -> torch.Tensor:
         return self.table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.reads_host and ids.device == self.device and self.table.is_pinned():
+            return _kernel_rows(self.table, ids, self.device)
         rows = torch.nn.functional.embedding(ids.to(self.table.device), self.table, self.padding_idx)
         return rows.to(self.device)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, in host memory, rows copied to {self.device}"
+        how = "read by a GPU kernel" if self.reads_host else "copied"
+        return f"{self.num_embeddings}, {self.embedding_dim}, in host memory, rows {how} to {self.device}"
+
+
+def _kernel_rows(table: torch.Tensor, ids: torch.Tensor, device: Any) -> torch.Tensor:
+    """Rows `ids` (on the GPU) of the pinned host `table`, gathered into GPU memory by lorakit._host_rows_kernel."""
+    import triton
+
+    from lorakit._host_rows_kernel import gather_rows
+
+    flat = ids.reshape(-1).contiguous()
+    dim = table.shape[1]
+    out = torch.empty(flat.numel(), dim, dtype=table.dtype, device=device)
+    if flat.numel():
+        # ids out of range fail like torch's embedding on the GPU (a device-side assert), without a host sync
+        torch._assert_async(((flat >= 0) & (flat < table.shape[0])).all(), "embedding index out of range")
+        block = min(1024, triton.next_power_of_2(dim))
+        with torch.cuda.device(device):
+            gather_rows[(flat.numel(), triton.cdiv(dim, block))](table, flat, out, table.shape[0], dim, BLOCK=block)
+    return out.view(*ids.shape, dim)
 
 
 def offload(model: Any) -> int:

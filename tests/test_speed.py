@@ -588,6 +588,38 @@ def test_host_embedding_gives_the_same_logits_and_frees_the_table():
     assert all(p.grad is not None for n, p in pm.named_parameters() if "lora_A" in n)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned table is read by a GPU kernel")
+def test_host_embedding_kernel_reads_pinned_rows_without_a_sync():
+    """On CUDA the rows come from the pinned table through the Triton kernel: the same rows as torch's embedding,
+    and no host synchronization (torch's sync debug mode raises on one)."""
+    from lorakit.host_embedding import HostEmbedding
+
+    emb = torch.nn.Embedding(1000, 96, dtype=torch.bfloat16)  # 96: a width that is not a power of two
+    host = HostEmbedding(emb, "cuda")
+    assert host.reads_host and host.table.is_pinned() and "read by a GPU kernel" in repr(host)
+    ids = torch.randint(0, 1000, (3, 257), device="cuda")
+    ids[0, 0], ids[1, 1] = 0, 999
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = host(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.device.type == "cuda" and got.shape == (3, 257, 96)
+    assert torch.equal(got.cpu(), torch.nn.functional.embedding(ids.cpu(), emb.weight.detach()))
+    assert host(ids[:0]).shape == (0, 257, 96)
+
+
+def test_host_embedding_on_the_cpu_path_keeps_an_unpinned_table():
+    from lorakit.host_embedding import HostEmbedding
+
+    emb = torch.nn.Embedding(50, 8)
+    host = HostEmbedding(emb, "cpu")
+    assert not host.reads_host and "copied" in repr(host)
+    ids = torch.tensor([[1, 49, 0]])
+    assert torch.equal(host(ids), emb(ids))
+
+
 def test_host_embedding_refuses_tied_trained_and_scaled_tables():
     from transformers import LlamaConfig, LlamaForCausalLM
 
