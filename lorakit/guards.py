@@ -4,6 +4,8 @@
   step and stop; the caller then exits 130/143 and tells how to resume.
 - `NonFiniteGuard`: a NaN/inf loss or gradient either stops the run (the last good checkpoint stays,
   the bad state is not saved) or, with `nan_policy: skip`, drops that optimizer step and counts it.
+  The stop policy reads its check at the step's end, so the host does not wait for the GPU before the
+  optimizer's work is queued (lorakit.sft_trainer says why that matters).
 - `CheckpointMarker`: the Trainer writes checkpoint-N/ in place; once its save returns we add a
   `lorakit-complete` marker. Resume only trusts marked checkpoints, so a crash mid-write never leaves
   a directory that looks complete.
@@ -97,6 +99,7 @@ class NonFiniteGuard(TrainerCallback):
         self.bad_step: int | None = None
         self.skipped = 0
         self._model = None
+        self._finite = None  # policy stop: the step's gradient check, read at the step's end
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
@@ -105,18 +108,27 @@ class NonFiniteGuard(TrainerCallback):
         import torch
 
         params = [p for p in self._model.parameters() if p.grad is not None] if self._model is not None else []
-        # one fused norm over every gradient and one host sync per step (a per-tensor isfinite().all()
-        # costs a sync for each of the ~900 LoRA tensors of an 8B all-linear adapter)
-        if not params or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))):
+        if not params:
             return control
-        if self.policy == "skip":
+        # one fused norm over every gradient (a per-tensor isfinite().all() would read each of the ~900 LoRA
+        # tensors of an 8B all-linear adapter back from the GPU)
+        finite = torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if self.policy == "stop":
+            # read at the step's end, after the optimizer's work is queued: reading it here would make the host
+            # wait for the backward pass and leave the GPU idle while the optimizer's updates are launched.
+            # The bad update is applied in memory, never saved: the run stops before any save of this step.
+            self._finite = finite
+            return control
+        if not bool(finite):  # skip: the decision has to come before the update
             for p in params:  # optimizers skip parameters without a gradient: the step is dropped
                 p.grad = None
             self.skipped += 1
-        else:
-            self._stop(state.global_step + 1, control)
-            for p in params:
-                p.grad = None
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        finite, self._finite = self._finite, None
+        if finite is not None and not bool(finite):
+            self._stop(state.global_step, control)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

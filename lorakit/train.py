@@ -119,6 +119,9 @@ def training_args(recipe, run: RunDir, device: str, *, has_eval: bool) -> dict:
         use_liger_kernel=opts["liger"],
         torch_compile=t.torch_compile,
         include_num_input_tokens_seen="non_padding",
+        # a NaN loss is logged as NaN (NonFiniteGuard stops on it) instead of the Trainer reading the loss
+        # back after each backward pass to hide it (lorakit.sft_trainer: the step's host syncs)
+        logging_nan_inf_filter=False,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         # a peft model is not a PreTrainedModel, so the Trainer would default to True: an extra autograd
@@ -215,13 +218,12 @@ def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: 
 
         with located(recipe):  # reward loading / GRPO settings errors point at their recipe lines
             return build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
-    from trl import SFTTrainer
-
     from lorakit.optim import optimizer_cls_and_kwargs
+    from lorakit.sft_trainer import trainer_class
 
     config = sft_config(recipe, common, _columns(prepared.train))
     optim = optimizer_cls_and_kwargs(config, model)
-    return SFTTrainer(model=model, args=config, train_dataset=prepared.train,
+    return trainer_class()(model=model, args=config, train_dataset=prepared.train,
                       eval_dataset=prepared.eval if prepared.eval is not None else None,
                       processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)
 

@@ -100,11 +100,36 @@ def _poison(state, model):
 def test_nan_stops_and_does_not_save_the_bad_state(tiny_model_dir, tmp_path):
     guard = NonFiniteGuard("stop")
     trainer = make_trainer(tiny_model_dir, tmp_path, [At(2, "on_step_begin", _poison), guard, CheckpointMarker()],
-                           save_steps=2)
+                           save_steps=1)
     trainer.train()
     assert guard.bad_step == 3
     assert trainer.state.global_step == 3
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]  # last good one kept
+    # a save was due at the bad step: the last good checkpoint is the last one
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "checkpoint-3").exists()
+
+
+def test_stop_policy_reads_its_check_at_the_step_end():
+    """The stop policy's check is queued before the optimizer and read after it (no wait for the GPU before
+    the optimizer's work is launched); the skip policy decides before the update."""
+    from transformers import TrainerControl
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), float("nan"))
+    for policy in ("stop", "skip"):
+        guard, control = NonFiniteGuard(policy), TrainerControl()
+        guard.on_train_begin(None, None, control, model=model)
+        guard.on_pre_optimizer_step(None, None, control)
+        state = type("S", (), {"global_step": 5})()
+        if policy == "stop":
+            assert not control.should_training_stop and model.weight.grad is not None
+            control.should_save = True  # the flow callback's save of this step
+            guard.on_step_end(None, state, control)
+            assert control.should_training_stop and not control.should_save and guard.bad_step == 5
+        else:
+            assert guard.skipped == 1 and model.weight.grad is None
+            guard.on_step_end(None, state, control)
+            assert not control.should_training_stop and guard.bad_step is None
 
 
 def test_skip_policy_drops_the_step_and_counts_it(tiny_model_dir, tmp_path):

@@ -1,0 +1,62 @@
+"""TRL's SFTTrainer whose step does not wait for the GPU between the backward pass and the optimizer.
+
+Why: the Trainer reads two numbers back from the GPU right after each backward pass - the loss, to filter a
+NaN out of the logged average (`logging_nan_inf_filter`, which train.py turns off: a NaN loss is logged as NaN
+and NonFiniteGuard stops the run), and the step's token count (`include_num_input_tokens_seen`). Each read
+waits for the whole backward pass; the host then runs the gradient-norm clip and the optimizer's per-tensor
+updates (448 on the 8B shape) while the GPU idles: ~35 ms of a ~505 ms step with CUDA graphs
+(bench/train_idle.md). Without the reads the host queues that work while the GPU is still in the backward pass.
+
+Same numbers: the token count is computed as the Trainer computes it, kept on the device and added to
+`state.num_input_tokens_seen` when the Trainer logs or saves a checkpoint (where it reads the GPU anyway), so
+tokens/s, the logs and a resumed run see the same counts. One process only: a distributed run keeps the
+Trainer's own count (it gathers the counts across ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def trainer_class() -> type:
+    """SFTTrainer with the token count kept on the device between logs (imports TRL: call it when training)."""
+    from trl import SFTTrainer
+
+    class LorakitSFTTrainer(SFTTrainer):
+        _pending_tokens: Any = None
+
+        def _track_num_input_tokens(self, inputs):
+            mode = self.args.include_num_input_tokens_seen
+            name = getattr(self.model, "main_input_name", "input_ids")
+            if mode in ("no", False) or self.accelerator.num_processes > 1 or name not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            count = input_token_count(inputs, name, mode == "non_padding", self.processing_class)
+            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+        def fold_token_count(self) -> None:
+            """Add the counts kept on the device to the Trainer's state (one read from the GPU)."""
+            if self._pending_tokens is not None:
+                self.state.num_input_tokens_seen += int(self._pending_tokens)
+                self._pending_tokens = None
+
+        def log(self, logs, *args, **kwargs):
+            self.fold_token_count()
+            return super().log(logs, *args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            self.fold_token_count()
+            return super()._save_checkpoint(*args, **kwargs)
+
+    return LorakitSFTTrainer
+
+
+def input_token_count(inputs: dict, name: str, non_padding: bool, processing_class: Any = None):
+    """The batch's token count as transformers' Trainer counts it (`_track_num_input_tokens`): the attention
+    mask's sum, else the tokens that are not the pad token, else all; a tensor on the batch's device."""
+    ids = inputs[name]
+    if not non_padding:
+        return ids.numel()
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    pad = getattr(processing_class, "pad_token_id", None)
+    return (ids != pad).sum() if pad is not None else ids.numel()
