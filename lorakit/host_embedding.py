@@ -55,29 +55,28 @@ class HostEmbedding(torch.nn.Module):
         if self.device.type == "cuda":
             self.use_kernel()
 
-    def use_kernel(self) -> bool:
+    def use_kernel(self) -> None:
         """Pin the table and read rows with the Triton kernel, if it gives the host gather's rows here."""
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
-            return False
+            return
         try:
             pinned = self.table.pin_memory()
             ids = torch.tensor([0, self.num_embeddings - 1, self.num_embeddings // 2], device=self.device)
             got = _kernel_rows(pinned, ids, self.device)
             ok = torch.equal(got.cpu(), self.table[ids.cpu()])
         except Exception:  # noqa: BLE001 - no UVA, an old driver, a Triton that refuses host pointers
-            return False
+            return
         if ok:
             self.table, self.reads_host = pinned, True
-        return ok
 
     @property
     def weight(self) -> torch.Tensor:
         return self.table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.reads_host and ids.device == self.device and self.table.is_pinned():
+        if self.reads_host and ids.device == self.device:
             return _kernel_rows(self.table, ids, self.device)
         rows = torch.nn.functional.embedding(ids.to(self.table.device), self.table, self.padding_idx)
         return rows.to(self.device)

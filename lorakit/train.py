@@ -224,8 +224,8 @@ def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: 
     config = sft_config(recipe, common, _columns(prepared.train))
     optim = optimizer_cls_and_kwargs(config, model)
     return trainer_class()(model=model, args=config, train_dataset=prepared.train,
-                      eval_dataset=prepared.eval if prepared.eval is not None else None,
-                      processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)
+                           eval_dataset=prepared.eval if prepared.eval is not None else None,
+                           processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)
 
 
 def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str) -> dict:
