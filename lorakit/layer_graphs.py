@@ -19,6 +19,8 @@ Same math as checkpointing: the same kernels in the same order. LoRA dropout ins
 device memory (lorakit.lora_triton.DeviceSeeds), drawn afresh before each forward replay and read again by the
 recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
 inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
+The recompute inside the backward graph skips the base matmul of the layer's last linear where nothing reads its
+output (lorakit.recompute_tail, checked on the layer at capture).
 Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and all
 layers share four hidden-state-sized buffers, one for the layer's LoRA gradients and one per other input.
 """
@@ -120,6 +122,7 @@ class _Entry:
         self.load_consts(leaves)  # the warm-up runs of the capture see this call's inputs
         self.h.copy_(h)
         self.seeds.refresh()
+        self.tail = self._unread_tail()
         self.forward_graph = owner.recorder.record(self._forward)
         self.backward_graph = owner.recorder.record(self._backward)
 
@@ -151,7 +154,20 @@ class _Entry:
         with torch.no_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
             self.out.copy_(self._run_layer(self.h))
 
-    def _backward(self) -> None:
+    def _unread_tail(self) -> Any:
+        """The layer's last LoRA linear if its recompute may skip that linear's base matmul
+        (lorakit.recompute_tail: checked on this call's inputs), else None."""
+        from lorakit import recompute_tail
+
+        with contextlib.suppress(Exception):  # anything unexpected: recompute in full
+            tail = recompute_tail.last_lora_module(self._forward)
+            self.grad_out.normal_()  # a gradient to check with (the buffer is free until a backward loads it)
+            if tail is not None and recompute_tail.verify(tail, self._grads):
+                return tail
+        return None
+
+    def _grads(self) -> tuple:
+        """The layer's recompute and backward on the static buffers: (input grad, *LoRA weight grads)."""
         import torch
 
         from lorakit import lora_triton
@@ -163,7 +179,15 @@ class _Entry:
         with torch.enable_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
             x = self.h.detach().requires_grad_(True)
             out = self._run_layer(x, aliases)
-            grads = torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
+            return torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
+
+    def _backward(self) -> None:
+        import torch
+
+        from lorakit import recompute_tail
+
+        with recompute_tail.skipping(self.tail) if self.tail is not None else contextlib.nullcontext():
+            grads = self._grads()
         if grads[0] is None:
             self.grad_in.zero_()
         else:
@@ -238,6 +262,11 @@ class GraphedCheckpoint:
     def captured(self) -> int:
         """Layer signatures captured so far."""
         return len(self._entries)
+
+    @property
+    def tails_skipped(self) -> int:
+        """Captured layer signatures whose recompute skips the last linear's base matmul (lorakit.recompute_tail)."""
+        return sum(1 for e in self._entries.values() if e.tail is not None)
 
     @property
     def failures(self) -> dict:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from lorakit import lora_triton
+from lorakit import lora_triton, recompute_tail
 
 GIB = 1024**3
 
@@ -483,7 +483,10 @@ def _fused_forward(self: Any, parent_forward: Any, x: Any, *args: Any, **kwargs:
     if not plain:
         return parent_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
+    if recompute_tail.skips(self) and not args and not kwargs:
+        result = recompute_tail.unread_output(self.base_layer, x)  # a recompute that never reads it
+    else:
+        result = self.base_layer(x, *args, **kwargs)
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
@@ -511,6 +514,8 @@ def fused_lora_classes(bits: int | None) -> dict:
         from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
         class FusedLoraLinear4bit(PeftLinear4bit):
+            lorakit_fused = True
+
             def forward(self, x, *args, **kwargs):
                 return _fused_forward(self, super().forward, x, *args, **kwargs)
 
@@ -519,6 +524,8 @@ def fused_lora_classes(bits: int | None) -> dict:
         from peft.tuners.lora.layer import Linear as PeftLinear
 
         class FusedLoraLinear(PeftLinear):
+            lorakit_fused = True
+
             def forward(self, x, *args, **kwargs):
                 return _fused_forward(self, super().forward, x, *args, **kwargs)
 

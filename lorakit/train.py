@@ -675,7 +675,8 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
     graphs = find(model)
     if graphs is not None:  # which layer shapes replayed graphs, and why any ran torch's checkpoint instead
         summary["cuda_graphs"] = {"captured": graphs.captured, "fallbacks": graphs.failures,
-                                  "not_graphable_calls": graphs.skipped}
+                                  "not_graphable_calls": graphs.skipped,
+                                  "recompute_tail_skipped": graphs.tails_skipped}
         for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
     if info["attn_implementation"] == "varlen":  # training's attention calls (a checkpointed layer's recompute

@@ -102,6 +102,7 @@ PLAN = [
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
     ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
     ("8b", "varied", "lk_sdpa", 12), ("8b", "fixed", "lk_adamw_fused", 20), ("1b", "fixed", "lk_adamw_fused", 20),
+    ("1b", "fixed", "lk_graphs", 20), ("1b", "fixed", "lk_no_liger", 12), ("1b", "fixed", "lk_no_fused_lora", 12),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -449,34 +450,46 @@ def profiled(path: Path, steps: int, device: str):
     """torch.profiler over the last 2 optimizer steps of a run (stepped by a global optimizer hook, so the same
     for the baseline and lorakit): where a step's time goes, written as tables to `path`."""
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     stamps: list[float] = []
     prof = profile(activities=acts, schedule=schedule(wait=max(0, steps - 3), warmup=1, active=2, repeat=1))
 
-    open_ranges: dict[int, object] = {}
+    # a step as consecutive ranges in the trace (trace_gaps charges idle time to the range open at the launch):
+    # lk.between_steps (optimizer done -> model forward: scheduler, zero_grad, callbacks, logging, next batch),
+    # lk.model_forward, lk.loss_backward (loss, metrics, backward, clip), then torch's Optimizer.step range
+    phase: list = []
 
-    def pre(mod, _args):  # the model's forward as a range in the trace (trace_gaps charges idle time to it)
+    def enter(name: str | None) -> None:
+        if phase:
+            phase.pop().__exit__(None, None, None)
+        if name:
+            phase.append(torch.autograd.profiler.record_function(name).__enter__())
+
+    def pre(mod, _args):
         if type(mod).__name__.endswith("ForCausalLM"):
-            open_ranges[id(mod)] = torch.autograd.profiler.record_function("lk.model_forward").__enter__()
+            enter("lk.model_forward")
 
     def post(mod, _args, _out):
-        r = open_ranges.pop(id(mod), None)
-        if r is not None:
-            r.__exit__(None, None, None)
+        if type(mod).__name__.endswith("ForCausalLM"):
+            enter("lk.loss_backward")
 
     hooks: list = []
 
     def step(*_):
+        enter(None)
         if device == "cuda":
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         if len(stamps) == steps - 2:  # the profiler's warm-up step begins: annotate from here on
             hooks.extend([torch.nn.modules.module.register_module_forward_pre_hook(pre),
-                          torch.nn.modules.module.register_module_forward_hook(post)])
+                          torch.nn.modules.module.register_module_forward_hook(post),
+                          register_optimizer_step_pre_hook(lambda *_: enter(None))])
         prof.step()
+        if hooks:
+            enter("lk.between_steps")
 
     prof.start()
     hook = register_optimizer_step_post_hook(step)
@@ -486,6 +499,7 @@ def profiled(path: Path, steps: int, device: str):
         hook.remove()
         for h in hooks:
             h.remove()
+        enter(None)
         prof.stop()
         gaps = ""
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,41 @@ def analyze(events: list[dict], steps: int = 2, top: int = 15) -> str:
     lines += table("idle by the op that launched the next kernel (innermost)", by_inner)
     lines += table("idle by outermost op / annotation at that launch", by_outer)
     lines += table("host waits on the GPU (synchronizing calls > 50 us)", syncs)
+    lines += backlog(events, dev, launches)
     return "\n".join(lines)
+
+
+def backlog(events: list[dict], dev: list[dict], launches: dict) -> list[str]:
+    """How far ahead of the GPU the host is when each annotated range (lk.*, Optimizer.step; a replayed layer's
+    forward and backward; the gradient clip's norm) starts and ends:
+    the GPU work already launched then and not yet done (0 = the GPU waits for the host from there on)."""
+    import bisect
+
+    done = sorted((launches[e["args"]["correlation"]]["ts"], e["ts"] + e["dur"]) for e in dev
+                  if e.get("args", {}).get("correlation") in launches)
+    ts = [t for t, _ in done]
+    ends, m = [], 0.0
+    for _, end in done:  # the latest end among the kernels launched up to each launch
+        m = max(m, end)
+        ends.append(m)
+
+    def ahead(t: float) -> float:
+        i = bisect.bisect_right(ts, t)
+        return max(0.0, ends[i - 1] - t) if i else 0.0
+
+    rows: dict[str, list] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in HOST_CATS and e.get("ph") == "X" and (
+                e["name"].startswith(("lk.", "Optimizer.step", "aten::_foreach_norm"))
+                or e["name"].endswith("_ReplayBackward") or e["name"] == "_Replay"):
+            rows[e["name"][:40]].append((e["dur"], ahead(e["ts"]), ahead(e["ts"] + e["dur"]), e["ts"]))
+    out = ["## the host's lead over the GPU at each range (mean over its occurrences, ms)",
+           "   n   host ms   lead at start   lead at end  range"]
+    for name, v in sorted(rows.items(), key=lambda kv: kv[1][0][3]):  # in the order they first ran
+        n = len(v)
+        out.append(f"{n:4d} {sum(x[0] for x in v) / n / 1e3:9.2f} {sum(x[1] for x in v) / n / 1e3:15.2f} "
+                   f"{sum(x[2] for x in v) / n / 1e3:13.2f}  {name}")
+    return out + [""]
 
 
 def analyze_file(path: Path, steps: int = 2) -> str:
