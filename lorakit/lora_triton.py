@@ -110,11 +110,12 @@ def down_forward(x2: Any, a: Any, p: float, seed: Any) -> Any:
     R = a.shape[0]
     a = a.contiguous()
     h = torch.empty((M, R), device=x2.device, dtype=a.dtype)
+    # tiles: 16 (32) rows x 256 columns a program; backward 32 x 128, ~1024 programs (bench/lora_kernel_tiles.md)
     BM = 32 if M >= 8192 else 16
     with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
         s, s_ptr, from_ptr = _seed_args(seed, x2)
         fwd[(triton.cdiv(M, BM),)](x2, a, h, M, K, R, x2.stride(0), s, s_ptr, float(p), 1.0 / (1.0 - p),
-                                  BM=BM, BK=128, RP=_rank_pad(R), SEED_PTR=from_ptr)
+                                  BM=BM, BK=256, RP=_rank_pad(R), SEED_PTR=from_ptr)
     return h
 
 
@@ -127,10 +128,10 @@ def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: Any, need_x: boo
     R = a.shape[0]
     a, grad_h = a.contiguous(), grad_h.to(a.dtype).contiguous()
     rp = _rank_pad(R)
-    BK, BM = 64, 64
+    BK, BM = 128, 32
     col_blocks = triton.cdiv(K, BK)
     # enough programs to fill the GPU: split the rows when there are few column blocks
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(512, col_blocks)))
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(1024, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
     splits = triton.cdiv(M, rows_per_split)
     gx = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
