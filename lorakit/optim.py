@@ -10,6 +10,16 @@ Measured (H200, 8B fixed rows with CUDA graphs, same call): +2.7%, 506 vs 519 ms
 Same optimizer, same kernels, same math: a subclass of the optimizer class the Trainer would build for
 `paged_adamw_8bit` / `adamw_8bit` whose `step` runs bitsandbytes' own per-tensor steps (init_state,
 prefetch_state, update_step) and keeps the one synchronization paged states need at the end.
+
+One update for many tensors: even without the synchronizations the 448 updates are 448 launches from Python
+(~40 us of host time each against ~6 us of GPU time), and the GPU waits for them (12 ms of a 440 ms step on the
+8B shape with CUDA graphs, bench/train_recompute_tail.md). bitsandbytes' blockwise 8-bit update works on blocks
+of 256 elements, each with its own scale, so tensors whose sizes are multiples of 256 can be updated as one:
+their 8-bit states live in shared buffers (each tensor's state a view into them, so `state_dict` keeps
+bitsandbytes' per-tensor format), and one call updates the concatenated parameters and gradients - the same
+blocks, scales and arithmetic as one call per tensor, bit for bit (tests/test_optim.py). Tensors that differ
+(another step count or dtype, a per-parameter override, 32-bit states, a size off the block) keep the
+per-tensor update.
 """
 
 from __future__ import annotations
@@ -37,8 +47,12 @@ def no_sync_class(cls: type) -> type:
                 self.initialized = True
             last = None
             for gindex, group in enumerate(self.param_groups):
+                together = _update_together(self, gindex, group)
+                if together:
+                    last = together[-1]
+                done = {id(p) for p in together}
                 for pindex, p in enumerate(group["params"]):
-                    if p.grad is None:
+                    if p.grad is None or id(p) in done:
                         continue
                     if len(self.state[p]) == 0:
                         self.init_state(group, p, gindex, pindex)
@@ -51,6 +65,105 @@ def no_sync_class(cls: type) -> type:
 
     NoSync.__name__ = NoSync.__qualname__ = f"{cls.__name__}NoSync"
     return NoSync
+
+
+BLOCK = 256  # bitsandbytes' block of the 8-bit blockwise optimizer states (one absmax per block)
+
+
+class _Shared:
+    """The 8-bit states of a set of tensors in shared buffers, in the tensors' order."""
+
+    def __init__(self, opt: Any, params: list, device: Any):
+        import torch
+
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        total = sum(self.sizes)
+        shape_of = torch.empty(total, dtype=torch.uint8, device=device)  # get_state_buffer pages it if it should
+        self.s1 = opt.get_state_buffer(shape_of, dtype=torch.uint8)
+        self.s2 = opt.get_state_buffer(shape_of, dtype=torch.uint8)
+        self.a1 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
+        self.a2 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
+        if "dynamic" not in opt.name2qmap:
+            opt.fill_qmap()
+        opt.name2qmap["dynamic"] = opt.name2qmap["dynamic"].to(device)
+        opt.name2qmap["udynamic"] = opt.name2qmap["udynamic"].to(device)
+        off = 0
+        for p, n in zip(params, self.sizes):
+            state = opt.state[p]
+            views = {"state1": self.s1[off:off + n].view(p.shape), "state2": self.s2[off:off + n].view(p.shape),
+                     "absmax1": self.a1[off // BLOCK:(off + n) // BLOCK],
+                     "absmax2": self.a2[off // BLOCK:(off + n) // BLOCK]}
+            for key, view in views.items():
+                if key in state:  # a state of its own (a loaded checkpoint): taken over
+                    view.copy_(state[key].reshape(view.shape))
+                state[key] = view
+            state.setdefault("step", 0)
+            state["qmap1"], state["qmap2"] = opt.name2qmap["dynamic"], opt.name2qmap["udynamic"]
+            off += n
+
+    def holds(self, opt: Any) -> bool:
+        """Every tensor's state is still the view into these buffers (a load_state_dict replaces them)."""
+        off = 0
+        for p, n in zip(self.params, self.sizes):
+            s1 = opt.state[p].get("state1")
+            if s1 is None or s1.data_ptr() != self.s1[off:].data_ptr():
+                return False
+            off += n
+        return True
+
+
+def _update_together(opt: Any, gindex: int, group: dict) -> list:
+    """Update the group's tensors that bitsandbytes would update alike with one call (see the module
+    docstring); return them (the others are left to the per-tensor update)."""
+    import torch
+    from bitsandbytes import functional as F
+
+    if not hasattr(opt, "name2qmap") or getattr(opt, "optimizer_name", None) != "adam":
+        return []
+    if opt.args.optim_bits != 8 or opt.args.max_unorm > 0:
+        return []
+    min_8bit_size = opt.args.min_8bit_size
+    members, step, first = [], None, None
+    for pindex, p in enumerate(group["params"]):
+        g = p.grad
+        state = opt.state[p]
+        if (g is None or g.dtype != p.dtype or not p.is_contiguous() or p.numel() % BLOCK
+                or p.numel() < min_8bit_size
+                or (gindex, pindex) in opt.mng.index2config or id(p) in opt.mng.pid2config
+                or (state and state.get("state1") is not None and state["state1"].dtype != torch.uint8)):
+            continue
+        if members and (p.dtype != members[0].dtype or p.device != members[0].device):
+            continue
+        s = state.get("step", 0)
+        if step is None:
+            step = s
+        if s == step:
+            members.append(p)
+            first = pindex if first is None else first
+    if len(members) < 2:
+        return []
+    shared = getattr(opt, "_lk_shared", {}).get(gindex)
+    if shared is None or [id(p) for p in shared.params] != [id(p) for p in members] or not shared.holds(opt):
+        shared = _Shared(opt, members, members[0].device)
+        opt.__dict__.setdefault("_lk_shared", {})[gindex] = shared
+    config = opt.get_config(gindex, first, group)  # the group's: members have no overrides of their own
+    step += 1
+    for p in members:
+        opt.state[p]["step"] = step
+    flat_p = torch.cat([p.view(-1) for p in members])
+    flat_g = torch.cat([p.grad.reshape(-1) for p in members])
+    if getattr(shared.s1, "is_paged", False):
+        F.prefetch_tensor(shared.s1)
+        F.prefetch_tensor(shared.s2)
+    betas = config["betas"]
+    F.optimizer_update_8bit_blockwise(
+        opt.optimizer_name, flat_g, flat_p, shared.s1, shared.s2, betas[0], betas[1],
+        betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step, config["lr"],
+        opt.name2qmap["dynamic"], opt.name2qmap["udynamic"], shared.a1, shared.a2, config["weight_decay"],
+        gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+    torch._foreach_copy_([p.view(-1) for p in members], list(torch.split(flat_p, shared.sizes)))
+    return members
 
 
 def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple | None:
