@@ -128,7 +128,8 @@ def _update_together(opt: Any, gindex: int, group: dict) -> list:
     for pindex, p in enumerate(group["params"]):
         g = p.grad
         state = opt.state[p]
-        if (g is None or g.dtype != p.dtype or not p.is_contiguous() or p.numel() % BLOCK
+        if (g is None or type(p.data) is not torch.Tensor or type(g) is not torch.Tensor  # not DTensors (FSDP2)
+                or g.dtype != p.dtype or not p.is_contiguous() or p.numel() % BLOCK
                 or p.numel() < min_8bit_size
                 or (gindex, pindex) in opt.mng.index2config or id(p) in opt.mng.pid2config
                 or (state and state.get("state1") is not None and state["state1"].dtype != torch.uint8)):
@@ -143,10 +144,11 @@ def _update_together(opt: Any, gindex: int, group: dict) -> list:
             first = pindex if first is None else first
     if len(members) < 2:
         return []
-    shared = getattr(opt, "_lk_shared", {}).get(gindex)
+    if not hasattr(opt, "lk_shared"):
+        opt.lk_shared = {}  # param group index -> _Shared
+    shared = opt.lk_shared.get(gindex)
     if shared is None or [id(p) for p in shared.params] != [id(p) for p in members] or not shared.holds(opt):
-        shared = _Shared(opt, members, members[0].device)
-        opt.__dict__.setdefault("_lk_shared", {})[gindex] = shared
+        shared = opt.lk_shared[gindex] = _Shared(opt, members, members[0].device)
     config = opt.get_config(gindex, first, group)  # the group's: members have no overrides of their own
     step += 1
     for p in members:

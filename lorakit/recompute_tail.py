@@ -20,26 +20,24 @@ recomputes in full.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
-_SKIPPED: list = []  # the module whose base output is not computed, innermost last; a fill value or None
-_FILL: list = []
+_SKIPPED: list = []  # (module whose base output is not computed, value to fill it with or None), innermost last
 
 
 @contextlib.contextmanager
 def skipping(module: Any, fill: float | None = None):
     """Inside this block `module`'s base matmul is not computed (its output filled with `fill`, if given)."""
-    _SKIPPED.append(module)
-    _FILL.append(fill)
+    _SKIPPED.append((module, fill))
     try:
         yield
     finally:
         _SKIPPED.pop()
-        _FILL.pop()
 
 
 def skips(module: Any) -> bool:
-    return bool(_SKIPPED) and _SKIPPED[-1] is module
+    return bool(_SKIPPED) and _SKIPPED[-1][0] is module
 
 
 def last_lora_module(run: Any) -> Any:
@@ -64,7 +62,7 @@ def last_lora_module(run: Any) -> Any:
 
 def unread_output(base: Any, x: Any) -> Any:
     """What `base(x)` returns for autograd - shape, dtype and backward - without computing its value."""
-    return _fn().apply(x, base, _FILL[-1] if _FILL else None)
+    return _fn().apply(x, base, _SKIPPED[-1][1] if _SKIPPED else None)
 
 
 def _out_dtype(base: Any, x: Any) -> Any:
@@ -93,13 +91,9 @@ def _grad_input(base: Any, grad: Any) -> Any:
     return torch.matmul(grad, base.weight.to(grad.dtype))
 
 
-_FN = None
-
-
+@functools.cache
 def _fn():
-    global _FN
-    if _FN is not None:
-        return _FN
+    """The autograd function, defined on first use (importing this module does not import torch)."""
     import torch
 
     class _UnreadOutput(torch.autograd.Function):
@@ -113,8 +107,7 @@ def _fn():
         def backward(ctx, grad):
             return _grad_input(ctx.base, grad).to(ctx.x_dtype), None, None
 
-    _FN = _UnreadOutput
-    return _FN
+    return _UnreadOutput
 
 
 def verify(module: Any, grads: Any, rtol: float = 1e-2) -> bool:

@@ -836,10 +836,12 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   padding-free batches with varlen attention (torch's flash kernel given the rows' boundaries:
   lorakit/varlen_attention.py) where padding would waste >= 15% (the varied rows), every layer checkpointed (the
   baseline's memory); batches of one shape (the fixed rows): the checkpointed layers replayed as CUDA graphs
-  (lorakit/layer_graphs.py), their memory pool paid for by the input embeddings kept in host memory
+  (lorakit/layer_graphs.py; the recompute skips the base matmul of a layer's last linear, whose output nothing
+  reads: lorakit/recompute_tail.py), their memory pool paid for by the input embeddings kept in host memory
   (lorakit/host_embedding.py: rows read from the pinned table by a GPU kernel), where the estimate says that stays
-  within the run without graphs; the bitsandbytes 8-bit AdamW update without a sync per tensor (lorakit/optim.py)
-  and a Trainer step that does not read the GPU between backward and optimizer (lorakit/sft_trainer.py).
+  within the run without graphs; the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
+  of whole 256-element blocks updated by one call (lorakit/optim.py), and a Trainer step that does not read the GPU
+  between backward and optimizer (lorakit/sft_trainer.py).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
   **lk_flex** / **lk_sdpa**: padding-free batches with flex attention / sdpa forced (`model.attn_implementation`; what
