@@ -303,7 +303,7 @@ def baseline(args) -> dict:
                     per_device_train_batch_size=batch_size(args.workload), learning_rate=2e-4,
                     lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_8bit" if cuda else "adamw_torch",
                     gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, max_length=seq_len(args.model),
-                    logging_steps=1, save_strategy="no", report_to="none", seed=42, data_seed=42,
+                    logging_steps=logging_steps(), save_strategy="no", report_to="none", seed=42, data_seed=42,
                     include_num_input_tokens_seen="non_padding", disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
                          processing_class=tokenizer(n_words(args.model)), peft_config=peft_config, callbacks=[Clock()])
@@ -328,7 +328,7 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
     cuda = device == "cuda"
     tag, run = run.replace("@", "-"), run.split("@")[0]  # X@prev: variant X (run with older code)
     train = {"max_steps": steps, "lr": 2.0e-4, "scheduler": "constant", "warmup_ratio": 0.0,
-             "batch_size": batch_size(workload), "grad_accum": 1, "logging_steps": 1, "seed": 42,
+             "batch_size": batch_size(workload), "grad_accum": 1, "logging_steps": logging_steps(), "seed": 42,
              "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch"}
     data = {"path": str(data_file(model, workload)), "format": "text", "max_length": seq_len(model)}
     if run == "lorakit_budget":
@@ -556,11 +556,23 @@ def flops_per_token(model: str, seq: float, gc_frac: float) -> float:
     return 2 * P * (2 + gc_frac) - 2 * h * V * gc_frac + att * (3 + gc_frac)
 
 
+def logging_steps() -> int:
+    """Both sides log every N steps (--logging-steps; 1 = every step, timed step by step)."""
+    return int(os.environ.get("LKBENCH_LOGGING_STEPS", "1"))
+
+
+def _logging(info: dict) -> str:
+    n = info.get("logging_steps", 1)
+    return ("both sides log every step" if n == 1 else
+            f"both sides log every {n} steps, TRL's and lorakit's default: timed from the first logged step after the "
+            f"warm-up to the last; the losses compared are {n}-step means")
+
+
 def measure(res: dict) -> None:
-    """tokens/s etc. from the per-step log events (after WARMUP steps)."""
+    """tokens/s etc. from the log events: from the first logged step at or after WARMUP to the last."""
     ev = sorted((e for e in res.get("events") or [] if e["step"] <= res["steps"]), key=lambda e: e["step"])
     res["losses"] = [round(e["loss"], 5) for e in ev][:LOSSES]
-    w = next((e for e in ev if e["step"] == WARMUP), None)
+    w = next((e for e in ev if e["step"] >= WARMUP), None)
     last = ev[-1] if ev else None
     if not w or not last or last["step"] <= WARMUP or w["tokens"] is None or last["tokens"] is None:
         res.setdefault("error", "too few logged steps")
@@ -627,6 +639,9 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=450, help="seconds: skip what would run past it")
     ap.add_argument("--budget-gb", type=float, default=40, help="train.memory_budget_gb of lorakit_budget")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--logging-steps", type=int, default=1,
+                    help="both sides log every N steps (TRL's and lorakit's default is 10); timing runs from the first "
+                         "logged step after the warm-up to the last, losses are then N-step means")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile 2 extra steps after each run's timed steps into DIR/profile-*.txt (tables and where "
                          "the GPU idles, scripts/trace_gaps.py)")
@@ -667,9 +682,11 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     os.environ["LKBENCH_BUDGET_GB"] = str(args.budget_gb)
+    os.environ["LKBENCH_LOGGING_STEPS"] = str(args.logging_steps)
     me = [sys.executable, str(Path(__file__).resolve())]
     dev = ["--device", args.device]
     info: dict = {"versions": versions(), "device": args.device, "warmup_steps": WARMUP, "budget_gb": args.budget_gb,
+                  "logging_steps": args.logging_steps,
                   "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
         rate_file = WORK / "rate.json"
@@ -854,7 +871,7 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
 
 Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
 sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after
-{WARMUP} warm-up steps, timed by the per-step log events. Peak = torch's max allocated / reserved in the run's
+{WARMUP} warm-up steps, timed by the log events ({_logging(info)}). Peak = torch's max allocated / reserved in the run's
 process (load included). Loss max rel diff: first {LOSSES} losses (fewer for shorter runs) against the baseline of
 the same model and workload. Ratio to limit = tok/s x FLOPs/token / measured matmul rate, FLOPs/token ~ 6 x matmul
 params with full checkpointing (2P fwd + 2P activation-gradient bwd + 2P recompute) + causal attention.
