@@ -88,7 +88,7 @@ class _Shared:
             opt.fill_qmap()
         opt.name2qmap["dynamic"] = opt.name2qmap["dynamic"].to(device)
         opt.name2qmap["udynamic"] = opt.name2qmap["udynamic"].to(device)
-        off = 0
+        off, self.ptrs = 0, []
         for p, n in zip(params, self.sizes):
             state = opt.state[p]
             views = {"state1": self.s1[off:off + n].view(p.shape), "state2": self.s2[off:off + n].view(p.shape),
@@ -100,16 +100,15 @@ class _Shared:
                 state[key] = view
             state.setdefault("step", 0)
             state["qmap1"], state["qmap2"] = opt.name2qmap["dynamic"], opt.name2qmap["udynamic"]
+            self.ptrs.append(state["state1"].data_ptr())
             off += n
 
     def holds(self, opt: Any) -> bool:
         """Every tensor's state is still the view into these buffers (a load_state_dict replaces them)."""
-        off = 0
-        for p, n in zip(self.params, self.sizes):
+        for p, ptr in zip(self.params, self.ptrs):
             s1 = opt.state[p].get("state1")
-            if s1 is None or s1.data_ptr() != self.s1[off:].data_ptr():
+            if s1 is None or s1.data_ptr() != ptr:
                 return False
-            off += n
         return True
 
 
