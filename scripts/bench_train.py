@@ -655,6 +655,8 @@ def main() -> None:
     ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--run")
     ap.add_argument("--steps", type=int), ap.add_argument("--result")
     args = ap.parse_args()
+    if args.logging_steps < 1:
+        ap.error(f"--logging-steps {args.logging_steps}: must be 1 or more")
     if args.device is None:
         import torch
 
