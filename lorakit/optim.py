@@ -73,9 +73,10 @@ BLOCK = 256  # bitsandbytes' block of the 8-bit blockwise optimizer states (one 
 class _Shared:
     """The 8-bit states of a set of tensors in shared buffers, in the tensors' order."""
 
-    def __init__(self, opt: Any, params: list, device: Any):
+    def __init__(self, opt: Any, params: list):
         import torch
 
+        device = params[0].device
         self.params = params
         self.sizes = [p.numel() for p in params]
         total = sum(self.sizes)
@@ -147,7 +148,7 @@ def _update_together(opt: Any, gindex: int, group: dict) -> list:
         opt.lk_shared = {}  # param group index -> _Shared
     shared = opt.lk_shared.get(gindex)
     if shared is None or [id(p) for p in shared.params] != [id(p) for p in members] or not shared.holds(opt):
-        shared = opt.lk_shared[gindex] = _Shared(opt, members, members[0].device)
+        shared = opt.lk_shared[gindex] = _Shared(opt, members)
     config = opt.get_config(gindex, first, group)  # the group's: members have no overrides of their own
     step += 1
     for p in members:
