@@ -10,7 +10,10 @@ bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a
   and the separate scale/add kernels, and saves the dropout mask instead of the dropped copy of x (rebuilt
   in backward from x, which the base layer keeps anyway). On CUDA with Triton the dropout is drawn inside
   the x@A^T kernel and again in backward (lorakit.lora_triton: no mask, no dropped copy, fewer kernels;
-  8B shape, H200: 6824 vs 6242 tok/s and -0.26 GiB, bench/train.md). The adapter saved is a plain peft adapter.
+  8B shape, H200: 6824 vs 6242 tok/s and -0.26 GiB, bench/train.md). In training the base layer's matmul joins
+  that function too (`lora_linear`): the base GEMMs add onto the LoRA parts in their epilogue, and a graphed
+  recompute keeps its dequantized weights for the backward (8B fixed rows, H200: 424 -> 403 ms a step,
+  bench/train_keep_weights.md). The adapter saved is a plain peft adapter.
 - train.gradient_checkpointing / train.memory_budget_gb: every layer (default on CUDA, the plain stack's
   memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
 - data.padding_free: flattened batches (TRL's padding_free; attention keeps rows apart through
@@ -401,75 +404,159 @@ def apply_to_model(model: Any, p: dict, recorder: Any = None) -> dict:
 
 def lora_delta(result: Any, x: Any, a_w: Any, b_w: Any, p: float, scale: float, training: bool) -> Any:
     """result + scale * dropout(x) @ A^T @ B^T as one autograd function (see module docstring)."""
-    return _lora_fn().apply(result, x, a_w, b_w, float(p) if training else 0.0, float(scale))
+    return _fns()[0].apply(result, x, a_w, b_w, float(p) if training else 0.0, float(scale))
 
 
-_FN = None
+def lora_linear(base: Any, x: Any, a_w: Any, b_w: Any, p: float, scale: float, training: bool,
+                skip: bool = False) -> Any:
+    """base(x) + scale * dropout(x) @ A^T @ B^T as one autograd function, for a frozen base layer whose output
+    dtype is x's (`linear_dtype`). Against base(x) followed by `lora_delta`: the LoRA parts come first and the base
+    matmuls add onto them (cuBLAS reads them in its epilogue, inside a compute-bound GEMM) instead of a separate
+    memory-bound pass over the output in forward and over the input gradient in backward; and inside
+    `recompute_tail.keeping_weights()` the dequantized base weight is kept for the backward instead of being
+    dequantized again. `skip`: the output is not computed at all (a recompute that nothing reads:
+    lorakit.recompute_tail); its backward is the same."""
+    return _fns()[1].apply(x, a_w, b_w, base, float(p) if training else 0.0, float(scale), bool(skip))
 
 
-def _lora_fn():
-    global _FN
-    if _FN is not None:
-        return _FN
+def linear_dtype(base: Any, x: Any) -> Any:
+    """The dtype base(x) computes in when `lora_linear` can stand in for it - a frozen bitsandbytes 4-bit layer
+    computing in x's dtype, or a frozen torch Linear computing in x's dtype (under autocast: its dtype) - else
+    None."""
     import torch
+
+    w = getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    if w is None or w.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if hasattr(w, "quant_state"):
+        ok = w.quant_state is not None and getattr(base, "compute_dtype", None) == x.dtype
+        return x.dtype if ok else None
+    if type(base) is torch.nn.Linear:
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+        return cdt if x.dtype == cdt else None
+    return None
+
+
+_FNS: tuple = ()
+
+
+def _fns() -> tuple:
+    """(_LoraDelta, _LoraLinear), defined on first use (importing this module does not import torch)."""
+    global _FNS
+    if _FNS:
+        return _FNS
+    import torch
+
+    from lorakit import lora_triton
+
+    def down(ctx, x2, a_c, p):
+        """h = dropout(x2) @ A^T: (h, mask or None); sets ctx.seed when the Triton kernels drew the mask."""
+        ctx.seed = None
+        kernel = p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1
+        seeds = lora_triton.active_seeds() if p > 0 else None
+        if kernel and lora_triton.available(x2.device.type, a_c.dtype, a_c.shape[0]):
+            # dropout inside the matmul (lorakit.lora_triton): the mask comes from this seed, again in
+            # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x). Under a CUDA
+            # graph (lorakit.layer_graphs) the seed lives in device memory, redrawn before each replay.
+            ctx.seed = seeds.take() if seeds is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+            return lora_triton.down_forward(x2, a_c, p, ctx.seed), None
+        if seeds is not None:
+            raise RuntimeError("LoRA dropout inside a CUDA graph needs the Triton dropout kernels")
+        xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
+        return xd.to(a_c.dtype) @ a_c.t(), mask
+
+    def down_grads(ctx, x2, mask, a_w, a_c, grad_h, need_x, need_a):
+        """(grad of x2 or None, grad of A or None) of `down`."""
+        p = ctx.p
+        if ctx.seed is not None:
+            gx, ga = lora_triton.down_backward(x2, a_c, grad_h, p, ctx.seed, need_x)
+            return gx, (ga.to(a_w.dtype) if need_a else None)
+        grad_a = grad_x = None
+        if need_a:
+            xd = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p)) if mask is not None else x2
+            grad_a = (grad_h.t() @ xd.to(a_c.dtype)).to(a_w.dtype)
+        if need_x:
+            gxd = grad_h @ a_c
+            if mask is not None:
+                gxd = torch.ops.aten.native_dropout_backward(gxd, mask, 1.0 / (1.0 - p))
+            grad_x = gxd.to(x2.dtype)
+        return grad_x, grad_a
 
     class _LoraDelta(torch.autograd.Function):
         @staticmethod
         def forward(ctx, result, x, a_w, b_w, p, scale):
-            from lorakit import lora_triton
-
             cdt = result.dtype
-            ctx.p, ctx.scale, ctx.cdt, ctx.xshape, ctx.seed = p, scale, cdt, x.shape, None
+            ctx.p, ctx.scale, ctx.cdt, ctx.xshape = p, scale, cdt, x.shape
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x2 = x.reshape(-1, x.shape[-1])
-                a_c, b_c = a_w.to(cdt), b_w.to(cdt)
-                kernel = p > 0 and x2.shape[0] > 0 and x2.stride(-1) == 1
-                seeds = lora_triton.active_seeds() if p > 0 else None
-                if kernel and lora_triton.available(x.device.type, cdt, a_w.shape[0]):
-                    # dropout inside the matmul (lorakit.lora_triton): the mask comes from this seed, again in
-                    # backward (ctx keeps it; a checkpointed layer's recompute only rebuilds x). Under a CUDA
-                    # graph (lorakit.layer_graphs) the seed lives in device memory, redrawn before each replay.
-                    ctx.seed = seeds.take() if seeds is not None else int(torch.randint(0, 2**31 - 1, (1,)))
-                    h, mask = lora_triton.down_forward(x2, a_c, p, ctx.seed), None
-                elif seeds is not None:
-                    raise RuntimeError("LoRA dropout inside a CUDA graph needs the Triton dropout kernels")
-                else:
-                    xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
-                    h = xd.to(cdt) @ a_c.t()
-                out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b_c.t(), alpha=scale)
+                h, mask = down(ctx, x2, a_w.to(cdt), p)
+                out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b_w.to(cdt).t(), alpha=scale)
             ctx.save_for_backward(x2, mask, a_w, b_w, h)
             return out.view(result.shape)
 
         @staticmethod
         def backward(ctx, grad):
             x2, mask, a_w, b_w, h = ctx.saved_tensors
-            cdt, scale, p = ctx.cdt, ctx.scale, ctx.p
+            cdt, scale = ctx.cdt, ctx.scale
             g = grad.reshape(-1, grad.shape[-1]).to(cdt)
-            a_c, b_c = a_w.to(cdt), b_w.to(cdt)
-            grad_h = (g @ b_c) * scale
-            grad_b = grad_a = grad_x = None
-            if ctx.needs_input_grad[3]:
-                grad_b = ((h.t() @ g) * scale).t().to(b_w.dtype)
-            if ctx.seed is not None:
-                from lorakit import lora_triton
+            grad_h = (g @ b_w.to(cdt)) * scale
+            grad_b = ((h.t() @ g) * scale).t().to(b_w.dtype) if ctx.needs_input_grad[3] else None
+            grad_x, grad_a = down_grads(ctx, x2, mask, a_w, a_w.to(cdt), grad_h, ctx.needs_input_grad[1],
+                                        ctx.needs_input_grad[2])
+            grad_x = grad_x.view(ctx.xshape) if grad_x is not None else None
+            return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_a, grad_b, None, None
 
-                gx, ga = lora_triton.down_backward(x2, a_c, grad_h, p, ctx.seed, ctx.needs_input_grad[1])
-                grad_x = gx.view(ctx.xshape) if gx is not None else None
-                grad_a = ga.to(a_w.dtype) if ctx.needs_input_grad[2] else None
-                return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_a, grad_b, None, None
-            if ctx.needs_input_grad[2]:
-                xd = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p)) if mask is not None else x2
-                grad_a = (grad_h.t() @ xd.to(cdt)).to(a_w.dtype)
-            if ctx.needs_input_grad[1]:
-                gxd = grad_h @ a_c
-                if mask is not None:
-                    gxd = torch.ops.aten.native_dropout_backward(gxd, mask, 1.0 / (1.0 - p))
-                grad_x = gxd.to(x2.dtype).view(ctx.xshape)
-            grad_result = grad if ctx.needs_input_grad[0] else None
-            return grad_result, grad_x, grad_a, grad_b, None, None
+    class _LoraLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, a_w, b_w, base, p, scale, skip):
+            from lorakit import recompute_tail
 
-    _FN = _LoraDelta
-    return _FN
+            cdt = x.dtype
+            ctx.p, ctx.scale, ctx.base, ctx.xshape = p, scale, base, x.shape
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x2 = x.reshape(-1, x.shape[-1])
+                w = None
+                h, mask = down(ctx, x2, a_w.to(cdt), p)
+                if skip:  # a recompute whose output nothing reads (lorakit.recompute_tail)
+                    fill = recompute_tail.fill()
+                    out = x2.new_empty((x2.shape[0], base.out_features))
+                    if fill is not None:
+                        out.fill_(fill)
+                else:  # the LoRA part (+ bias) first, then the base matmul adds onto it
+                    w = recompute_tail.weight_of(base, cdt)
+                    b_t = b_w.to(cdt).t()
+                    if base.bias is not None:
+                        out = torch.addmm(base.bias.to(cdt), h, b_t, alpha=scale)
+                    else:
+                        out = x2.new_empty((x2.shape[0], base.out_features))
+                        torch.addmm(out, h, b_t, beta=0, alpha=scale, out=out)
+                    out.addmm_(x2, w.t())
+                    if not recompute_tail.keeps_weights():
+                        w = None
+            ctx.save_for_backward(x2, mask, a_w, b_w, h, w)
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            from lorakit import recompute_tail
+
+            x2, mask, a_w, b_w, h, w = ctx.saved_tensors
+            scale = ctx.scale
+            cdt = x2.dtype
+            g = grad.reshape(-1, grad.shape[-1]).to(cdt)
+            grad_h = (g @ b_w.to(cdt)) * scale
+            grad_b = ((h.t() @ g) * scale).t().to(b_w.dtype) if ctx.needs_input_grad[2] else None
+            grad_x, grad_a = down_grads(ctx, x2, mask, a_w, a_w.to(cdt), grad_h, ctx.needs_input_grad[0],
+                                        ctx.needs_input_grad[1])
+            if grad_x is not None:  # the base layer's input gradient added onto the LoRA part
+                grad_x = grad_x.addmm_(g, w if w is not None else recompute_tail.weight_of(ctx.base, cdt))
+                grad_x = grad_x.view(ctx.xshape)
+            return grad_x, grad_a, grad_b, None, None, None, None
+
+    _FNS = (_LoraDelta, _LoraLinear)
+    return _FNS
 
 
 def _fused_forward(self: Any, parent_forward: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -483,7 +570,19 @@ def _fused_forward(self: Any, parent_forward: Any, x: Any, *args: Any, **kwargs:
     if not plain:
         return parent_forward(x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
-    if recompute_tail.skips(self) and not args and not kwargs:
+    skip = recompute_tail.skips(self) and not args and not kwargs
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    if len(names) == 1 and not args and not kwargs and (skip or torch.is_grad_enabled()):
+        # training: base and LoRA in one autograd function (lora_linear), where it computes as the base layer does
+        name, dev = names[0], x.device.type
+        a_w = self.lora_A[name].weight
+        cdt = linear_dtype(self.base_layer, x)
+        if cdt is not None and (torch.is_autocast_enabled(dev) or a_w.dtype == cdt):
+            drop = self.lora_dropout[name]
+            p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+            return lora_linear(self.base_layer, x, a_w, self.lora_B[name].weight, p, self.scaling[name],
+                               self.training, skip=skip)
+    if skip:
         result = recompute_tail.unread_output(self.base_layer, x)  # a recompute that never reads it
     else:
         result = self.base_layer(x, *args, **kwargs)

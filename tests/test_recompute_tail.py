@@ -39,26 +39,36 @@ def _step(pm, ids) -> dict:
     return grads
 
 
-def _base_calls_in_backward(pm, ids, name: str) -> int:
-    """How often `name`'s base layer (in each decoder layer) runs during a step's backward pass."""
+def _base_calls_in_backward(pm, ids, name: str, monkeypatch) -> int:
+    """How often `name`'s base layer (in each decoder layer) computes its output during a step's backward pass:
+    called as a module, or inside the fused layer's function (speed.lora_linear) unless told to skip it."""
     calls = []
     layers = speed.decoder_layers(pm.get_base_model())
     mods = [layer.get_submodule(name).base_layer for layer in layers]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
     with ctx:
         loss = pm(input_ids=ids, labels=ids).loss
+    lora_linear = speed.lora_linear
+
+    def counted(base, *args, skip=False, **kwargs):  # the fused layer's base + LoRA function
+        if not skip and any(base is m for m in mods):
+            calls.append(1)
+        return lora_linear(base, *args, skip=skip, **kwargs)
+
+    monkeypatch.setattr(speed, "lora_linear", counted)
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in mods]
     try:
         loss.backward()
     finally:
         for h in hooks:
             h.remove()
+        monkeypatch.undo()
     pm.zero_grad(set_to_none=True)
     return len(calls)
 
 
 @pytest.mark.parametrize("family,skipped", [("llama", True), ("gemma2", False)])
-def test_the_recompute_skips_the_last_linear_only_where_nothing_reads_it(family, skipped):
+def test_the_recompute_skips_the_last_linear_only_where_nothing_reads_it(family, skipped, monkeypatch):
     ids = torch.randint(0, 300, (2, 16), device=DEVICE)
     ref, graphed = _model(family), _model(family)
     speed.set_checkpointing(ref, None)
@@ -74,8 +84,9 @@ def test_the_recompute_skips_the_last_linear_only_where_nothing_reads_it(family,
     assert tails == ([layer.mlp.down_proj for layer in layers] if skipped else [None, None])
     assert g.tails_skipped == (2 if skipped else 0)  # what the run's summary.json reports
     if not CUDA:  # a CUDA graph replays without calling the modules: the count needs the eager stand-in
-        assert _base_calls_in_backward(graphed, ids, "mlp.down_proj") == (0 if skipped else 2)
-        assert _base_calls_in_backward(graphed, ids, "mlp.up_proj") == 2  # its output feeds what backward reads
+        assert _base_calls_in_backward(graphed, ids, "mlp.down_proj", monkeypatch) == (0 if skipped else 2)
+        # its output feeds what backward reads
+        assert _base_calls_in_backward(graphed, ids, "mlp.up_proj", monkeypatch) == 2
     want, got = _step(ref, ids), _step(graphed, ids)
     assert want.keys() == got.keys() and len(got) == 2 * 7 * 2
     for n in want:
