@@ -250,6 +250,9 @@ class TrainSection(Section):
     """Keep the input embedding table in host memory and copy each batch's rows to the GPU (8B: 1 GiB less GPU
     memory; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = where it pays
     for CUDA graphs (cuda_graphs)."""
+    expandable_segments: bool = True
+    """CUDA only: the caching allocator grows segments in place instead of caching blocks of fixed sizes (less
+    reserved memory for the same tensors; PYTORCH_CUDA_ALLOC_CONF, when set, wins). lorakit.cuda_memory."""
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""

@@ -283,6 +283,8 @@ def describe_levers(p: dict) -> str:
         on.append(f"frozen weights {p['frozen_dtype']}")
     if p.get("offload_embeddings"):
         on.append("input embeddings in host memory")
+    if p.get("expandable_segments"):
+        on.append("expandable segments")
     why = p.get("checkpointing_reason") or ""
     return f"speed: {', '.join(on) or 'no levers'}; gradient checkpointing {gc}" + (f" ({why})" if why else "")
 

@@ -459,6 +459,10 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         levers = resolved_options(recipe, device)  # input errors before any weight is loaded
         _check_rewards(recipe)
     _quiet_libraries()
+    if device == "cuda":
+        from lorakit.cuda_memory import use_expandable_segments
+
+        levers["expandable_segments"] = use_expandable_segments(recipe.train.expandable_segments)
 
     from transformers import set_seed
 
@@ -485,6 +489,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
         levers["attn_implementation"] = info["attn_implementation"]  # as loaded: the fallbacks of `auto`
+        info["expandable_segments"] = levers.get("expandable_segments", False)  # for summary.json
         out.print(describe_params(info))
         out.print(describe_levers(levers))
     report = dict(getattr(prepared, "report", None) or {})
@@ -647,6 +652,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         "resumed": checkpoint is not None,
         "options": {**resolved_options(recipe, device), "bits": info["bits"], "dtype": info["dtype"],
                     "attn_implementation": info["attn_implementation"],  # as loaded (auto's fallbacks)
+                    "expandable_segments": info.get("expandable_segments", False),
                     **({"cuda_graphs": False, "offload_embeddings": False} if "not_offloaded" in info else {})},
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),

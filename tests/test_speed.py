@@ -590,11 +590,11 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
     assert 0.3 * GIB < extra < 1.2 * GIB and graphs["memory"]["cuda_graphs_bytes"] > extra
     assert graphs["peak_bytes_checkpointed_graphs"] == plain["peak_bytes_checkpointed_graphs"]
     assert graphs["memory"]["allocated_peak_bytes"] == pytest.approx(8.12 * GIB, rel=0.1)
-    # reserved, with the embeddings in host memory as auto does: 8.58 GiB measured (twelfth session, the recompute
-    # keeping its layer's dequantized weights: bench/train_keep_weights.md) + the CUDA context; the regular pool
-    # keeps its warm-up cache beside the graphs'
+    # reserved, with the embeddings in host memory as auto does: 8.29 GiB measured (tenth session: the recompute
+    # keeping its layer's dequantized weights, expandable segments; bench/train_keep_weights.md). The estimate stays
+    # above it: it still counts the regular pool caching the eager warm-up steps' working set beside the graphs'
     default = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": True}), device="cuda")
-    assert default["memory"]["peak_bytes"] == pytest.approx(8.58 * GIB + 0.5 * GIB, rel=0.1)
+    assert 8.29 * GIB <= default["memory"]["reserved_peak_bytes"] <= 1.1 * 8.29 * GIB
 
 
 # ---- input embeddings in host memory (lorakit.host_embedding): what pays for the graphs' pool --------------
