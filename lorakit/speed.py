@@ -12,7 +12,7 @@ bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a
   the x@A^T kernel and again in backward (lorakit.lora_triton: no mask, no dropped copy, fewer kernels;
   8B shape, H200: 6824 vs 6242 tok/s and -0.26 GiB, bench/train.md). In training the base layer's matmul joins
   that function too (`lora_linear`): the base GEMMs add onto the LoRA parts in their epilogue, and a graphed
-  recompute keeps its dequantized weights for the backward (8B fixed rows, H200: 424 -> 403 ms a step,
+  recompute keeps its dequantized weights for the backward (8B fixed rows, H200: 418 -> 398 ms a step,
   bench/train_keep_weights.md). The adapter saved is a plain peft adapter.
 - train.gradient_checkpointing / train.memory_budget_gb: every layer (default on CUDA, the plain stack's
   memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
