@@ -19,8 +19,10 @@ ENV = "PYTORCH_CUDA_ALLOC_CONF"
 
 def use_expandable_segments(wanted: bool) -> bool:
     """Turn expandable segments on for this process (call before the model loads); True when they are on."""
-    if not wanted or ENV in os.environ:
-        return ENV in os.environ and "expandable_segments:true" in os.environ[ENV].replace(" ", "").lower()
+    if ENV in os.environ:  # the user's setting: on exactly when it says so
+        return "expandable_segments:true" in os.environ[ENV].replace(" ", "").lower()
+    if not wanted:
+        return False
     import torch
 
     if not torch.cuda.is_available():

@@ -580,25 +580,27 @@ def _fused_forward(self: Any, parent_forward: Any, x: Any, *args: Any, **kwargs:
         a_w = self.lora_A[name].weight
         cdt = linear_dtype(self.base_layer, x)
         if cdt is not None and (torch.is_autocast_enabled(dev) or a_w.dtype == cdt):
-            drop = self.lora_dropout[name]
-            p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
-            return lora_linear(self.base_layer, x, a_w, self.lora_B[name].weight, p, self.scaling[name],
-                               self.training, skip=skip)
+            return lora_linear(self.base_layer, x, a_w, self.lora_B[name].weight, _dropout_p(self, name),
+                               self.scaling[name], self.training, skip=skip)
     if skip:
         result = recompute_tail.unread_output(self.base_layer, x)  # a recompute that never reads it
     else:
         result = self.base_layer(x, *args, **kwargs)
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        drop = self.lora_dropout[name]
-        p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    for name in names:
         if not torch.is_autocast_enabled(x.device.type) and result.dtype != self.lora_A[name].weight.dtype:
             # outside autocast peft computes in the adapter dtype: keep that path
             return parent_forward(x, *args, **kwargs)
         result = lora_delta(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                            p, self.scaling[name], self.training)
+                            _dropout_p(self, name), self.scaling[name], self.training)
     return result
+
+
+def _dropout_p(layer: Any, name: str) -> float:
+    """The adapter's LoRA dropout probability (peft puts an Identity where it is 0)."""
+    import torch
+
+    drop = layer.lora_dropout[name]
+    return drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
 
 
 _CLASSES: dict = {}
