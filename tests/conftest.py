@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,36 @@ _CORPUS = [
     "One two three four five six seven eight nine ten 0123456789",
     "system user assistant You are a helpful assistant.",
 ]
+
+
+@contextlib.contextmanager
+def modeling_modules_restored(preload: tuple = ()):
+    """transformers' modeling modules (those imported by then, and `preload`) as they were on entry, again on exit.
+    Why: on a GPU, TRL's use_liger_kernel has Liger replace classes and functions in them for the whole process
+    (modeling_llama.LlamaRMSNorm -> LigerRMSNorm, ...); a later test's tiny CPU model would then run Liger's Triton
+    kernels on CPU tensors. One model per process, as `lorakit train` runs, never sees this."""
+    for name in preload:
+        importlib.import_module(name)
+    mods = [m for n, m in list(sys.modules.items())
+            if m is not None and n.startswith("transformers.models.") and ".modeling_" in n]
+    saved = [(m, dict(vars(m))) for m in mods]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            for k, v in before.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
+
+
+@pytest.fixture(autouse=True)
+def _unpatched_transformers():
+    """Every test on a GPU machine starts from transformers' own Llama modules (Liger is applied only on CUDA)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with modeling_modules_restored(("transformers.models.llama.modeling_llama",)):
+        yield
 
 
 def build_tokenizer(path: Path):

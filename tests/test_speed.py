@@ -667,6 +667,21 @@ def test_host_embedding_gives_the_same_logits_and_frees_the_table():
     assert all(p.grad is not None for n, p in pm.named_parameters() if "lora_A" in n)
 
 
+def test_modeling_modules_are_restored_after_a_library_patches_them():
+    """What keeps the test above on plain Llama modules on a GPU machine, after an earlier test's run had TRL apply
+    Liger to the whole process (conftest's autouse fixture)."""
+    from conftest import modeling_modules_restored
+    from transformers.models.llama import modeling_llama
+
+    norm, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    with modeling_modules_restored():
+        modeling_llama.LlamaRMSNorm = torch.nn.Identity  # in kind what apply_liger_kernel_to_llama does
+        modeling_llama.apply_rotary_pos_emb = None
+        assert type(_tiny_llama().model.norm) is torch.nn.Identity
+    assert modeling_llama.LlamaRMSNorm is norm and modeling_llama.apply_rotary_pos_emb is rope
+    assert type(_tiny_llama().model.norm) is norm
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned table is read by a GPU kernel")
 def test_host_embedding_kernel_reads_pinned_rows_without_a_sync():
     """On CUDA the rows come from the pinned table through the Triton kernel: the same rows as torch's embedding,
