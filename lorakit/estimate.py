@@ -391,16 +391,10 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     # freed what they saved, and the first k keep only their inputs
     at_recompute = tokens * (k * t["checkpointed_layer"] + full_layer) + backward if k else 0
     peak_act = max(saved + logits, at_recompute)
-    graphs = kept_weights = 0
+    graphs = 0
     if s.cuda_graphs and k:  # the layer's working set moves into the graphs' pool, which every phase keeps
         graphs = tokens * full_layer + backward + 4 * tokens * shape.hidden * s.act_bytes
         peak_act = max(saved + logits, tokens * k * t["checkpointed_layer"]) + graphs
-        if s.bits == 4:  # the graphed recompute keeps its layer's dequantized weights for the backward
-            # (lorakit.recompute_tail.keeping_weights): more pool, measured in reserved memory (8B, 2x2048, H200:
-            # +0.29 GiB reserved, allocated peak unchanged: bench/train_keep_weights.md)
-            # all but the last linear's: the recompute skips that one (lorakit.recompute_tail)
-            kept = [shape.linears[name][0] * shape.linears[name][1] for name in targets if name in shape.linears]
-            kept_weights = (sum(kept) - max(kept, default=0)) * s.act_bytes
     activations = int(peak_act - logits)
     static = weights + adapter + gradients + (0 if paged else opt)
     allocated = int(static + peak_act + dequant + c.workspace_bytes)
@@ -411,7 +405,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     cached = tokens * shape.vocab * c.logits_cached_bytes_per_elem if full_logits else 0
     # with graphs the regular pool still caches the working set of the eager warm-up steps beside the graphs'
     # pool (measured, 8B at 2x2048, H200: 9.33 GiB reserved with graphs against 7.54 without, bench/train.md)
-    reserved = int(allocated * (1 + c.fragmentation) + cached + graphs + kept_weights)
+    reserved = int(allocated * (1 + c.fragmentation) + cached + graphs)
     overhead = c.context_bytes + c.workspace_bytes + (reserved - allocated)
     peak = reserved + c.context_bytes + (opt if paged else 0)
     return {
@@ -419,7 +413,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         "optimizer_bytes": int(opt), "activations_bytes": int(activations + dequant),
         "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
         "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved, "generation_bytes": int(generation),
-        "cuda_graphs_bytes": int(graphs + kept_weights),
+        "cuda_graphs_bytes": int(graphs),
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
             int(t["checkpointed_layer"]), "optimizer_paged": paged,
         "weights": {"quantized_bytes": int(store["quantized_bytes"]), "unquantized_bytes": int(store["unquantized_bytes"]),

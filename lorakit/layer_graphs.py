@@ -20,8 +20,7 @@ device memory (lorakit.lora_triton.DeviceSeeds), drawn afresh before each forwar
 recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
 inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
 The recompute inside the backward graph skips the base matmul of the layer's last linear where nothing reads its
-output (lorakit.recompute_tail, checked on the layer at capture), and keeps the base weights it dequantizes for the
-backward that follows (recompute_tail.keeping_weights).
+output (lorakit.recompute_tail, checked on the layer at capture).
 Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and all
 layers share four hidden-state-sized buffers, one for the layer's LoRA gradients and one per other input.
 """
@@ -188,7 +187,7 @@ class _Entry:
         from lorakit import recompute_tail
 
         skip = recompute_tail.skipping(self.tail) if self.tail is not None else contextlib.nullcontext()
-        with skip, recompute_tail.keeping_weights():
+        with skip:
             grads = self._grads()
         if grads[0] is None:
             self.grad_in.zero_()

@@ -15,9 +15,6 @@ Same math, checked rather than assumed: before capturing, `verify` runs the laye
 twice, as it is and with the skipped output filled with NaN, and keeps the skip only if every gradient agrees.
 A layer whose last linear feeds a norm (Gemma's post-feedforward norm saves its input) fails the check and
 recomputes in full.
-
-The same recompute dequantizes the layer's other 4-bit weights for its forward; `keeping_weights` lets the fused
-layer keep them for the backward that follows at once, instead of dequantizing them a third time.
 """
 
 from __future__ import annotations
@@ -46,26 +43,6 @@ def skips(module: Any) -> bool:
 def fill() -> float | None:
     """What the skipped output is filled with (None: left as allocated)."""
     return _SKIPPED[-1][1] if _SKIPPED else None
-
-
-_KEEP: list = []  # non-empty inside `keeping_weights()`
-
-
-@contextlib.contextmanager
-def keeping_weights():
-    """Inside this block - a checkpointed layer's recompute, whose backward follows at once - the fused LoRA
-    layer keeps the base weight it dequantized for the forward and its backward reads it, instead of dequantizing
-    it again (8B fixed rows, H200: 412 -> 403 ms a step; the layer's dequantized weights, +0.29 GiB of the graphs'
-    pool, live until its backward: bench/train_keep_weights.md)."""
-    _KEEP.append(True)
-    try:
-        yield
-    finally:
-        _KEEP.pop()
-
-
-def keeps_weights() -> bool:
-    return bool(_KEEP)
 
 
 def last_lora_module(run: Any) -> Any:

@@ -11,9 +11,8 @@ bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a
   in backward from x, which the base layer keeps anyway). On CUDA with Triton the dropout is drawn inside
   the x@A^T kernel and again in backward (lorakit.lora_triton: no mask, no dropped copy, fewer kernels;
   8B shape, H200: 6824 vs 6242 tok/s and -0.26 GiB, bench/train.md). In training the base layer's matmul joins
-  that function too (`lora_linear`): the base GEMMs add onto the LoRA parts in their epilogue, and a graphed
-  recompute keeps its dequantized weights for the backward (8B fixed rows, H200: 418 -> 398 ms a step,
-  bench/train_keep_weights.md). The adapter saved is a plain peft adapter.
+  that function too (`lora_linear`): the base GEMMs add onto the LoRA parts in their epilogue (8B fixed rows,
+  H200: 418 -> 398 ms a step, bench/train_keep_weights.md). The adapter saved is a plain peft adapter.
 - train.gradient_checkpointing / train.memory_budget_gb: every layer (default on CUDA, the plain stack's
   memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
 - data.padding_free: flattened batches (TRL's padding_free; attention keeps rows apart through
@@ -414,10 +413,11 @@ def lora_linear(base: Any, x: Any, a_w: Any, b_w: Any, p: float, scale: float, t
     """base(x) + scale * dropout(x) @ A^T @ B^T as one autograd function, for a frozen base layer whose output
     dtype is x's (`linear_dtype`). Against base(x) followed by `lora_delta`: the LoRA parts come first and the base
     matmuls add onto them (cuBLAS reads them in its epilogue, inside a compute-bound GEMM) instead of a separate
-    memory-bound pass over the output in forward and over the input gradient in backward; and inside
-    `recompute_tail.keeping_weights()` the dequantized base weight is kept for the backward instead of being
-    dequantized again. `skip`: the output is not computed at all (a recompute that nothing reads:
-    lorakit.recompute_tail); its backward is the same."""
+    memory-bound pass over the output in forward and over the input gradient in backward. The backward
+    dequantizes a 4-bit weight again, as bitsandbytes' own does: keeping the forward's copy inside a graphed
+    recompute saved 1% of the 8B step for 0.31 GiB of pool (bench/train_keep_weights.md, call 7).
+    `skip`: the output is not computed at all (a recompute that nothing reads: lorakit.recompute_tail); its
+    backward is the same."""
     return _fns()[1].apply(x, a_w, b_w, base, float(p) if training else 0.0, float(scale), bool(skip))
 
 
@@ -519,7 +519,6 @@ def _fns() -> tuple:
             ctx.p, ctx.scale, ctx.base, ctx.xshape = p, scale, base, x.shape
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x2 = x.reshape(-1, x.shape[-1])
-                w = None
                 h, mask = down(ctx, x2, a_w.to(cdt), p)
                 if skip:  # a recompute whose output nothing reads (lorakit.recompute_tail)
                     fill = recompute_tail.fill()
@@ -527,24 +526,21 @@ def _fns() -> tuple:
                     if fill is not None:
                         out.fill_(fill)
                 else:  # the LoRA part (+ bias) first, then the base matmul adds onto it
-                    w = recompute_tail.weight_of(base, cdt)
                     b_t = b_w.to(cdt).t()
                     if base.bias is not None:
                         out = torch.addmm(base.bias.to(cdt), h, b_t, alpha=scale)
                     else:
                         out = x2.new_empty((x2.shape[0], base.out_features))
                         torch.addmm(out, h, b_t, beta=0, alpha=scale, out=out)
-                    out.addmm_(x2, w.t())
-                    if not recompute_tail.keeps_weights():
-                        w = None
-            ctx.save_for_backward(x2, mask, a_w, b_w, h, w)
+                    out.addmm_(x2, recompute_tail.weight_of(base, cdt).t())
+            ctx.save_for_backward(x2, mask, a_w, b_w, h)
             return out.view(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
             from lorakit import recompute_tail
 
-            x2, mask, a_w, b_w, h, w = ctx.saved_tensors
+            x2, mask, a_w, b_w, h = ctx.saved_tensors
             scale = ctx.scale
             cdt = x2.dtype
             g = grad.reshape(-1, grad.shape[-1]).to(cdt)
@@ -553,7 +549,7 @@ def _fns() -> tuple:
             grad_x, grad_a = down_grads(ctx, x2, mask, a_w, a_w.to(cdt), grad_h, ctx.needs_input_grad[0],
                                         ctx.needs_input_grad[1])
             if grad_x is not None:  # the base layer's input gradient added onto the LoRA part
-                grad_x = grad_x.addmm_(g, w if w is not None else recompute_tail.weight_of(ctx.base, cdt))
+                grad_x = grad_x.addmm_(g, recompute_tail.weight_of(ctx.base, cdt))
                 grad_x = grad_x.view(ctx.xshape)
             return grad_x, grad_a, grad_b, None, None, None, None
 

@@ -864,9 +864,8 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   within the run without graphs; the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
   of whole 256-element blocks updated by one call (lorakit/optim.py), and a Trainer step that does not read the GPU
   between backward and optimizer (lorakit/sft_trainer.py); in training the fused LoRA function holds the base
-  matmul too (the base GEMMs add onto the LoRA parts; a graphed recompute keeps its layer's dequantized weights for
-  the backward: `lora_linear` in lorakit/speed.py), and the CUDA allocator grows segments in place
-  (`train.expandable_segments`, lorakit/cuda_memory.py).
+  matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed.py), and the CUDA allocator
+  grows segments in place (`train.expandable_segments`, lorakit/cuda_memory.py).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
   **lk_flex** / **lk_sdpa**: padding-free batches with flex attention / sdpa forced (`model.attn_implementation`; what
