@@ -451,8 +451,6 @@ def _fns() -> tuple:
         return _FNS
     import torch
 
-    from lorakit import lora_triton
-
     def down(ctx, x2, a_c, p):
         """h = dropout(x2) @ A^T: (h, mask or None); sets ctx.seed when the Triton kernels drew the mask."""
         ctx.seed = None
@@ -469,12 +467,15 @@ def _fns() -> tuple:
         xd, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
         return xd.to(a_c.dtype) @ a_c.t(), mask
 
-    def down_grads(ctx, x2, mask, a_w, a_c, grad_h, need_x, need_a):
-        """(grad of x2 or None, grad of A or None) of `down`."""
-        p = ctx.p
+    def lora_grads(ctx, g, x2, mask, a_w, b_w, h, need_x, need_a, need_b):
+        """(grad of x2, of A, of B; None where not needed) of scale * down(x2) @ B^T for the output gradient g
+        (in the compute dtype)."""
+        p, a_c = ctx.p, a_w.to(g.dtype)
+        grad_h = (g @ b_w.to(g.dtype)) * ctx.scale
+        grad_b = ((h.t() @ g) * ctx.scale).t().to(b_w.dtype) if need_b else None
         if ctx.seed is not None:
             gx, ga = lora_triton.down_backward(x2, a_c, grad_h, p, ctx.seed, need_x)
-            return gx, (ga.to(a_w.dtype) if need_a else None)
+            return gx, (ga.to(a_w.dtype) if need_a else None), grad_b
         grad_a = grad_x = None
         if need_a:
             xd = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p)) if mask is not None else x2
@@ -484,7 +485,7 @@ def _fns() -> tuple:
             if mask is not None:
                 gxd = torch.ops.aten.native_dropout_backward(gxd, mask, 1.0 / (1.0 - p))
             grad_x = gxd.to(x2.dtype)
-        return grad_x, grad_a
+        return grad_x, grad_a, grad_b
 
     class _LoraDelta(torch.autograd.Function):
         @staticmethod
@@ -501,20 +502,14 @@ def _fns() -> tuple:
         @staticmethod
         def backward(ctx, grad):
             x2, mask, a_w, b_w, h = ctx.saved_tensors
-            cdt, scale = ctx.cdt, ctx.scale
-            g = grad.reshape(-1, grad.shape[-1]).to(cdt)
-            grad_h = (g @ b_w.to(cdt)) * scale
-            grad_b = ((h.t() @ g) * scale).t().to(b_w.dtype) if ctx.needs_input_grad[3] else None
-            grad_x, grad_a = down_grads(ctx, x2, mask, a_w, a_w.to(cdt), grad_h, ctx.needs_input_grad[1],
-                                        ctx.needs_input_grad[2])
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.cdt)
+            grad_x, grad_a, grad_b = lora_grads(ctx, g, x2, mask, a_w, b_w, h, *ctx.needs_input_grad[1:4])
             grad_x = grad_x.view(ctx.xshape) if grad_x is not None else None
             return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_a, grad_b, None, None
 
     class _LoraLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, a_w, b_w, base, p, scale, skip):
-            from lorakit import recompute_tail
-
             cdt = x.dtype
             ctx.p, ctx.scale, ctx.base, ctx.xshape = p, scale, base, x.shape
             with torch.autocast(device_type=x.device.type, enabled=False):
@@ -538,18 +533,11 @@ def _fns() -> tuple:
 
         @staticmethod
         def backward(ctx, grad):
-            from lorakit import recompute_tail
-
             x2, mask, a_w, b_w, h = ctx.saved_tensors
-            scale = ctx.scale
-            cdt = x2.dtype
-            g = grad.reshape(-1, grad.shape[-1]).to(cdt)
-            grad_h = (g @ b_w.to(cdt)) * scale
-            grad_b = ((h.t() @ g) * scale).t().to(b_w.dtype) if ctx.needs_input_grad[2] else None
-            grad_x, grad_a = down_grads(ctx, x2, mask, a_w, a_w.to(cdt), grad_h, ctx.needs_input_grad[0],
-                                        ctx.needs_input_grad[1])
+            g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+            grad_x, grad_a, grad_b = lora_grads(ctx, g, x2, mask, a_w, b_w, h, *ctx.needs_input_grad[:3])
             if grad_x is not None:  # the base layer's input gradient added onto the LoRA part
-                grad_x = grad_x.addmm_(g, recompute_tail.weight_of(ctx.base, cdt))
+                grad_x = grad_x.addmm_(g, recompute_tail.weight_of(ctx.base, x2.dtype))
                 grad_x = grad_x.view(ctx.xshape)
             return grad_x, grad_a, grad_b, None, None, None, None
 
