@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer whose step does not wait for the GPU between the backward pass and the optimizer.
+"""TRL's SFTTrainer whose step does not wait for the GPU between the backward pass and the optimizer (and whose
+training batches may have a collator of their own: `train_collator`, lorakit.graph_length).
 
 Why: the Trainer reads two numbers back from the GPU right after each backward pass - the loss, to filter a
 NaN out of the logged average (`logging_nan_inf_filter`, which train.py turns off: a NaN loss is logged as NaN
@@ -24,6 +25,16 @@ def trainer_class() -> type:
 
     class LorakitSFTTrainer(SFTTrainer):
         _pending_tokens: Any = None
+        train_collator: Any = None  # a collator for the training batches only (lorakit.graph_length)
+
+        def get_train_dataloader(self):
+            if self.train_collator is None:
+                return super().get_train_dataloader()
+            other, self.data_collator = self.data_collator, self.train_collator
+            try:  # the DataLoader keeps the collator it was made with; evaluation keeps the plain one
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = other
 
         def _track_num_input_tokens(self, inputs):
             mode = self.args.include_num_input_tokens_seen

@@ -104,25 +104,47 @@ def cuda_graphs_hold(recipe: Any, p: dict, device: str) -> bool:
             and (recipe.lora.dropout == 0 or bool(p.get("dropout_kernel"))) and not recipe.train.torch_compile)
 
 
+# Padding-free batches replay graphs, padded to one length (lorakit.graph_length), on models up to this size:
+# measured to pay on the 1B and 8B shapes (8 chat-length rows a step, H200, bench/train_graph_length.md: 294 -> 230
+# and 645 -> 574 ms a step; eager, the 1B step's kernels were busy 74 ms of 411). Larger models are more bound by
+# the GPU, where the padding's compute would cost more than the host's launches: not measured, they stay eager.
+PADDED_GRAPHS_MAX_PARAMS = 9_000_000_000
+
+
+def padded_graphs_pay(p: dict) -> bool:
+    """Padding-free batches padded to one length for CUDA graphs pay in plan `p`: a model of at most
+    PADDED_GRAPHS_MAX_PARAMS parameters (known from the estimate: `model_params`)."""
+    n = p.get("model_params")
+    return bool(p.get("padding_free")) and n is not None and n <= PADDED_GRAPHS_MAX_PARAMS
+
+
 def cuda_graphs_auto(recipe: Any, p: dict, device: str, one_shape: bool | None = None) -> bool:
-    """`train.cuda_graphs: auto`: where graphs hold (cuda_graphs_hold) and pay - one process, SFT batches of one
-    shape (not padding-free: its shapes change every batch; GRPO's lengths vary) - and fit: in budget mode
-    when every layer stays checkpointed and the graphs' estimated peak fits the budget (`cuda_graphs_fit`),
-    without a budget when the input embeddings can move to host memory and, with them there, the graphs'
-    estimated peak allocated memory is within the run's without graphs (`cuda_graphs_fit_offloaded`: on the
-    8B shape at 2x2048 the pool holds 1.2 GiB, the table is 1 GiB, and lorakit's eager run is 0.5 GiB under the
-    plain stack's peak). `one_shape`: whether the data's rows all have one length (None: not known yet;
-    train.py settles it on the data)."""
+    """`train.cuda_graphs: auto`: where graphs hold (cuda_graphs_hold) and pay - one process, SFT (GRPO's lengths
+    vary) - and fit. Batches of one shape: in budget mode when every layer stays checkpointed and the graphs'
+    estimated peak fits the budget (`cuda_graphs_fit`), without a budget when the input embeddings can move to
+    host memory and, with them there, the graphs' estimated peak allocated memory is within the run's without
+    graphs (`cuda_graphs_fit_offloaded`: on the 8B shape at 2x2048 the pool holds 1.2 GiB, the table is 1 GiB,
+    and lorakit's eager run is 0.5 GiB under the plain stack's peak). Padding-free batches (a new shape every
+    batch) on a model where that pays (`padded_graphs_pay`): padded to one length, without a budget or where the
+    graphs' estimated peak fits it (8B, 8 chat-length rows: 10.1 GiB allocated against 8.3 eager; the plain
+    stack, which pads every batch to its longest row, 14.8).
+    `one_shape`: whether the data's rows all have one length (None: not known yet; train.py settles it on the
+    data)."""
     from lorakit.distributed import launched
 
+    if not (cuda_graphs_hold(recipe, p, device) and not launched() and recipe.method == "sft"):
+        return False
+    if p.get("padding_free"):
+        return padded_graphs_pay(p) and (p.get("memory_budget_bytes") is None or bool(p.get("cuda_graphs_fit")))
     fits = bool(p.get("cuda_graphs_fit")) or (bool(p.get("cuda_graphs_fit_offloaded"))
                                               and recipe.train.offload_embeddings is not False)
-    return (fits and cuda_graphs_hold(recipe, p, device) and not launched()
-            and recipe.method == "sft" and not p.get("padding_free") and one_shape is not False)
+    return fits and one_shape is not False
 
 
 def auto_graphs_reason(p: dict) -> str:
     """What the checkpointing reason adds when `auto` turned CUDA graphs on in plan `p`."""
+    if p.get("padding_free"):
+        return "; CUDA graphs for padding-free batches padded to one length"
     if p.get("cuda_graphs_fit"):
         return f"; CUDA graphs fit too ({p['estimated_peak_bytes']['all_layers_graphs'] / GIB:.1f} GiB)"
     a = p["estimated_allocated_bytes"]
@@ -137,7 +159,7 @@ def offload_embeddings(recipe: Any, p: dict) -> bool:
     if v != "auto":
         return bool(v)
     return (recipe.train.cuda_graphs == "auto" and bool(p.get("cuda_graphs")) and not p.get("cuda_graphs_fit")
-            and bool(p.get("cuda_graphs_fit_offloaded")))
+            and bool(p.get("cuda_graphs_fit_offloaded")) and not p.get("padding_free"))
 
 
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
@@ -197,6 +219,9 @@ def _plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None
         "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
         "memory_budget_bytes": None, "checkpointing_reason": "",
     }
+    n_params = ((estimate_result or {}).get("model") or {}).get("total_params")
+    if n_params is not None:
+        out["model_params"] = int(n_params)
     gc = train.gradient_checkpointing
     if gc is True or gc is False:
         out.update(gradient_checkpointing=gc, checkpoint_layers=None if gc else 0, checkpointing_reason="recipe")

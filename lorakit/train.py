@@ -487,7 +487,9 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         lengths = _row_lengths(prepared)
         recipe = _settle_padding_free(recipe, levers, lengths, out, device)
         recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
+        _settle_graph_length(recipe, levers, lengths, out)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
+        info["graph_length"] = levers.get("graph_length")
         levers["attn_implementation"] = info["attn_implementation"]  # as loaded: the fallbacks of `auto`
         info["expandable_segments"] = levers.get("expandable_segments", False)  # for summary.json
         out.print(describe_params(info))
@@ -576,12 +578,40 @@ def _settle_cuda_graphs(recipe, levers: dict, lengths: list[int], device: str):
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"cuda_graphs": on})})
 
 
+def _settle_graph_length(recipe, levers: dict, lengths: list[int], out: _Out) -> None:
+    """CUDA graphs for padding-free batches: the one length every batch is padded to (lorakit.graph_length),
+    from the rows' lengths, into `levers["graph_length"]`."""
+    if not (levers.get("cuda_graphs") and levers.get("padding_free") and recipe.method == "sft" and lengths):
+        return
+    from lorakit.graph_length import QUANTILE, graph_length
+
+    n = graph_length(lengths, recipe.train.batch_size, recipe.train.seed)
+    levers["graph_length"] = n
+    out.print(f"speed: padding-free batches padded to {n} tokens for CUDA graphs ({QUANTILE:.0%} of batches fit; "
+              f"longer ones run without)")
+
+
+def _pad_to_graph_length(trainer, info: dict, recipe, prepared) -> Any:
+    """Pad the trainer's padding-free training batches to the planned graph length (lorakit.graph_length; pad
+    rows no longer than the longest row); the collator (which counts padded and longer batches) or None."""
+    n = info.get("graph_length")
+    if not n:
+        return None
+    from lorakit.graph_length import GraphLengthCollator
+
+    inner = trainer.data_collator
+    longest = max([recipe.data.max_length or 0, *_row_lengths(prepared)])
+    trainer.train_collator = GraphLengthCollator(inner, n, longest, inner.pad_token_id)
+    return trainer.train_collator
+
+
 def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepared, report, out: _Out,
                     checkpoint, t_start) -> dict:
     has_eval = recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0
     common = training_args(recipe, run, device, has_eval=has_eval)
     progress, stopper, guard, callbacks = _callbacks(recipe, run, out)
     trainer = _build_trainer(recipe, model, tokenizer, prepared, common, callbacks)
+    padder = _pad_to_graph_length(trainer, info, recipe, prepared)
     _remove_printer(trainer)
 
     before_path = run.path / BEFORE_FILE
@@ -683,6 +713,9 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
         summary["cuda_graphs"] = {"captured": graphs.captured, "fallbacks": graphs.failures,
                                   "not_graphable_calls": graphs.skipped,
                                   "recompute_tail_skipped": graphs.tails_skipped}
+        if padder is not None:  # padding-free batches: padded to one length, or longer and run without graphs
+            summary["cuda_graphs"].update(graph_length=padder.length, padded_batches=padder.padded,
+                                          longer_batches=padder.longer, pad_tokens=padder.pad_tokens)
         for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
     if info["attn_implementation"] == "varlen":  # training's attention calls (a checkpointed layer's recompute

@@ -104,6 +104,7 @@ PLAN = [
     ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
     ("8b", "varied", "lk_sdpa", 12), ("8b", "fixed", "lk_adamw_fused", 20), ("1b", "fixed", "lk_adamw_fused", 20),
     ("1b", "fixed", "lk_graphs", 20), ("1b", "fixed", "lk_no_liger", 12), ("1b", "fixed", "lk_no_fused_lora", 12),
+    ("1b", "varied", "lk_no_graphs", 30), ("8b", "varied", "lk_graphs", 30),
 ]
 MAX_STEPS = max(p[3] for p in PLAN)
 # rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
@@ -431,9 +432,44 @@ def memory_by_step(device: str) -> list:
     return log
 
 
+def sync_report(path: Path, first: int, last: int) -> None:
+    """From optimizer step `first` to `last`: where the host waited for the GPU (torch's sync debug mode, each
+    synchronizing call's Python stack counted) -> `path` (text). A wait inside a step serialises host and GPU."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen: collections.Counter = collections.Counter()
+    steps = [0]
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+        seen[(str(message)[:120], "\n".join(f"    {f.filename}:{f.lineno} {f.name}" for f in frames[-12:]))] += 1
+
+    def hook(*_):
+        steps[0] += 1
+        if steps[0] == first:
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+        elif steps[0] == last:
+            torch.cuda.set_sync_debug_mode(0)
+            lines = [f"{n} x {m}\n{stack}" for (m, stack), n in seen.most_common()]
+            path.write_text(f"synchronizing calls in optimizer steps {first}..{last}: {sum(seen.values())}\n\n"
+                            + "\n\n".join(lines) + "\n")
+
+    register_optimizer_step_post_hook(hook)
+
+
 def child(args) -> None:
     fn = baseline if args.run.startswith("baseline") else lorakit
     mem_log = memory_by_step(args.device)
+    if os.environ.get("LKBENCH_SYNC_REPORT") and args.device == "cuda":
+        sync_report(Path(os.environ["LKBENCH_SYNC_REPORT"]) / f"sync-{args.model}-{args.workload}-"
+                    f"{args.run.replace('@', '-')}.txt", WARMUP + 1, WARMUP + 3)
     prof = os.environ.get("LKBENCH_PROFILE")
     steps = args.steps
     if prof:  # PROFILED_STEPS more steps after the timed ones (measure() stops at `steps`)
@@ -648,6 +684,9 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile 2 extra steps after each run's timed steps into DIR/profile-*.txt (tables and where "
                          "the GPU idles, scripts/trace_gaps.py)")
+    ap.add_argument("--sync-report", default=None, metavar="DIR",
+                    help="write DIR/sync-*.txt: the calls that made the host wait for the GPU in two steps after the "
+                         "warm-up, with their Python stacks (torch's sync debug mode)")
     ap.add_argument("--prev-code", default=None, metavar="DIR",
                     help="runs named X@prev (e.g. --only baseline,lorakit,lorakit@prev) run variant X with the "
                          "lorakit package found in DIR (e.g. a `git worktree` of the commit before a change)")
@@ -679,6 +718,9 @@ def main() -> None:
         doc = json.loads((d / "train.json").read_text(encoding="utf-8"))
         prev_md = (d / "train.md").read_text(encoding="utf-8").partition(MARKER)[2].strip()
         return write(d, None, doc["info"], doc["results"], prev_md, doc.get("previous_runs"))
+    if args.sync_report:
+        Path(args.sync_report).mkdir(parents=True, exist_ok=True)
+        os.environ["LKBENCH_SYNC_REPORT"] = str(Path(args.sync_report).resolve())
     if args.profile:
         os.environ["LKBENCH_PROFILE"] = str(Path(args.profile).resolve())
     start = time.time()
@@ -861,7 +903,9 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   (lorakit/layer_graphs.py; the recompute skips the base matmul of a layer's last linear, whose output nothing
   reads: lorakit/recompute_tail.py), their memory pool paid for by the input embeddings kept in host memory
   (lorakit/host_embedding.py: rows read from the pinned table by a GPU kernel), where the estimate says that stays
-  within the run without graphs; the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
+  within the run without graphs; the padding-free batches (the varied rows) replayed as CUDA graphs too, each
+  padded to one length, the 95th percentile of the run's batch totals, with rows of pad tokens no loss reads and
+  the token count leaves out (lorakit/graph_length.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
   of whole 256-element blocks updated by one call (lorakit/optim.py), and a Trainer step that does not read the GPU
   between backward and optimizer (lorakit/sft_trainer.py); in training the fused LoRA function holds the base
   matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed.py), and the CUDA allocator

@@ -163,3 +163,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
     write_jsonl(tmp_path / "eval.jsonl", chat_rows(4, offset=3))
     return tmp_path
 
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """Plan for "cuda" on this CPU machine: a bf16-capable GPU, no Liger."""
+    import lorakit.models
+    from lorakit import speed
+
+    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16" if device == "cuda" else "fp32")
+    monkeypatch.setattr(speed, "liger_available", lambda: False)
