@@ -9,6 +9,10 @@ Where a step's time goes (torch.profiler over the last 2 steps of each run; tabl
 
     ... && python3 scripts/bench_train.py --models 8b --only baseline,lorakit,lk_flex --out $OUT --profile $OUT/prof
 
+Where the host waits for the GPU (torch's sync debug mode over two steps after the warm-up; $OUT/sync/sync-*.txt):
+
+    ... && python3 scripts/bench_train.py --models 1b --workloads varied --only lorakit --out $OUT --sync-report $OUT/sync
+
 A code change beside the code before it, in the same call (an untracked folder in the checkout travels to the device):
 
     mkdir bench-prev && git archive HEAD lorakit | tar -x -C bench-prev
