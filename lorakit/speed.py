@@ -16,7 +16,8 @@ bf16 rounding) and is a recipe option; `plan` resolves their `auto` values for a
 - train.gradient_checkpointing / train.memory_budget_gb: every layer (default on CUDA, the plain stack's
   memory), none, the first K layers, or - in budget mode - the fastest setting whose estimated peak fits.
 - data.padding_free: flattened batches (TRL's padding_free; attention keeps rows apart through
-  position_ids); rows come truncated to data.max_length from data.prepare_sft.
+  position_ids); rows come truncated to data.max_length from data.prepare_sft. With CUDA graphs each batch is
+  padded to one length (lorakit.graph_length) so that the graphs replay every batch.
 - model.attn_implementation: auto = varlen attention for padding-free batches on CUDA, else sdpa. Padding-free
   batches carry a per-row (block-diagonal) mask; SDPA cannot use its flash kernel with a mask and computes the
   whole square of the flattened row; flex attention skips the masked blocks (8B, varied lengths, H200:

@@ -487,7 +487,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         lengths = _row_lengths(prepared)
         recipe = _settle_padding_free(recipe, levers, lengths, out, device)
         recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
-        _settle_graph_length(recipe, levers, lengths, out)
+        recipe = _settle_graph_length(recipe, levers, lengths, out)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
         info["graph_length"] = levers.get("graph_length")
         levers["attn_implementation"] = info["attn_implementation"]  # as loaded: the fallbacks of `auto`
@@ -578,17 +578,23 @@ def _settle_cuda_graphs(recipe, levers: dict, lengths: list[int], device: str):
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"cuda_graphs": on})})
 
 
-def _settle_graph_length(recipe, levers: dict, lengths: list[int], out: _Out) -> None:
+def _settle_graph_length(recipe, levers: dict, lengths: list[int], out: _Out):
     """CUDA graphs for padding-free batches: the one length every batch is padded to (lorakit.graph_length),
-    from the rows' lengths, into `levers["graph_length"]`."""
-    if not (levers.get("cuda_graphs") and levers.get("padding_free") and recipe.method == "sft" and lengths):
-        return
+    from the rows' lengths, into `levers["graph_length"]`. Without the lengths, no graphs (the resolved recipe
+    records it: training_args plans again from the recipe)."""
+    if not (levers.get("cuda_graphs") and levers.get("padding_free") and recipe.method == "sft"):
+        return recipe
+    if not lengths:  # rows not tokenized yet: no length to pad to, and a graph per batch shape would not pay
+        levers["cuda_graphs"] = False
+        out.print("speed: CUDA graphs off (padding-free batches, row lengths unknown before training)")
+        return recipe.model_copy(update={"train": recipe.train.model_copy(update={"cuda_graphs": False})})
     from lorakit.graph_length import QUANTILE, graph_length
 
     n = graph_length(lengths, recipe.train.batch_size, recipe.train.seed)
     levers["graph_length"] = n
     out.print(f"speed: padding-free batches padded to {n} tokens for CUDA graphs ({QUANTILE:.0%} of batches fit; "
               f"longer ones run without)")
+    return recipe
 
 
 def _pad_to_graph_length(trainer, info: dict, recipe, prepared) -> Any:

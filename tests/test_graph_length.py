@@ -161,9 +161,14 @@ def test_a_run_settles_the_graph_length_from_its_rows(bf16_gpu, tmp_path):
     levers = speed.plan(r, "cuda", {**EST_GRAPHS, "model": {"num_layers": 16, "total_params": 1_235_814_400}})
     lengths = [100, 300, 50, 700, 20, 90, 400, 210] * 4
     r = _settle_cuda_graphs(r, levers, lengths, "cuda")
-    _settle_graph_length(r, levers, lengths, _Out(None, json_mode=False))
+    assert _settle_graph_length(r, levers, lengths, _Out(None, json_mode=False)) is r
     assert levers["cuda_graphs"] is True and levers["graph_length"] == gl.graph_length(lengths, 4, r.train.seed)
     off = dict(levers, cuda_graphs=False)
     off.pop("graph_length")
     _settle_graph_length(r, off, lengths, _Out(None, json_mode=False))
     assert "graph_length" not in off
+    unknown = dict(levers)  # rows not tokenized before training: no length to pad to, so no graphs, and the
+    unknown.pop("graph_length")  # recipe the Trainer's arguments are planned from says so
+    settled = _settle_graph_length(r, unknown, [], _Out(None, json_mode=False))
+    assert unknown["cuda_graphs"] is False and "graph_length" not in unknown
+    assert settled.train.cuda_graphs is False and speed.trainer_checkpointing(speed.plan(settled, "cuda"))
