@@ -12,10 +12,13 @@ Results of one run (H200): bench/train_graph_length.md, last section - the mask 
 
 import argparse
 import json
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
+from probe_lora_kernels import timed  # scripts/: CUDA events, the median
+from tune_lora_kernels import bwd_grid
 
 from lorakit import _lora_kernels as k
 from lorakit import lora_triton as lt
@@ -23,27 +26,16 @@ from lorakit import lora_triton as lt
 R, P, SEED = 16, 0.05, 123
 
 
-def _timed(fn, n: int = 15, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / reps)
-    return sorted(ts)[n // 2]
 
+def _timed(fn, n: int = 15) -> float:
+    return timed(fn, n, reps=20)
 
 HASHES = {"none": 0, "triple32": 1, "fmix32": 2, "pair16": 3}
 
 
 @triton.jit
 def _fmix(x):
+    """murmur3's 32-bit finaliser (2 multiplies; lorakit's _mix, triple32, has 3)."""
     x ^= x >> 16
     x *= 0x85EBCA6B
     x ^= x >> 13
@@ -127,10 +119,7 @@ def fwd(x, a, hash_id, BM=16, BK=256, warps=4):
 
 def bwd(x, a, gh, hash_id, BM=32, BK=128, target=1024, warps=4):
     M, K = x.shape
-    col_blocks = triton.cdiv(K, BK)
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(target, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = triton.cdiv(M, rows_per_split)
+    col_blocks, splits, rows_per_split = bwd_grid(M, K, BM, BK, target)
     gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     ga = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     bwd_v[(col_blocks, splits)](x, a, gh, gx, ga, M, K, R, x.stride(0), rows_per_split, SEED, P, 1 / (1 - P),
@@ -158,16 +147,16 @@ def main() -> None:
         a = (torch.randn(R, K, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
         gh = torch.randn(M, R, device="cuda", dtype=torch.bfloat16, generator=g)
         bound_f = M * K * 2 / 4.8e12 * 1e6
-        ref = {"shape": f"{M}x{K}", "mm_us": _timed(lambda: x @ a.t(), 30),
-               "shipped_fwd_us": _timed(lambda: lt.down_forward(x, a, P, SEED), 30),
-               "shipped_bwd_us": _timed(lambda: lt.down_backward(x, a, gh, P, SEED), 30),
+        ref = {"shape": f"{M}x{K}", "mm_us": _timed(partial(torch.mm, x, a.t()), 30),
+               "shipped_fwd_us": _timed(partial(lt.down_forward, x, a, P, SEED), 30),
+               "shipped_bwd_us": _timed(partial(lt.down_backward, x, a, gh, P, SEED), 30),
                "hbm_bound_fwd_us": bound_f, "hbm_bound_bwd_us": 2 * bound_f}
         print(ref, flush=True)
         for name, hid in HASHES.items():
             for warps in (4, 8):
                 r = dict(ref, hash=name, warps=warps,
-                         fwd_us=_timed(lambda: fwd(x, a, hid, warps=warps), 30),
-                         bwd_us=_timed(lambda: bwd(x, a, gh, hid, warps=warps), 30),
+                         fwd_us=_timed(partial(fwd, x, a, hid, warps=warps), 30),
+                         bwd_us=_timed(partial(bwd, x, a, gh, hid, warps=warps), 30),
                          keep=keep_rate(hid, 1024, K) if warps == 4 else None)
                 if hid == 1 and warps == 4:  # the copy matches the shipped kernels
                     r["same_as_shipped"] = bool(torch.equal(fwd(x, a, 1), lt.down_forward(x, a, P, SEED)))

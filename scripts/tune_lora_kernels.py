@@ -37,12 +37,17 @@ def fwd(x, a, BM, BK, warps, stages):
     return h
 
 
-def bwd(x, a, gh, BM, BK, target, warps, stages):
-    M, K = x.shape
+def bwd_grid(M: int, K: int, BM: int, BK: int, target: int) -> tuple[int, int, int]:
+    """(column blocks, row splits, rows per split) of a down_bwd launch with about `target` programs."""
     col_blocks = triton.cdiv(K, BK)
     splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(target, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = triton.cdiv(M, rows_per_split)
+    return col_blocks, triton.cdiv(M, rows_per_split), rows_per_split
+
+
+def bwd(x, a, gh, BM, BK, target, warps, stages):
+    M, K = x.shape
+    col_blocks, splits, rows_per_split = bwd_grid(M, K, BM, BK, target)
     gx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     ga = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     k.down_bwd[(col_blocks, splits)](x, a, gh, gx, ga, M, K, R, x.stride(0), rows_per_split, SEED, x, P,
