@@ -172,3 +172,43 @@ def test_a_run_settles_the_graph_length_from_its_rows(bf16_gpu, tmp_path):
     settled = _settle_graph_length(r, unknown, [], _Out(None, json_mode=False))
     assert unknown["cuda_graphs"] is False and "graph_length" not in unknown
     assert settled.train.cuda_graphs is False and speed.trainer_checkpointing(speed.plan(settled, "cuda"))
+
+
+def test_trainer_pads_its_training_batches_only_and_counts_and_learns_as_without(tiny_model_dir, tmp_path):
+    """lorakit's SFTTrainer with `train_collator` (what train.py sets for padded graphs): the training batches
+    come padded to the length, evaluation's do not; the token count and the losses are those of the same run
+    without the padding."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from lorakit.sft_trainer import trainer_class
+
+    va.register()
+    rows = Dataset.from_list([{"input_ids": [(i * 7 + k) % 200 + 10 for k in range(5 + (i * 5) % 23)]}
+                              for i in range(24)])
+    runs = []
+    for pad in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.set_attn_implementation(va.NAME)
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        args = SFTConfig(output_dir=str(tmp_path / str(pad)), max_steps=5, per_device_train_batch_size=3,
+                         per_device_eval_batch_size=3, learning_rate=1e-3, logging_steps=1, report_to=[],
+                         disable_tqdm=True, use_cpu=True, seed=0, include_num_input_tokens_seen="non_padding",
+                         max_length=None, padding_free=True, dataset_kwargs={"skip_prepare_dataset": False})
+        trainer = trainer_class()(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                                  processing_class=tok)
+        if pad:
+            trainer.train_collator = gl.GraphLengthCollator(trainer.data_collator, 96, 27,
+                                                            trainer.data_collator.pad_token_id)
+            assert {b["input_ids"].shape[1] for b in trainer.get_train_dataloader()} == {96}
+            assert 96 not in {b["input_ids"].shape[1] for b in trainer.get_eval_dataloader()}
+            trainer.train_collator.padded = 0
+        trainer.train()
+        runs.append(trainer)
+    plain, padded = runs
+    assert padded.train_collator.padded >= 5  # training's batches went through it
+    assert padded.state.num_input_tokens_seen == plain.state.num_input_tokens_seen > 0
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs]
+    assert len(losses[0]) == 5 and losses[1] == pytest.approx(losses[0], rel=1e-4)
