@@ -80,10 +80,8 @@ def pad_batch(batch: dict, length: int, max_row: int, pad_id: int) -> dict:
         idx = torch.repeat_interleave(torch.arange(rows, rows + n, dtype=batch["seq_idx"].dtype),
                                       torch.tensor(sizes))
         out["seq_idx"] = torch.cat([batch["seq_idx"], idx[None]], dim=1)
-    for k, v in batch.items():  # any other per-token column (e.g. a completion mask): zeros
-        if k not in out or out[k] is not v:
-            continue
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == ids.shape:
+    for k, v in batch.items():  # any other per-token column (e.g. a completion mask), not replaced above: zeros
+        if out[k] is v and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == ids.shape:
             out[k] = torch.cat([v, v.new_zeros((1, extra))], dim=1)
     return out
 

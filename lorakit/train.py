@@ -489,7 +489,7 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         recipe = _settle_cuda_graphs(recipe, levers, lengths, device)
         recipe = _settle_graph_length(recipe, levers, lengths, out)
         model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
-        info["graph_length"] = levers.get("graph_length")
+        info["graph_length"], info["graph_max_row"] = levers.get("graph_length"), levers.get("graph_max_row")
         levers["attn_implementation"] = info["attn_implementation"]  # as loaded: the fallbacks of `auto`
         info["expandable_segments"] = levers.get("expandable_segments", False)  # for summary.json
         out.print(describe_params(info))
@@ -592,12 +592,13 @@ def _settle_graph_length(recipe, levers: dict, lengths: list[int], out: _Out):
 
     n = graph_length(lengths, recipe.train.batch_size, recipe.train.seed)
     levers["graph_length"] = n
+    levers["graph_max_row"] = max(recipe.data.max_length, *lengths)  # no pad row longer than the longest row
     out.print(f"speed: padding-free batches padded to {n} tokens for CUDA graphs ({QUANTILE:.0%} of batches fit; "
               f"longer ones run without)")
     return recipe
 
 
-def _pad_to_graph_length(trainer, info: dict, recipe, prepared) -> Any:
+def _pad_to_graph_length(trainer, info: dict) -> Any:
     """Pad the trainer's padding-free training batches to the planned graph length (lorakit.graph_length; pad
     rows no longer than the longest row); the collator (which counts padded and longer batches) or None."""
     n = info.get("graph_length")
@@ -606,8 +607,7 @@ def _pad_to_graph_length(trainer, info: dict, recipe, prepared) -> Any:
     from lorakit.graph_length import GraphLengthCollator
 
     inner = trainer.data_collator
-    longest = max([recipe.data.max_length or 0, *_row_lengths(prepared)])
-    trainer.train_collator = GraphLengthCollator(inner, n, longest, inner.pad_token_id)
+    trainer.train_collator = GraphLengthCollator(inner, n, info["graph_max_row"], inner.pad_token_id)
     return trainer.train_collator
 
 
@@ -617,7 +617,7 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
     common = training_args(recipe, run, device, has_eval=has_eval)
     progress, stopper, guard, callbacks = _callbacks(recipe, run, out)
     trainer = _build_trainer(recipe, model, tokenizer, prepared, common, callbacks)
-    padder = _pad_to_graph_length(trainer, info, recipe, prepared)
+    padder = _pad_to_graph_length(trainer, info)
     _remove_printer(trainer)
 
     before_path = run.path / BEFORE_FILE

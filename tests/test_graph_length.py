@@ -163,6 +163,7 @@ def test_a_run_settles_the_graph_length_from_its_rows(bf16_gpu, tmp_path):
     r = _settle_cuda_graphs(r, levers, lengths, "cuda")
     assert _settle_graph_length(r, levers, lengths, _Out(None, json_mode=False)) is r
     assert levers["cuda_graphs"] is True and levers["graph_length"] == gl.graph_length(lengths, 4, r.train.seed)
+    assert levers["graph_max_row"] == max(r.data.max_length, 700)  # the pad rows' longest
     off = dict(levers, cuda_graphs=False)
     off.pop("graph_length")
     _settle_graph_length(r, off, lengths, _Out(None, json_mode=False))
