@@ -91,7 +91,7 @@ def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
 
 
 def _load(recipe_path: Path, overrides: list[str] | None):
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     return load_recipe(recipe_path, overrides or [])
 
@@ -145,12 +145,12 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train an adapter (SFT or GRPO) from a recipe and write the run directory."""
-    from lorakit.distributed import is_main_process, launched, rank_label
+    from lorakit.runtime.distributed import is_main_process, launched, rank_label
 
     if gpus and gpus > 1 and not launched():
 
         def relaunch_body() -> int:
-            from lorakit.launch import relaunch
+            from lorakit.runtime.launch import relaunch
 
             r = _load(recipe, set_)  # a bad recipe is reported once, before any process starts
             return relaunch(gpus, list(sys.argv[1:]), strategy=r.distributed.strategy)
@@ -158,7 +158,7 @@ def train(
         raise typer.Exit(_run(relaunch_body, json_mode=json_out))
 
     def body():
-        from lorakit.train import run_training
+        from lorakit.train.run import run_training
 
         r = _load(recipe, set_)
         try:
@@ -197,8 +197,8 @@ def estimate(
     """Exact parameter counts and a memory forecast for a recipe, without loading weights."""
 
     def body():
-        from lorakit.estimate import parse_bytes
-        from lorakit.estimate_strategy import estimate_with_strategy
+        from lorakit.estimate.memory import parse_bytes
+        from lorakit.estimate.strategy import estimate_with_strategy
 
         if device not in ("cuda", "cpu"):
             raise LorakitError(f"--device: expected cuda or cpu (got {device!r})")
@@ -209,7 +209,7 @@ def estimate(
         if json_out:
             _print_json(result)
             return
-        from lorakit.estimate_view import render
+        from lorakit.estimate.view import render
 
         render(result, console())
 
@@ -274,7 +274,7 @@ def init(
     """Write a commented starter recipe."""
 
     def body():
-        from lorakit.shipped import write_starter
+        from lorakit.recipe.shipped import write_starter
 
         write_starter(preset, path, force=force)
         console().print(f"wrote {path} (preset {preset}); check it with: lorakit validate {path}", highlight=False)
@@ -287,8 +287,8 @@ def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Writ
     """Print the recipe's JSON Schema (for editors' YAML language servers)."""
 
     def body():
-        from lorakit.atomic import atomic_write_text
-        from lorakit.recipe import json_schema
+        from lorakit.recipe.schema import json_schema
+        from lorakit.runtime.atomic import atomic_write_text
 
         text = json.dumps(json_schema(), indent=2) + "\n"
         if out:
@@ -304,7 +304,7 @@ def recipes(json_out: JsonOpt = False) -> None:
     """List the shipped recipes, one line each."""
 
     def body():
-        from lorakit.shipped import list_recipes
+        from lorakit.recipe.shipped import list_recipes
 
         items = list_recipes()
         if json_out:
@@ -323,7 +323,7 @@ def recipes(json_out: JsonOpt = False) -> None:
 def main() -> None:
     """Console-script entry point (also `python -m lorakit`)."""
     if ci_mode():  # before any library imports tqdm, which reads its switch then
-        from lorakit.quiet import progress_bars_off
+        from lorakit.runtime.quiet import progress_bars_off
 
         progress_bars_off()
     app()

@@ -14,7 +14,7 @@ from lorakit.errors import LorakitError
 
 
 def _run_recipe(run_dir: Path):
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     path = run_dir / "recipe.yaml"
     if not path.is_file():
@@ -24,10 +24,10 @@ def _run_recipe(run_dir: Path):
 
 def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_new_tokens: int = 128) -> str:
     """The greedy answer to `prompt` (a user message) from the run's adapter, or from the base alone."""
-    from lorakit.evaluate import generate_batch
-    from lorakit.models import load_for_inference, load_tokenizer, resolve_base_dir
-    from lorakit.quiet import quiet_libraries
-    from lorakit.run_dir import find_run_dir
+    from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
+    from lorakit.runtime.quiet import quiet_libraries
+    from lorakit.train.evaluate import generate_batch
+    from lorakit.train.run_dir import find_run_dir
 
     quiet_libraries()
     run = find_run_dir(run_dir)

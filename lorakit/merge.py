@@ -126,7 +126,7 @@ def _resolve_base(base: str | None, src: Source) -> tuple[Path, str]:
     path = Path(str(name)).expanduser()
     if not path.is_dir():
         try:
-            from lorakit.models import resolve_base_dir
+            from lorakit.model.load import resolve_base_dir
         except ImportError:
             raise LorakitError(f"base model {name!r}: not a local directory", hint="pass --base DIR") from None
         revision = ((src.recipe or {}).get("model") or {}).get("revision")
@@ -459,7 +459,7 @@ def _quant_config(src: Source, layout: Layout, base: dict[str, BaseTensor]) -> d
 
 def _write_side_files(tmp: Path, base_dir: Path, base_name: str, src: Source, layout: Layout, dtype: str,
                       untie: bool, from_quantized: bool, shards: list[tuple[str, list[OutTensor]]]) -> None:
-    from lorakit.atomic import atomic_write_json, atomic_write_text
+    from lorakit.runtime.atomic import atomic_write_json, atomic_write_text
 
     torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config = dict(layout.config)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import Recipe, located, recipe_dir, resolve_path
+from lorakit.recipe.schema import Recipe, located, recipe_dir, resolve_path
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,7 +40,7 @@ def _check_data_path(recipe: Recipe, value: str, field: str) -> str:
 
 
 def _check_functions(recipe: Recipe) -> list[str]:
-    from lorakit.rewards import load_reward
+    from lorakit.train.rewards import load_reward
 
     found = []
     specs = []
@@ -74,7 +74,7 @@ def warnings_for(recipe: Recipe) -> list[str]:
 
 def validate_recipe(recipe: Recipe) -> dict:
     """Run every offline check; raise LorakitError (with the recipe line) on the first failure."""
-    from lorakit import shapes
+    from lorakit.model import shapes
 
     checks: list[str] = []
     with located(recipe):

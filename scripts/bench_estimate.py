@@ -3,11 +3,11 @@
 Each config builds a random-initialized model of a real shape (from lorakit's offline known configs; no
 download) directly on the GPU, quantizes its block Linears with bitsandbytes for 4-bit configs (what
 `from_pretrained(quantization_config=...)` stores), then goes through lorakit's own training path:
-`models.attach_adapter` (LoRA, fused LoRA layers, frozen dtype per `speed.plan`) and `train._build_trainer`
+`model.load.attach_adapter` (LoRA, fused LoRA layers, frozen dtype per the speed Plan) and `_build_trainer`
 with `train.training_args` (TRL's SFTTrainer, Liger kernels, checkpointing, optimizer) for 3 optimizer steps
 of full-length rows. Only the weights' loading differs from `lorakit train`. The peak
 `torch.cuda.max_memory_reserved/allocated` (from just before the first step) is compared with
-`lorakit.estimate.estimate(recipe)` for the same recipe. Every config runs in its own subprocess; several
+`lorakit.estimate.memory.estimate(recipe)` for the same recipe. Every config runs in its own subprocess; several
 run at once (`--jobs`: memory is measured per process, so only their speed is shared).
 
     python scripts/bench_estimate.py --out DIR            # whole matrix -> DIR/estimate.json + logs
@@ -77,7 +77,7 @@ HELD_OUT = set(CONFIRM)
 def recipe_for(name: str, out_dir: str = "unused-run", tiny_dir: str | None = None, liger: bool | None = None):
     """The recipe of a config, as a user would write it: lorakit's defaults for everything not named.
     Rows are full-length, so padding-free is off (what `lorakit train` settles for such data)."""
-    from lorakit.recipe import validate_data
+    from lorakit.recipe.schema import validate_data
 
     model, bits, r, seq, batch, gc, extra = MATRIX[name]
     data = {
@@ -127,12 +127,13 @@ def run_one(name: str, device: str = "cuda") -> dict:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
+    from lorakit.estimate.memory import estimate
+    from lorakit.model.load import attach_adapter
+    from lorakit.model.shapes import load_config
     from lorakit import speed
-    from lorakit.estimate import estimate
-    from lorakit.models import attach_adapter
-    from lorakit.run_dir import RunDir
-    from lorakit.shapes import load_config
-    from lorakit.train import _build_trainer, training_args
+    from lorakit.train.args import run_options, training_args
+    from lorakit.train.run import _build_trainer
+    from lorakit.train.run_dir import RunDir
 
     cuda = device == "cuda"
     tmp = tempfile.mkdtemp(prefix="lk-est-")
@@ -152,7 +153,7 @@ def run_one(name: str, device: str = "cuda") -> dict:
     model.requires_grad_(False)
     if bits == 4:
         _quantize_blocks(model, double_quant=True, device=device)
-    levers = speed.plan(recipe, device)
+    levers = speed.plan(recipe, device, compute_dtype="bf16" if cuda else None)
     model, info = attach_adapter(recipe, model, device, bits, levers)
     n_trainable, n_all = model.get_nb_trainable_parameters()
     g = torch.Generator().manual_seed(0)
@@ -174,10 +175,10 @@ def run_one(name: str, device: str = "cuda") -> dict:
             if cuda:
                 peaks["step_allocated"].append(torch.cuda.max_memory_allocated())
 
-    common = training_args(recipe, RunDir(f"{tmp}/run"), device, has_eval=False)
+    common = training_args(recipe, RunDir(f"{tmp}/run"), device, levers, run_options(recipe, device), has_eval=False)
     from bench_train import tokenizer  # the word-level tokenizer of the training bench
 
-    trainer = _build_trainer(recipe, model, tokenizer(min(cfg.vocab_size, 1000)), prepared, common, [Peak()])
+    trainer = _build_trainer(recipe, model, tokenizer(min(cfg.vocab_size, 1000)), prepared, common, [Peak()], levers)
     t1 = time.time()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -194,7 +195,7 @@ def run_one(name: str, device: str = "cuda") -> dict:
         "name": name, "held_out": name in HELD_OUT, "model": model_id, "bits": bits or 16, "r": r, "seq": seq,
         "batch": batch, "checkpointing": gc, "optimizer": recipe.train.optimizer, "targets": est["targets"],
         "dropout": recipe.lora.dropout,
-        "levers": {k: levers[k] for k in ("liger", "fused_lora", "frozen_dtype", "gradient_checkpointing")},
+        "levers": {k: getattr(levers, k) for k in ("liger", "fused_lora", "frozen_dtype", "gradient_checkpointing")},
         "estimate_setup": est["setup"], "fused_lora_modules": info["fused_lora_modules"],
         "params": {"estimate_trainable": est["params"]["trainable"], "peft_trainable": n_trainable,
                    "estimate_total_with_adapter": est["params"]["total_with_adapter"], "peft_all": n_all},
@@ -284,7 +285,7 @@ def rescore(doc: dict, note: str) -> dict:
     """The same measurements against the estimate of the current code (for a revised memory model; the
     recipe gets the Liger setting the run had, so the plan is the GPU's). The run's own estimate is kept
     as `estimate_at_run`."""
-    from lorakit.estimate import estimate
+    from lorakit.estimate.memory import estimate
 
     for r in doc["results"]:
         if "error_reserved" not in r:

@@ -1,6 +1,6 @@
 """GRPO on the real SmolLM2-135M-Instruct: does held-out mean reward rise? One GPU call, under 6 minutes.
 
-The script converts the demo model's GGUF with lorakit's own code (lorakit.models.ensure_demo_model,
+The script converts the demo model's GGUF with lorakit's own code (lorakit.model.load.ensure_demo_model,
 into a cache under --work), generates the prompt set (scripts/make_grpo_data.py), runs
 `python -m lorakit train recipes/grpo-arithmetic.yaml` as shipped (only paths and, with --device cpu,
 sizes are overridden) and writes bench/grpo.json + bench/grpo.md (+ grpo.png when matplotlib exists).
@@ -135,7 +135,7 @@ def convert(gguf: Path, cache: Path) -> Path:
     os.environ["LORAKIT_CACHE"] = str(cache)
     from transformers.utils import logging as hf_logging
 
-    from lorakit import models
+    from lorakit.model import load as models
 
     hf_logging.disable_progress_bar()  # keep the call's output tail for results
 
@@ -246,7 +246,7 @@ def _f(v, nd=3) -> str:
 
 
 def write_report(doc: dict, out: Path) -> None:
-    from lorakit.atomic import atomic_write_text
+    from lorakit.runtime.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grpo.json", json.dumps(doc, indent=1, default=str) + "\n")
@@ -318,12 +318,12 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> Path | None:
-    """The run's loss + reward figure, from the JSON (lorakit.train.plot_losses)."""
+    """The run's loss + reward figure, from the JSON (lorakit.train.run.plot_losses)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    from lorakit.train import plot_losses
+    from lorakit.train.run import plot_losses
 
     cur = doc.get("curve") or []
     rewards: dict = {"total": [(c["step"], c["reward"]) for c in cur]}

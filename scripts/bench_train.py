@@ -32,7 +32,7 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   SFTTrainer(peft_config=LoraConfig(r=16, alpha=32, dropout=0.05, all-linear), SFTConfig(gradient_checkpointing=True,
   bf16=True, optim=paged_adamw_8bit)); batches padded by TRL's collator.
 - baseline_peft: the same after peft's `prepare_model_for_kbit_training(model)` (the peft docs' QLoRA recipe).
-- lorakit: `lorakit.train.run_training` (what `lorakit train` runs) on the equivalent recipe with lorakit's defaults
+- lorakit: `lorakit.train.run.run_training` (what `lorakit train` runs) on the equivalent recipe with lorakit's defaults
   (on CUDA: Liger, fused LoRA, bf16 frozen weights, padding-free batches, every layer checkpointed; for batches of
   one shape CUDA graphs with the input embeddings in host memory).
 - lorakit_budget: the same recipe with train.memory_budget_gb (budget mode: the fastest setting that fits).
@@ -40,7 +40,7 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
 - lk_flex / lk_sdpa: lorakit with padding-free batches and flex attention (the per-row mask without the L x L work)
   or sdpa (the L x L square): the attention kernels before varlen attention, lorakit's default for such batches.
 - lk_compile: train.torch_compile on; lk_no_dropout: lora.dropout 0 (what dropout costs; not the same recipe);
-  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/layer_graphs.py; true keeps the embeddings on
+  lk_graphs / lk_no_graphs: train.cuda_graphs true / false (lorakit/speed/layer_graphs.py; true keeps the embeddings on
   the GPU); lk_adamw_fused:
   train.optimizer adamw_torch_fused (fp32 optimizer states; the default is paged 8-bit AdamW);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
@@ -188,7 +188,7 @@ def write_data(model: str, workload: str) -> list[list[int]]:
 
 def check_same_tokens(model: str, workload: str, rows: list[list[int]], device: str) -> str:
     """lorakit's data preparation turns the text file into exactly the baseline's token ids: "same" or why not."""
-    from lorakit.data import prepare_sft
+    from lorakit.data.prepare import prepare_sft
 
     recipe = lorakit_recipe(model, workload, "lorakit", MAX_STEPS, device, WORK / "check")
     prepared = prepare_sft(recipe, tokenizer(n_words(model)))
@@ -329,7 +329,10 @@ class PlainConsole:
 def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str, runs: Path):
     import yaml
 
-    from lorakit.recipe import load_recipe
+    try:
+        from lorakit.recipe.schema import load_recipe
+    except ImportError:  # --prev-code from before the subpackage layout
+        from lorakit.recipe import load_recipe
 
     cuda = device == "cuda"
     tag, run = run.replace("@", "-"), run.split("@")[0]  # X@prev: variant X (run with older code)
@@ -374,8 +377,11 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
 
 
 def lorakit(args) -> dict:
-    """`lorakit train` on the equivalent recipe: lorakit.train.run_training, in this process."""
-    from lorakit.train import resolved_options, run_training
+    """`lorakit train` on the equivalent recipe: lorakit.train.run.run_training, in this process."""
+    try:
+        from lorakit.train.run import run_training
+    except ImportError:  # --prev-code from before the subpackage layout
+        from lorakit.train import run_training
 
     recipe = lorakit_recipe(args.model, args.workload, args.run, args.steps, args.device, WORK / "runs")
     out: dict = {"recipe": recipe.model_dump(mode="json")}
@@ -389,7 +395,6 @@ def lorakit(args) -> dict:
     except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
         out["lorakit_error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()[-2000:]
-        out["options"] = resolved_options(recipe, args.device)
     run_dir = Path(recipe.output.dir)
     events = []
     metrics = run_dir / "metrics.jsonl"
@@ -899,28 +904,28 @@ Runs (random-init models of real shapes, NF4 double-quant base, bf16 compute, Lo
 all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in the same order on both sides):
 - **baseline**: the TRL docs' QLoRA recipe (SFTTrainer with peft_config, gradient_checkpointing=True, bf16), padded
   batches; **baseline_peft**: the same after peft's `prepare_model_for_kbit_training` (the peft docs' recipe).
-- **lorakit**: `lorakit train` (lorakit.train.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
-  fused LoRA (with LoRA dropout drawn inside the matmul: lorakit/lora_triton.py), frozen weights kept bf16,
+- **lorakit**: `lorakit train` (lorakit.train.run.run_training) on the equivalent recipe, defaults: on CUDA Liger kernels,
+  fused LoRA (with LoRA dropout drawn inside the matmul: lorakit/speed/kernels/lora_dropout.py), frozen weights kept bf16,
   padding-free batches with varlen attention (torch's flash kernel given the rows' boundaries:
-  lorakit/varlen_attention.py) where padding would waste >= 15% (the varied rows), every layer checkpointed (the
+  lorakit/speed/varlen_attention.py) where padding would waste >= 15% (the varied rows), every layer checkpointed (the
   baseline's memory); batches of one shape (the fixed rows): the checkpointed layers replayed as CUDA graphs
-  (lorakit/layer_graphs.py; the recompute skips the base matmul of a layer's last linear, whose output nothing
-  reads: lorakit/recompute_tail.py), their memory pool paid for by the input embeddings kept in host memory
-  (lorakit/host_embedding.py: rows read from the pinned table by a GPU kernel), where the estimate says that stays
+  (lorakit/speed/layer_graphs.py; the recompute skips the base matmul of a layer's last linear, whose output nothing
+  reads: lorakit/speed/recompute_tail.py), their memory pool paid for by the input embeddings kept in host memory
+  (lorakit/speed/host_embedding.py: rows read from the pinned table by a GPU kernel), where the estimate says that stays
   within the run without graphs; the padding-free batches (the varied rows) replayed as CUDA graphs too, each
   padded to one length, the 95th percentile of the run's batch totals, with rows of pad tokens no loss reads and
-  the token count leaves out (lorakit/graph_length.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
-  of whole 256-element blocks updated by one call (lorakit/optim.py), and a Trainer step that does not read the GPU
-  between backward and optimizer (lorakit/sft_trainer.py); in training the fused LoRA function holds the base
-  matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed.py), and the CUDA allocator
-  grows segments in place (`train.expandable_segments`, lorakit/cuda_memory.py).
+  the token count leaves out (lorakit/speed/graph_length.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
+  of whole 256-element blocks updated by one call (lorakit/speed/adamw8bit.py), and a Trainer step that does not read the GPU
+  between backward and optimizer (lorakit/train/sft_trainer.py); in training the fused LoRA function holds the base
+  matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed/planning.py), and the CUDA allocator
+  grows segments in place (`train.expandable_segments`, lorakit/speed/cuda_memory.py).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
   **lk_flex** / **lk_sdpa**: padding-free batches with flex attention / sdpa forced (`model.attn_implementation`; what
   varlen attention replaced);
   **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
   same recipe); **lk_graphs** / **lk_no_graphs**: `train.cuda_graphs: true` / `false` (checkpointed layers replayed
-  as CUDA graphs, lorakit/layer_graphs.py; asked for, they keep the embeddings on the GPU); **lk_adamw_fused**:
+  as CUDA graphs, lorakit/speed/layer_graphs.py; asked for, they keep the embeddings on the GPU); **lk_adamw_fused**:
   `train.optimizer: adamw_torch_fused`; **X@prev**: run X with the lorakit package of `--prev-code` (the code
   before a change, beside it).
 

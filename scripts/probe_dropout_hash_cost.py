@@ -1,4 +1,4 @@
-"""What bounds the LoRA-dropout kernels (lorakit/_lora_kernels.py) on the GPU: the shipped forward and backward
+"""What bounds the LoRA-dropout kernels (lorakit/speed/kernels/_lora_dropout_triton.py) on the GPU: the shipped forward and backward
 beside the same kernels with the mask's hash made cheaper or left out, at the 8B shapes (rank 16, p 0.05, bf16),
 and cuBLAS's x @ A^T (no dropout) for reference. Median of 15 (CUDA events around 20 launches in a row, so the
 host's launch time does not count: as inside a CUDA graph).
@@ -20,8 +20,8 @@ import triton.language as tl
 from probe_lora_kernels import timed  # scripts/: CUDA events, the median
 from tune_lora_kernels import bwd_grid
 
-from lorakit import _lora_kernels as k
-from lorakit import lora_triton as lt
+from lorakit.speed.kernels import _lora_dropout_triton as k
+from lorakit.speed.kernels import lora_dropout as lt
 
 R, P, SEED = 16, 0.05, 123
 

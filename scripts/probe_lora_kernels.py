@@ -1,4 +1,4 @@
-"""LoRA dropout kernels (lorakit.lora_triton) of several code dirs, in one process on the GPU: median time of
+"""LoRA dropout kernels (lorakit.speed.kernels.lora_dropout) of several code dirs, in one process on the GPU: median time of
 down_forward / down_backward at the 8B shapes (rank 16, p 0.05, bf16) and the mask's keep rate.
 
     python3 scripts/probe_lora_kernels.py OLD_DIR NEW_DIR   # each holds lorakit/ (git archive <commit> lorakit)
@@ -37,7 +37,7 @@ def main() -> None:
         for m in [k for k in sys.modules if k == "lorakit" or k.startswith("lorakit.")]:
             del sys.modules[m]
         sys.path.insert(0, code)
-        lt = importlib.import_module("lorakit.lora_triton")
+        lt = importlib.import_module("lorakit.speed.kernels.lora_dropout")
         sys.path.pop(0)
         for M, K in ((4096, 4096), (4096, 14336), (8192, 4096)):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

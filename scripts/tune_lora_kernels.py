@@ -1,4 +1,4 @@
-"""Tile sizes for the LoRA-dropout kernels (lorakit/_lora_kernels.py) on this GPU: times each configuration of
+"""Tile sizes for the LoRA-dropout kernels (lorakit/speed/kernels/_lora_dropout_triton.py) on this GPU: times each configuration of
 down_fwd and down_bwd at the 8B shapes (rank 16, p 0.05, bf16), checks it against the shipped kernels
 (lora_triton.down_forward / down_backward; same mask: the hash depends on (row, column), not on the tiling), and
 prints the best per shape beside the shipped one. Results and what came of them end to end:
@@ -18,8 +18,8 @@ import torch
 import triton
 from probe_lora_kernels import timed as _timed  # scripts/: CUDA events, the median
 
-from lorakit import _lora_kernels as k
-from lorakit import lora_triton as lt
+from lorakit.speed.kernels import _lora_dropout_triton as k
+from lorakit.speed.kernels import lora_dropout as lt
 
 R, P, SEED = 16, 0.05, 123
 SHAPES = ((4096, 4096), (4096, 14336), (4096, 1024))  # q/k/v/o/gate/up inputs, down's input; k/v outputs' size

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
+from helpers import write_jsonl
 from typer.testing import CliRunner
 
 from lorakit.cli import app
@@ -38,7 +38,7 @@ STEP_LINE = re.compile(r"step=(\d+)/(\d+) loss=(\d+\.\d{4})(?: lr=\S+)? tok/s=(\
 def test_plain_output_switch(monkeypatch):
     from rich.console import Console
 
-    from lorakit.progress import plain_output
+    from lorakit.train.progress import plain_output
 
     tty = Console(file=io.StringIO(), force_terminal=True)
     pipe = Console(file=io.StringIO(), force_terminal=False)
@@ -56,7 +56,7 @@ def test_progress_on_a_terminal(monkeypatch, tmp_path, ci):
     from rich.console import Console
     from transformers import TrainerControl, TrainerState
 
-    from lorakit.progress import ProgressCallback
+    from lorakit.train.progress import ProgressCallback
 
     if ci:
         monkeypatch.setenv("CI", ci)
@@ -213,7 +213,7 @@ def test_workflow_commands_exist_with_their_options():
 
 
 def test_workflow_smoke_recipe_trains_two_steps_on_cpu_from_the_generated_data():
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     steps = _steps()
     (train,) = [w for w in _commands(steps["two-step smoke training on CPU"]) if w[:2] == ["lorakit", "train"]]
@@ -245,7 +245,7 @@ def test_library_warnings_nobody_can_act_on_are_off():
     lines are logged below ERROR once lorakit quiets the libraries; errors still get through."""
     import logging
 
-    from lorakit.quiet import quiet_libraries
+    from lorakit.runtime.quiet import quiet_libraries
 
     quiet_libraries()
     for name in ("bitsandbytes.backends.cpu.ops", "liger_kernel.ops.backends"):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from lorakit import __version__
 from lorakit.cli import app
-from lorakit.shipped import list_recipes
+from lorakit.recipe.shipped import list_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

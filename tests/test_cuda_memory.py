@@ -1,10 +1,10 @@
-"""lorakit.cuda_memory: train.expandable_segments turns the allocator setting on for a CUDA run, leaves a
+"""lorakit.speed.cuda_memory: train.expandable_segments turns the allocator setting on for a CUDA run, leaves a
 PYTORCH_CUDA_ALLOC_CONF the user set alone, and does nothing without a GPU."""
 
 import pytest
 import torch
 
-from lorakit import cuda_memory
+from lorakit.speed import cuda_memory
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_a_torch_without_the_setting_keeps_its_allocator(settings, monkeypatch):
 
 def test_the_recipe_field_defaults_on_and_names_itself_when_wrong():
     from lorakit.errors import RecipeError
-    from lorakit.recipe import validate_data
+    from lorakit.recipe.schema import validate_data
 
     doc = {"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl"}}
     assert validate_data(doc).train.expandable_segments is True

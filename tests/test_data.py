@@ -1,4 +1,4 @@
-"""lorakit.data: loading, format detection, tokenization and completion-only masks, splits, and every
+"""lorakit.data.prepare: loading, format detection, tokenization and completion-only masks, splits, and every
 bad-input case (one LorakitError naming the file, line or field; never an uncaught exception)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from helpers import build_tokenizer, write_jsonl
 
-from lorakit import data
+from lorakit.data import prepare as data
 from lorakit.errors import EXIT_INPUT, EXIT_RUNTIME, LorakitError
-from lorakit.recipe import validate_data
+from lorakit.recipe.schema import validate_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris"}]
@@ -487,7 +487,7 @@ def test_eval_split_name_on_a_single_file(tmp_path, tok):
 
 
 def test_errors_gain_the_recipe_line(tmp_path, tok):
-    from lorakit.recipe import load_recipe, located
+    from lorakit.recipe.schema import load_recipe, located
 
     (tmp_path / "r.yaml").write_text("base_model: x\ndata:\n  path: missing.jsonl\n")
     recipe = load_recipe(tmp_path / "r.yaml")
@@ -518,7 +518,7 @@ def test_hub_dataset_rows_flow_like_local_ones(tmp_path, tok, monkeypatch):
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
-    code = ("from lorakit import data; from lorakit.recipe import validate_data\n"
+    code = ("from lorakit.data import prepare as data; from lorakit.recipe.schema import validate_data\n"
             "from lorakit.errors import LorakitError\n"
             "r = validate_data({'base_model': 'x', 'data': {'path': 'someone/some-dataset'}})\n"
             "try:\n    data.load_source(r, 'someone/some-dataset')\n"

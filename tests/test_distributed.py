@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
+from helpers import write_jsonl
 from typer.testing import CliRunner
 
 from lorakit.cli import app
@@ -53,7 +53,7 @@ def rank1(single):
 
 
 def test_rank_helpers_read_the_launcher_environment(single):
-    from lorakit import distributed as d
+    from lorakit.runtime import distributed as d
 
     single.setattr(d, "_accelerate_type", lambda: None)  # no Trainer has set accelerate up (yet)
     assert (d.rank(), d.world_size(), d.is_main_process(), d.launched(), d.rank_label()) == (0, 1, True, False, "")
@@ -73,7 +73,7 @@ def test_rank_helpers_read_the_launcher_environment(single):
 
 
 def test_run_dir_is_written_by_rank_0_only(tmp_path, rank1):
-    from lorakit.run_dir import RUNNING, RunDir
+    from lorakit.train.run_dir import RUNNING, RunDir
 
     run = RunDir(tmp_path / "run")
     assert run.main is False
@@ -99,7 +99,7 @@ def test_progress_is_silent_off_rank_0(tmp_path, rank1):
     from rich.console import Console
     from transformers import TrainerControl, TrainerState
 
-    from lorakit.progress import ProgressCallback
+    from lorakit.train.progress import ProgressCallback
 
     buf = io.StringIO()
     cb = ProgressCallback(tmp_path / "metrics.jsonl", console=Console(file=buf, width=200), plain=True)
@@ -126,7 +126,7 @@ def _parse_launch(cmd: list[str]):
 
 
 def test_launch_command_for_ddp_and_fsdp():
-    from lorakit.launch import FSDP_FLAGS, launch_command
+    from lorakit.runtime.launch import FSDP_FLAGS, launch_command
 
     argv = ["train", "r.yaml", "--gpus", "2", "--set", "lora.r=8", "--gpus=2", "--json"]
     ddp = launch_command(2, argv)
@@ -163,10 +163,10 @@ def _recipe(path: Path, **extra) -> Path:
 
 
 def test_train_gpus_hands_over_to_the_launcher(tmp_path, single):
-    import lorakit.launch
+    import lorakit.runtime.launch
 
     calls = []
-    single.setattr(lorakit.launch.subprocess, "call", lambda cmd: calls.append(cmd) or 7)
+    single.setattr(lorakit.runtime.launch.subprocess, "call", lambda cmd: calls.append(cmd) or 7)
     recipe = _recipe(tmp_path / "r.yaml", distributed={"strategy": "fsdp"})
     argv = ["train", str(recipe), "--gpus", "2", "--overwrite"]
     single.setattr(sys, "argv", ["lorakit", *argv])
@@ -186,18 +186,18 @@ def test_train_gpus_hands_over_to_the_launcher(tmp_path, single):
 
 
 def test_a_launched_process_trains_instead_of_relaunching(tmp_path, rank1):
-    import lorakit.launch
-    import lorakit.train
+    import lorakit.runtime.launch
+    import lorakit.train.run
 
-    rank1.setattr(lorakit.launch.subprocess, "call", lambda cmd: pytest.fail("relaunched"))
-    rank1.setattr(lorakit.train, "run_training", lambda *a, **k: {"steps": 2})
+    rank1.setattr(lorakit.runtime.launch.subprocess, "call", lambda cmd: pytest.fail("relaunched"))
+    rank1.setattr(lorakit.train.run, "run_training", lambda *a, **k: {"steps": 2})
     recipe = _recipe(tmp_path / "r.yaml")
     r = CliRunner().invoke(app, ["train", str(recipe), "--gpus", "2", "--json"])
     assert r.exit_code == 0 and r.stdout == ""  # rank 1 trains; only rank 0 prints the JSON summary
 
 
 def test_a_failing_rank_names_itself(tmp_path, rank1):
-    import lorakit.train
+    import lorakit.train.run
     from lorakit.errors import LorakitError
 
     recipe = _recipe(tmp_path / "r.yaml")
@@ -205,14 +205,14 @@ def test_a_failing_rank_names_itself(tmp_path, rank1):
     def boom(*a, **k):
         raise RuntimeError("gloo says [/tmp/x.cc:1] closed")
 
-    rank1.setattr(lorakit.train, "run_training", boom)
+    rank1.setattr(lorakit.train.run, "run_training", boom)
     r = CliRunner().invoke(app, ["train", str(recipe)])
     assert r.exit_code == 1 and "rank 1/2: RuntimeError: gloo says" in r.stderr, r.output
 
     def bad_input(*a, **k):
         raise LorakitError("data.path: file not found")
 
-    rank1.setattr(lorakit.train, "run_training", bad_input)
+    rank1.setattr(lorakit.train.run, "run_training", bad_input)
     r = CliRunner().invoke(app, ["train", str(recipe), "--json"])
     assert r.exit_code == 2 and json.loads(r.stdout)["error"] == "rank 1/2: data.path: file not found"
 
@@ -315,14 +315,14 @@ def test_a_failure_on_rank_1_fails_the_launch_and_names_the_rank(tmp_path, tiny_
 
 
 def _8b():
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     return load_recipe(ROOT / "recipes" / "qlora-llama-3.1-8b.yaml")
 
 
 def test_fsdp_shards_the_static_terms_by_n():
-    from lorakit.estimate import CONSTANTS
-    from lorakit.estimate_strategy import estimate_with_strategy
+    from lorakit.estimate.memory import CONSTANTS
+    from lorakit.estimate.strategy import estimate_with_strategy
 
     recipe = _8b()  # distributed.strategy: ddp; under FSDP the run's optimizer is torch AdamW (on the device)
     fsdp_recipe = recipe.model_copy(update={"distributed": recipe.distributed.model_copy(update={"strategy": "fsdp"})})
@@ -353,8 +353,8 @@ def test_fsdp_shards_the_static_terms_by_n():
 
 
 def test_ddp_adds_the_gradient_buckets():
-    from lorakit.estimate import CONSTANTS
-    from lorakit.estimate_strategy import estimate_with_strategy
+    from lorakit.estimate.memory import CONSTANTS
+    from lorakit.estimate.strategy import estimate_with_strategy
 
     recipe = _8b()
     m1 = estimate_with_strategy(recipe)["memory"]
@@ -369,8 +369,8 @@ def test_ddp_adds_the_gradient_buckets():
 
 
 def test_strategy_verdict_uses_the_per_gpu_peak():
-    from lorakit.estimate import parse_bytes
-    from lorakit.estimate_strategy import estimate_with_strategy
+    from lorakit.estimate.memory import parse_bytes
+    from lorakit.estimate.strategy import estimate_with_strategy
 
     recipe = _8b()
     single = estimate_with_strategy(recipe, budget_bytes=parse_bytes("16GiB"))
@@ -393,15 +393,14 @@ def test_strategy_verdict_uses_the_per_gpu_peak():
 
 def test_a_launcher_asking_for_fsdp_sets_the_optimizer(monkeypatch):
     """`accelerate launch --use_fsdp` on a ddp recipe: torch AdamW, and a bitsandbytes one is a clean error."""
-    import lorakit.models
+    import lorakit.runtime.device
+    import lorakit.runtime.distributed
     from lorakit.errors import LorakitError
-    from lorakit.train import resolved_options
+    from lorakit.train.args import run_options as resolved_options
 
-    import lorakit.distributed
-
-    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16")
+    monkeypatch.setattr(lorakit.runtime.device, "auto_dtype_name", lambda device: "bf16")
     # a launched process before its Trainer exists: no accelerate state yet (an earlier test may have made one)
-    monkeypatch.setattr(lorakit.distributed, "_accelerate_type", lambda: None)
+    monkeypatch.setattr(lorakit.runtime.distributed, "_accelerate_type", lambda: None)
     recipe = _8b()
     assert resolved_options(recipe, "cuda")["optimizer"] == "paged_adamw_8bit"
     monkeypatch.setenv("WORLD_SIZE", "2")

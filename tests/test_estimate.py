@@ -10,10 +10,10 @@ import time
 import pytest
 
 from lorakit.errors import LorakitError
-from lorakit.estimate import CONSTANTS, Setup, bytes_4bit, count_params, estimate, gpu_bytes, memory, parse_bytes
-from lorakit.known_models import known_config
-from lorakit.recipe import LoraSection, validate_data
-from lorakit.shapes import check_modules_to_save, check_targets, shape_from_config
+from lorakit.estimate.memory import CONSTANTS, Setup, bytes_4bit, count_params, estimate, gpu_bytes, memory, parse_bytes
+from lorakit.model.known_models import known_config
+from lorakit.model.shapes import check_modules_to_save, check_targets, shape_from_config
+from lorakit.recipe.schema import LoraSection, validate_data
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
@@ -193,7 +193,7 @@ def test_memory_terms_respond_to_the_recipe():
     # lorakit's fused LoRA keeps dropout masks, not dropped copies of each input
     assert peak(train__gradient_checkpointing=False, train__fused_lora=True)["activations_bytes"] < \
         0.95 * peak(train__gradient_checkpointing=False, train__fused_lora=False)["activations_bytes"]
-    # on CUDA the fused layer draws its dropout mask inside its kernels (lorakit.lora_triton): none is kept, so
+    # on CUDA the fused layer draws its dropout mask inside its kernels (lorakit.speed.kernels.lora_dropout): none is kept, so
     # dropout costs no activation memory there; on a CPU (torch's dropout) the mask is a byte per input element
     fused = dict(train__gradient_checkpointing=False, train__fused_lora=True)
     assert peak(**fused, lora__dropout=0.05)["activations_bytes"] == \
@@ -252,13 +252,13 @@ def test_auto_checkpointing_off_when_it_fits():
 
 
 def test_estimate_follows_lorakits_levers():
-    """The breakdown models the levers lorakit.speed.plan turns on for the run (fused LoRA, frozen bf16 weights,
+    """The breakdown models the levers lorakit.speed.planning.plan turns on for the run (fused LoRA, frozen bf16 weights,
     TRL's chunked LM head): no logits of tokens x vocab are ever counted."""
-    from lorakit.speed import plan
+    from lorakit.speed.planning import plan
 
     r = estimate(_recipe())
     p = plan(_recipe(), "cuda", compute_dtype="bf16", liger_ok=False)
-    assert (r["setup"]["fused_lora"], r["setup"]["frozen_dtype"]) == (p["fused_lora"], p["frozen_dtype"]) == (True, "bf16")
+    assert (r["setup"]["fused_lora"], r["setup"]["frozen_dtype"]) == (p.fused_lora, p.frozen_dtype) == (True, "bf16")
     assert r["setup"]["fused_lm_head"] is True
     assert r["memory"]["logits_bytes"] < 4096 * 128_256 * 2  # less than one bf16 copy of the logits
 
@@ -277,7 +277,7 @@ def test_parse_bytes_and_gpus():
 
 
 def test_unknown_target_raises_with_line(tmp_path):
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text("base_model: llama-3.2-1b\ndata: {path: x.jsonl}\nlora:\n  targets: [q_proj, wq]\n")
@@ -303,7 +303,7 @@ def test_memory_accepts_constants():
 def test_render(tmp_path):
     from rich.console import Console
 
-    from lorakit.estimate_view import render
+    from lorakit.estimate.view import render
 
     console = Console(record=True, width=140)
     render(estimate(_recipe(), gpu="rtx4090"), console)

@@ -1,4 +1,4 @@
-"""lorakit.graph_length: padding-free batches padded to one length so that CUDA graphs replay their layers.
+"""lorakit.speed.graph_length: padding-free batches padded to one length so that CUDA graphs replay their layers.
 The padding keeps the math (same loss and gradients as the unpadded batch, pad tokens not counted), every padded
 batch has the same tensor shapes (one graph signature), and `auto` turns it on only for host-bound models."""
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 from test_speed import EST_GRAPHS, recipe
 
-from lorakit import graph_length as gl
-from lorakit import layer_graphs, speed
-from lorakit import varlen_attention as va
+from lorakit.speed import padding as gl
+from lorakit.speed import layer_graphs
+from lorakit import speed
+from lorakit.speed import checkpointing
+from lorakit.speed import varlen_attention as va
 
 GIB = 1024**3
 
@@ -72,7 +74,7 @@ def test_padding_keeps_the_loss_the_gradients_and_the_token_count():
     (tokens that are not the pad token) leaves them out."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.sft_trainer import input_token_count
+    from lorakit.train.sft_trainer import input_token_count
 
     va.register()
     torch.manual_seed(0)
@@ -113,7 +115,7 @@ def test_collator_pads_training_batches_and_counts_them():
 def test_padded_batches_replay_one_graph_signature_per_layer():
     """Batches of different real lengths, padded: after the warm-up calls every layer replays the one
     signature it captured (EagerRecorder stands in for the GPU's capture on a CPU)."""
-    from conftest import tiny_lora
+    from helpers import tiny_lora
     from transformers import LlamaConfig, LlamaForCausalLM
 
     va.register()
@@ -122,7 +124,7 @@ def test_padded_batches_replay_one_graph_signature_per_layer():
                       num_key_value_heads=2, vocab_size=300, pad_token_id=0, attn_implementation=va.NAME)
     pm = tiny_lora(LlamaForCausalLM(cfg), 0.0)
     pm.train()
-    speed.apply_to_model(pm, {"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True},
+    checkpointing.apply_to_model(pm, speed.Plan(**{"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True}),
                          recorder=layer_graphs.EagerRecorder())
     g = layer_graphs.find(pm)
     for ls in ((5, 11, 8), (9, 9, 9), (20, 3, 1), (7, 7, 16), (12, 2, 2)):
@@ -138,41 +140,37 @@ def test_auto_pads_for_graphs_only_up_to_the_measured_model_size(bf16_gpu):
     small = {**EST_GRAPHS, "model": {"num_layers": 32, "total_params": 8_030_261_248}}
     large = {**EST_GRAPHS, "model": {"num_layers": 80, "total_params": 70_553_706_496}}
     p = speed.plan(recipe(), "cuda", small)
-    assert p["padding_free"] is True and p["cuda_graphs"] is True and p["offload_embeddings"] is False
-    assert "padded to one length" in p["checkpointing_reason"]
-    assert speed.plan(recipe(), "cuda", large)["cuda_graphs"] is False
-    assert speed.plan(recipe(), "cuda", {k: v for k, v in small.items() if k != "model"})["cuda_graphs"] is False
-    assert speed.plan(recipe(train={"memory_budget_gb": 12}), "cuda", small)["cuda_graphs"] is True  # fits 11 GiB
-    assert speed.plan(recipe(train={"memory_budget_gb": 10.5}), "cuda", small)["cuda_graphs"] is False
-    assert speed.plan(recipe(train={"cuda_graphs": False}), "cuda", small)["cuda_graphs"] is False
-    assert speed.plan(recipe(), "cpu", small)["cuda_graphs"] is False
+    assert p.padding_free is True and p.cuda_graphs is True and p.offload_embeddings is False
+    assert "padded to one length" in p.checkpointing_reason
+    assert speed.plan(recipe(), "cuda", large).cuda_graphs is False
+    assert speed.plan(recipe(), "cuda", {k: v for k, v in small.items() if k != "model"}).cuda_graphs is False
+    assert speed.plan(recipe(train={"memory_budget_gb": 12}), "cuda", small).cuda_graphs is True  # fits 11 GiB
+    assert speed.plan(recipe(train={"memory_budget_gb": 10.5}), "cuda", small).cuda_graphs is False
+    assert speed.plan(recipe(train={"cuda_graphs": False}), "cuda", small).cuda_graphs is False
+    assert speed.plan(recipe(), "cpu", small).cuda_graphs is False
 
 
 def test_a_run_settles_the_graph_length_from_its_rows(bf16_gpu, tmp_path):
     import yaml
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import _Out, _settle_cuda_graphs, _settle_graph_length
+    from lorakit.recipe.schema import load_recipe
+    from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"base_model": "meta-llama/Llama-3.2-1B", "data": {"path": "d.jsonl"},
                                  "train": {"batch_size": 4}}))
     r = load_recipe(p)
-    levers = speed.plan(r, "cuda", {**EST_GRAPHS, "model": {"num_layers": 16, "total_params": 1_235_814_400}})
+    est = {**EST_GRAPHS, "model": {"num_layers": 16, "total_params": 1_235_814_400}}
     lengths = [100, 300, 50, 700, 20, 90, 400, 210] * 4
-    r = _settle_cuda_graphs(r, levers, lengths, "cuda")
-    assert _settle_graph_length(r, levers, lengths, _Out(None, json_mode=False)) is r
-    assert levers["cuda_graphs"] is True and levers["graph_length"] == gl.graph_length(lengths, 4, r.train.seed)
-    assert levers["graph_max_row"] == max(r.data.max_length, 700)  # the pad rows' longest
-    off = dict(levers, cuda_graphs=False)
-    off.pop("graph_length")
-    _settle_graph_length(r, off, lengths, _Out(None, json_mode=False))
-    assert "graph_length" not in off
-    unknown = dict(levers)  # rows not tokenized before training: no length to pad to, so no graphs, and the
-    unknown.pop("graph_length")  # recipe the Trainer's arguments are planned from says so
-    settled = _settle_graph_length(r, unknown, [], _Out(None, json_mode=False))
-    assert unknown["cuda_graphs"] is False and "graph_length" not in unknown
-    assert settled.train.cuda_graphs is False and speed.trainer_checkpointing(speed.plan(settled, "cuda"))
+    plan = speed.plan(r, "cuda", est, lengths=lengths)
+    assert plan.cuda_graphs is True and plan.graph_length == gl.graph_length(lengths, 4, r.train.seed)
+    assert plan.graph_max_row == max(r.data.max_length, 700)  # the pad rows' longest
+    assert _settled(r, plan) == r and any("padded to" in n for n in plan.notes)
+    assert speed.plan(r, "cuda", est).graph_length is None  # lengths not known (the estimate): no length yet
+    # rows not tokenized before training: no length to pad to, so no graphs, and the resolved recipe says so
+    unknown = speed.plan(r, "cuda", est, lengths=[])
+    assert unknown.cuda_graphs is False and unknown.graph_length is None and unknown.trainer_checkpointing
+    assert _settled(r, unknown).train.cuda_graphs is False
 
 
 def test_trainer_pads_its_training_batches_only_and_counts_and_learns_as_without(tiny_model_dir, tmp_path):
@@ -183,7 +181,7 @@ def test_trainer_pads_its_training_batches_only_and_counts_and_learns_as_without
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from lorakit.sft_trainer import trainer_class
+    from lorakit.train.sft_trainer import trainer_class
 
     va.register()
     rows = Dataset.from_list([{"input_ids": [(i * 7 + k) % 200 + 10 for k in range(5 + (i * 5) % 23)]}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import load_recipe
+from lorakit.recipe.schema import load_recipe
 
 RECORDER = textwrap.dedent("""
     CALLS = []
@@ -95,7 +95,7 @@ class LogRecorder:
 def test_config_maps_every_grpo_field(tmp_path):
     from trl import GRPOConfig
 
-    from lorakit.grpo import grpo_config_kwargs
+    from lorakit.train.grpo import grpo_config_kwargs
 
     recipe = write_recipe(tmp_path, "tiny", num_generations=4, max_completion_length=16, temperature=0.7,
                           top_p=0.9, beta=0.04, loss_type="dr_grpo", epsilon=0.3, log_completions=True)
@@ -115,7 +115,7 @@ def test_config_maps_every_grpo_field(tmp_path):
 def test_default_generation_batch_holds_whole_groups(tmp_path, batch, accum, gens, expected):
     from trl import GRPOConfig
 
-    from lorakit.grpo import grpo_config_kwargs
+    from lorakit.train.grpo import grpo_config_kwargs
 
     recipe = write_recipe(tmp_path, "tiny", num_generations=gens)
     kw = grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=batch,
@@ -136,7 +136,7 @@ def test_bad_generation_batch_size_names_the_field(tmp_path, gen, message):
 
 def test_generation_batch_must_fill_every_process(tmp_path):
     """What the recipe cannot know: the number of processes multiplies the batch per step."""
-    from lorakit.grpo import grpo_config_kwargs
+    from lorakit.train.grpo import grpo_config_kwargs
 
     recipe = write_recipe(tmp_path, "tiny", num_generations=4, generation_batch_size=8)
     assert grpo_config_kwargs(recipe, training_args(tmp_path, per_device_train_batch_size=4), world_size=2)
@@ -146,7 +146,7 @@ def test_generation_batch_must_fill_every_process(tmp_path):
 
 
 def test_eval_batch_is_rounded_to_whole_groups(tmp_path):
-    from lorakit.grpo import grpo_config_kwargs
+    from lorakit.train.grpo import grpo_config_kwargs
 
     recipe = write_recipe(tmp_path, "tiny", num_generations=4)
     kw = grpo_config_kwargs(recipe, training_args(tmp_path, eval_strategy="steps", eval_steps=1,
@@ -155,7 +155,7 @@ def test_eval_batch_is_rounded_to_whole_groups(tmp_path):
 
 
 def test_reward_metric_keys():
-    from lorakit.grpo import reward_metric_keys
+    from lorakit.train.grpo import reward_metric_keys
 
     assert reward_metric_keys(["exact_answer"]) == ["rewards/exact_answer/mean", "rewards/exact_answer/std",
                                                      "reward", "reward_std"]
@@ -165,7 +165,7 @@ def test_fit_prompts_drops_long_prompts(tiny_model_dir):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from lorakit.grpo import fit_prompts
+    from lorakit.train.grpo import fit_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = Dataset.from_list([{"prompt": "short"}, {"prompt": "long " * 200}, {"prompt": "fine"}])
@@ -183,7 +183,7 @@ def test_fit_prompts_drops_long_prompts(tiny_model_dir):
 def test_grpo_trains_and_rewards_get_the_columns(tmp_path, tiny_model_dir, lora_model):
     from trl import GRPOTrainer
 
-    from lorakit.grpo import build_grpo_trainer
+    from lorakit.train.grpo import build_grpo_trainer
 
     recipe = write_recipe(tmp_path, tiny_model_dir)
     model, tok = lora_model
@@ -225,7 +225,7 @@ def test_grpo_trains_and_rewards_get_the_columns(tmp_path, tiny_model_dir, lora_
 
 
 def test_raising_reward_stops_training_with_the_sample(tmp_path, tiny_model_dir, lora_model):
-    from lorakit.grpo import build_grpo_trainer
+    from lorakit.train.grpo import build_grpo_trainer
 
     recipe = write_recipe(tmp_path, tiny_model_dir, rewards=[{"fn": "my_rewards.py:explode"}])
     model, tok = lora_model
@@ -239,7 +239,7 @@ def test_raising_reward_stops_training_with_the_sample(tmp_path, tiny_model_dir,
 
 
 def test_bad_reward_fails_before_training(tmp_path, tiny_model_dir, lora_model):
-    from lorakit.grpo import build_grpo_trainer
+    from lorakit.train.grpo import build_grpo_trainer
 
     recipe = write_recipe(tmp_path, tiny_model_dir, rewards=[{"fn": "exact_answer"}, {"fn": "my_rewards.py:nope"}])
     model, tok = lora_model
@@ -278,7 +278,7 @@ def test_bad_reward_leaves_no_run_directory(tmp_path, tiny_model_dir, monkeypatc
 
 
 def test_all_prompts_too_long_is_an_error(tmp_path, tiny_model_dir, lora_model):
-    from lorakit.grpo import build_grpo_trainer
+    from lorakit.train.grpo import build_grpo_trainer
 
     recipe = write_recipe(tmp_path, tiny_model_dir, max_prompt_length=3)
     model, tok = lora_model
@@ -288,8 +288,8 @@ def test_all_prompts_too_long_is_an_error(tmp_path, tiny_model_dir, lora_model):
 
 
 def test_evaluate_rewards_scores_held_out_prompts(tmp_path, tiny_model_dir, lora_model):
-    from lorakit.grpo import evaluate_rewards
-    from lorakit.rewards import load_rewards
+    from lorakit.train.grpo import evaluate_rewards
+    from lorakit.train.rewards import load_rewards
 
     recipe = write_recipe(tmp_path, tiny_model_dir)
     rewards = load_rewards(recipe.grpo.rewards, tmp_path)
@@ -309,7 +309,7 @@ def test_gradient_checkpointing_and_bf16_follow_lorakit_not_trl_defaults(tmp_pat
     """GRPOConfig defaults both to on; the recipe's resolved options decide (old and new field names)."""
     from trl import GRPOConfig
 
-    from lorakit.grpo import grpo_config_kwargs
+    from lorakit.train.grpo import grpo_config_kwargs
 
     recipe = write_recipe(tmp_path, "tiny")
     base = training_args(tmp_path)
@@ -324,7 +324,7 @@ def test_gradient_checkpointing_and_bf16_follow_lorakit_not_trl_defaults(tmp_pat
 
 
 def test_reward_summary_and_curves():
-    from lorakit.grpo import reward_curves, reward_summary
+    from lorakit.train.grpo import reward_curves, reward_summary
 
     history = [{"step": 1, "loss": 0.0, "reward": 0.5, "rewards/a/mean": 0.25, "rewards/a/std": 0.1},
                {"step": 1, "train_runtime": 1.0},
@@ -352,7 +352,7 @@ def test_lorakit_train_grpo_subprocess(tmp_path, tiny_model_dir):
     import subprocess
     import sys
 
-    from lorakit.grpo import reward_metric_keys
+    from lorakit.train.grpo import reward_metric_keys
 
     data = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(12)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:8]))

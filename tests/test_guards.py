@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from lorakit.guards import (
+from lorakit.train.guards import (
     COMPLETE_MARKER,
     CheckpointMarker,
     GracefulStop,
@@ -69,7 +69,7 @@ def test_sigint_saves_a_marked_checkpoint_and_stops(tiny_model_dir, tmp_path):
 
 def test_handlers_are_given_back_when_training_raises(tiny_model_dir, tmp_path):
     """on_train_end never runs when training raises: release_signals() puts the old handlers back."""
-    from lorakit.guards import release_signals
+    from lorakit.train.guards import release_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop = GracefulStop()
@@ -184,6 +184,6 @@ def test_training_start_removes_half_written_checkpoints(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("value,finite", [(1.0, True), (float("nan"), False), (float("inf"), False), ("x", True)])
 def test_finite_helper(value, finite):
-    from lorakit.guards import _finite
+    from lorakit.train.guards import _finite
 
     assert _finite(value) is finite

@@ -1,4 +1,4 @@
-"""lorakit.layer_graphs: checkpointed decoder layers replayed as CUDA graphs train exactly as torch's checkpoint
+"""lorakit.speed.layer_graphs: checkpointed decoder layers replayed as CUDA graphs train exactly as torch's checkpoint
 does - same losses, gradients and updated weights over several optimizer steps (the replays read the weights the
 optimizer changed in place) - and LoRA dropout's recompute inside a replay draws the forward's mask again.
 
@@ -8,9 +8,11 @@ fallbacks, only no CUDA graph - and the dropout kernels run in Triton's interpre
 
 import pytest
 import torch
-from conftest import tiny_lora
+from helpers import tiny_lora
 
-from lorakit import layer_graphs, speed
+from lorakit.speed import layer_graphs
+from lorakit import speed
+from lorakit.speed import checkpointing
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -54,7 +56,7 @@ def _train(pm, steps: int, ids) -> list[float]:
 def kernels_here(monkeypatch):
     """The fused layer's Triton dropout kernels on this machine (interpreted on a CPU)."""
     pytest.importorskip("triton")
-    from lorakit import lora_triton
+    from lorakit.speed.kernels import lora_dropout as lora_triton
 
     if not CUDA:
         import triton
@@ -67,9 +69,9 @@ def kernels_here(monkeypatch):
 def test_graphed_layers_train_like_torch_checkpoint():
     ids = torch.randint(0, 300, (2, 16), device=DEVICE)
     ref, graphed = _model(0.0), _model(0.0)
-    speed.set_checkpointing(ref, None)
-    done = speed.apply_to_model(graphed, {"gradient_checkpointing": True, "checkpoint_layers": None,
-                                         "cuda_graphs": True}, recorder=_recorder())
+    checkpointing.set_checkpointing(ref, None)
+    done = checkpointing.apply_to_model(graphed, speed.Plan(**{"gradient_checkpointing": True, "checkpoint_layers": None,
+                                         "cuda_graphs": True}), recorder=_recorder())
     g = layer_graphs.find(graphed)
     assert done == {"checkpoint_layers": 3} and g is not None
     steps = layer_graphs.WARMUP_CALLS + 3  # warm-up steps run torch's checkpoint, then capture, then replays
@@ -87,11 +89,11 @@ def test_graphed_layers_train_like_torch_checkpoint():
 def test_a_replayed_recompute_draws_the_forwards_dropout_mask(kernels_here):
     """A replayed layer's gradients are those of the same forward run without checkpointing on the seeds the
     replay drew: the recompute inside the backward graph took the forward's masks again."""
-    from lorakit import lora_triton
+    from lorakit.speed.kernels import lora_dropout as lora_triton
 
     ids = torch.randint(0, 300, (2, 16), device=DEVICE)
     pm = _model(0.3, layers=1)
-    speed.apply_to_model(pm, {"gradient_checkpointing": True, "cuda_graphs": True}, recorder=_recorder())
+    checkpointing.apply_to_model(pm, speed.Plan(**{"gradient_checkpointing": True, "cuda_graphs": True}), recorder=_recorder())
     g = layer_graphs.find(pm)
     _train(pm, layer_graphs.WARMUP_CALLS, ids)  # warm-up
     with _autocast():
@@ -110,7 +112,7 @@ def test_a_replayed_recompute_draws_the_forwards_dropout_mask(kernels_here):
     loss.backward()
     got = {n: q.grad.clone() for n, q in pm.named_parameters() if q.grad is not None}
     pm.zero_grad(set_to_none=True)
-    layer = speed.decoder_layers(pm.get_base_model())[0]
+    layer = checkpointing.decoder_layers(pm.get_base_model())[0]
     layer.gradient_checkpointing = False
     with _autocast(), lora_triton.device_seeds(entry.seeds):  # the seeds the replay used, in the same order
         ref = pm(input_ids=ids, labels=ids).loss
@@ -127,12 +129,12 @@ def test_a_replayed_recompute_draws_the_forwards_dropout_mask(kernels_here):
 def test_what_a_graph_cannot_hold_runs_torch_checkpoint(monkeypatch):
     """LoRA dropout without the Triton kernels cannot be redrawn inside a replay: the capture is refused, the
     reason recorded, and the layer keeps training under torch's checkpoint."""
-    from lorakit import lora_triton
+    from lorakit.speed.kernels import lora_dropout as lora_triton
 
     monkeypatch.setattr(lora_triton, "available", lambda device_type, dtype, rank: False)
     ids = torch.randint(0, 300, (2, 16), device=DEVICE)
     pm = _model(0.3, layers=2)
-    speed.apply_to_model(pm, {"gradient_checkpointing": True, "cuda_graphs": True}, recorder=_recorder())
+    checkpointing.apply_to_model(pm, speed.Plan(**{"gradient_checkpointing": True, "cuda_graphs": True}), recorder=_recorder())
     g = layer_graphs.find(pm)
     losses = _train(pm, layer_graphs.WARMUP_CALLS + 2, ids)
     assert g.captured == 0 and all("Triton dropout kernels" in why for why in g.failures)
@@ -145,7 +147,7 @@ def test_what_a_graph_cannot_hold_runs_torch_checkpoint(monkeypatch):
 
 def test_other_shapes_and_no_grad_run_without_graphs():
     pm = _model(0.0, layers=1)
-    speed.apply_to_model(pm, {"gradient_checkpointing": True, "cuda_graphs": True}, recorder=_recorder())
+    checkpointing.apply_to_model(pm, speed.Plan(**{"gradient_checkpointing": True, "cuda_graphs": True}), recorder=_recorder())
     g = layer_graphs.find(pm)
     for t in (8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10):  # the third call of a shape captures it, two shapes at most
         ids = torch.randint(0, 300, (1, t), device=DEVICE)
@@ -170,7 +172,7 @@ def test_layers_with_other_random_numbers_are_not_captured():
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa", attention_dropout=0.1)
     pm = tiny_lora(LlamaForCausalLM(cfg).to(DEVICE), 0.0)
-    speed.apply_to_model(pm, {"gradient_checkpointing": True, "cuda_graphs": True}, recorder=_recorder())
+    checkpointing.apply_to_model(pm, speed.Plan(**{"gradient_checkpointing": True, "cuda_graphs": True}), recorder=_recorder())
     g = layer_graphs.find(pm)
     _train(pm, layer_graphs.WARMUP_CALLS + 2, torch.randint(0, 300, (2, 16), device=DEVICE))
     assert g.captured == 0 and g.failures == {}
@@ -184,7 +186,7 @@ def test_both_forms_transformers_passes_a_layer_in(form):
     from functools import partial
 
     pm = _model(0.0, layers=1)
-    layer = speed.decoder_layers(pm.get_base_model())[0]
+    layer = checkpointing.decoder_layers(pm.get_base_model())[0]
     graphed = layer_graphs.GraphedCheckpoint(_recorder())
     rotary = pm.get_base_model().model.rotary_emb
     h = torch.randn(1, 8, 64, device=DEVICE)

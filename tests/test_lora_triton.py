@@ -1,4 +1,4 @@
-"""lorakit.lora_triton: the dropout-in-matmul kernels give dropout(x) @ A^T and its exact gradients for the mask
+"""lorakit.speed.kernels.lora_dropout: the dropout-in-matmul kernels give dropout(x) @ A^T and its exact gradients for the mask
 they draw, the mask has torch dropout's distribution, and the fused LoRA layer uses them (and their mask in
 backward) when Triton can run. On a CPU machine the kernels run in Triton's interpreter (fp32: the interpreter
 mishandles bf16 arithmetic); on a GPU the same tests run the compiled kernels in bf16."""
@@ -16,8 +16,8 @@ if DEVICE == "cpu" and not triton.knobs.runtime.interpret:
 
 @pytest.fixture
 def lt():
-    """lorakit.lora_triton and the device its kernels run on here."""
-    from lorakit import lora_triton
+    """lorakit.speed.kernels.lora_dropout and the device its kernels run on here."""
+    from lorakit.speed.kernels import lora_dropout as lora_triton
 
     return lora_triton, DEVICE
 
@@ -92,7 +92,7 @@ def test_mask_draws_are_independent_of_their_neighbours(lt):
 def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkeypatch):
     """The fused LoRA function on a device where Triton runs: same output and gradients as torch's
     dropout -> matmul with the mask drawn from the seed the layer took from torch's RNG."""
-    from lorakit import speed
+    from lorakit.speed import fused_lora
 
     mod, device = lt
     if device == "cpu":
@@ -105,7 +105,7 @@ def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkey
     b = (torch.randn(24, 16, device=device) * 0.1).requires_grad_()
     base = torch.randn(2, 9, 24, device=device, dtype=dt, requires_grad=True)
     torch.manual_seed(5)
-    out = speed.lora_delta(base, x, a, b, 0.2, 2.0, True)
+    out = fused_lora.lora_delta(base, x, a, b, 0.2, 2.0, True)
     out.backward(torch.ones_like(out))
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
@@ -120,7 +120,7 @@ def test_fused_lora_layer_uses_the_kernels_and_their_mask_in_backward(lt, monkey
 
 
 def test_only_a_gpu_runs_the_kernels_for_16_bit_compute_and_ranks_up_to_64():
-    from lorakit import lora_triton
+    from lorakit.speed.kernels import lora_dropout as lora_triton
 
     assert not lora_triton.available("cpu", torch.bfloat16, 16)  # even with the interpreter on (this session)
     assert lora_triton.available("cuda", torch.bfloat16, 16) and lora_triton.available("cuda", torch.float16, 64)
@@ -151,7 +151,7 @@ def test_checkpointed_recompute_keeps_the_forward_mask(lt, monkeypatch):
     gradients equal those of the same step without checkpointing."""
     from torch.utils.checkpoint import checkpoint
 
-    from lorakit import speed
+    from lorakit.speed import fused_lora
 
     mod, device = lt
     if device == "cpu":
@@ -166,7 +166,7 @@ def test_checkpointed_recompute_keeps_the_forward_mask(lt, monkeypatch):
         base = torch.randn(2, 9, 24, device=device, dtype=dt)
 
         def layer(x):
-            return speed.lora_delta(base, x.tanh(), a, b, 0.3, 2.0, True).square().sum()
+            return fused_lora.lora_delta(base, x.tanh(), a, b, 0.3, 2.0, True).square().sum()
 
         torch.manual_seed(7)
         loss = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)

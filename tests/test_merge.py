@@ -48,7 +48,7 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int = 1, **lora_kw):
 def bias_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with attention biases (for bias='all' and lora_bias)."""
     import torch
-    from conftest import build_tokenizer
+    from helpers import build_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama-bias")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import load_recipe
+from lorakit.recipe.schema import load_recipe
 
 
 def make_recipe(tmp_path: Path, base: Path, **sections) -> object:
@@ -42,7 +42,7 @@ def _randomize_lora(model, seed: int = 1) -> None:
     {"r": 8, "alpha": 4, "rslora": True, "dora": True, "layers": [1]},
 ])
 def test_adapter_config_matches_recipe(tmp_path, tiny_model_dir, opts):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     recipe = make_recipe(tmp_path, tiny_model_dir, lora=opts)
     model, _, _ = load_for_training(recipe, "cpu")
@@ -61,7 +61,7 @@ def test_adapter_config_matches_recipe(tmp_path, tiny_model_dir, opts):
 
 
 def test_all_linear_and_presets(tmp_path, tiny_model_dir):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     model, _, info = load_for_training(make_recipe(tmp_path, tiny_model_dir, lora={"targets": "all-linear"}), "cpu")
     assert set(info["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -71,9 +71,9 @@ def test_all_linear_and_presets(tmp_path, tiny_model_dir):
 
 
 def test_preset_filters_to_fused_names(tmp_path):
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     build_tiny_model(tmp_path / "phi3", arch="phi3")
     _, _, info = load_for_training(make_recipe(tmp_path, tmp_path / "phi3", lora={"targets": "attention"}), "cpu")
@@ -81,7 +81,7 @@ def test_preset_filters_to_fused_names(tmp_path):
 
 
 def test_trainable_count_is_peft_count(tmp_path, tiny_model_dir):
-    from lorakit.models import describe_params, load_for_training
+    from lorakit.model.load import describe_params, load_for_training
 
     model, _, info = load_for_training(make_recipe(tmp_path, tiny_model_dir), "cpu")
     assert (info["trainable_params"], info["total_params"]) == model.get_nb_trainable_parameters()
@@ -91,7 +91,7 @@ def test_trainable_count_is_peft_count(tmp_path, tiny_model_dir):
 
 
 def test_bad_targets_list_the_real_names(tmp_path, tiny_model_dir):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     recipe = make_recipe(tmp_path, tiny_model_dir, lora={"targets": ["q_proj", "query_key_value"]})
     with pytest.raises(LorakitError) as e:
@@ -103,7 +103,7 @@ def test_bad_targets_list_the_real_names(tmp_path, tiny_model_dir):
 
 
 def test_layers_out_of_range(tmp_path, tiny_model_dir):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     with pytest.raises(LorakitError, match="2 layers") as e:
         load_for_training(make_recipe(tmp_path, tiny_model_dir, lora={"layers": [0, 5]}), "cpu")
@@ -114,11 +114,11 @@ def test_layers_out_of_range(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("bits", ["none", 4])
 def test_saved_adapter_reloads_to_same_logits(tmp_path, tiny_model_dir, bits, fused):
     """The saved adapter, reloaded with plain peft, gives the logits of the model in memory. With
-    train.fused_lora (lorakit.speed's layer class) the saved adapter is still plain peft."""
+    train.fused_lora (lorakit.speed.planning's layer class) the saved adapter is still plain peft."""
     import torch
     from peft import PeftModel
 
-    from lorakit.models import load_base, load_for_training
+    from lorakit.model.load import load_base, load_for_training
 
     recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": bits},
                          lora={"targets": "all-linear", "dropout": 0.1}, train={"fused_lora": fused})
@@ -143,7 +143,7 @@ def test_saved_adapter_reloads_to_same_logits(tmp_path, tiny_model_dir, bits, fu
 
 
 def test_chat_template_override(tmp_path, tiny_model_dir):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     _, tok, _ = load_for_training(make_recipe(tmp_path, tiny_model_dir, model={"chat_template": template}), "cpu")
@@ -152,7 +152,7 @@ def test_chat_template_override(tmp_path, tiny_model_dir):
 
 
 def test_local_dir_errors(tmp_path, tiny_model_dir):
-    from lorakit.models import resolve_base_dir
+    from lorakit.model.load import resolve_base_dir
 
     assert resolve_base_dir(str(tiny_model_dir)) == tiny_model_dir
     empty = tmp_path / "empty"
@@ -170,7 +170,7 @@ def test_local_dir_errors(tmp_path, tiny_model_dir):
 
 
 def test_hub_id_offline_names_what_was_tried(tmp_path, monkeypatch):
-    from lorakit.models import resolve_base_dir
+    from lorakit.model.load import resolve_base_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -183,7 +183,7 @@ def test_hub_id_offline_names_what_was_tried(tmp_path, monkeypatch):
 
 def test_demo_conversion_runs_once_under_a_lock(tmp_path, monkeypatch):
     """Two concurrent first uses convert once; the result appears atomically (tmp dir + rename)."""
-    import lorakit.models as models
+    import lorakit.model.load as models
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -211,7 +211,7 @@ def test_demo_conversion_runs_once_under_a_lock(tmp_path, monkeypatch):
 
 
 def test_demo_gguf_ships_in_the_package():
-    from lorakit.models import demo_gguf_path
+    from lorakit.model.load import demo_gguf_path
 
     path = demo_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
@@ -222,8 +222,8 @@ def test_levers_on_the_model_build(tmp_path, tiny_model_dir):
     the unquantized frozen weights in bf16 instead of peft's fp32 upcast; a first-K count is set per layer."""
     import torch
 
-    from lorakit.models import load_for_training
-    from lorakit.speed import decoder_layers
+    from lorakit.model.load import load_for_training
+    from lorakit.speed.checkpointing import decoder_layers
 
     recipe = make_recipe(tmp_path, tiny_model_dir, quantization={"bits": 4, "compute_dtype": "bf16"},
                          lora={"targets": "all-linear"})
@@ -231,8 +231,10 @@ def test_levers_on_the_model_build(tmp_path, tiny_model_dir):
     assert info["fused_lora_modules"] == 0 and "checkpoint_layers" not in info
     assert model.get_base_model().model.embed_tokens.weight.dtype == torch.float32  # peft's upcast, as before
 
-    levers = {"frozen_dtype": "bf16", "fused_lora": True, "gradient_checkpointing": True, "checkpoint_layers": 1}
-    model, _, info = load_for_training(recipe, "cpu", levers=levers)
+    from lorakit.speed import Plan
+
+    plan = Plan(frozen_dtype="bf16", fused_lora=True, gradient_checkpointing=True, checkpoint_layers=1)
+    model, _, info = load_for_training(recipe, "cpu", plan)
     base = model.get_base_model()
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16 and base.lm_head.weight.dtype == torch.bfloat16
     assert info["fused_lora_modules"] == 2 * 7 and info["checkpoint_layers"] == 1
@@ -240,7 +242,7 @@ def test_levers_on_the_model_build(tmp_path, tiny_model_dir):
 
 
 def test_too_many_checkpointed_layers_is_a_recipe_error(tmp_path, tiny_model_dir):
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"gradient_checkpointing": 3})
     with pytest.raises(LorakitError, match="2 decoder layers; got 3") as e:

@@ -1,4 +1,4 @@
-"""lorakit.optim: bitsandbytes' 8-bit AdamW without its per-tensor GPU synchronizations, and with the tensors
+"""lorakit.speed.adamw8bit: bitsandbytes' 8-bit AdamW without its per-tensor GPU synchronizations, and with the tensors
 whose sizes are whole 8-bit blocks updated by one call, takes the same steps as bitsandbytes' own, bit for bit
 (on the CPU, where bitsandbytes implements the same 8-bit update, and on a GPU); its state_dict is bitsandbytes'
 per-tensor format, so a checkpoint of either loads into the other."""
@@ -17,7 +17,7 @@ def _params(seed: int):
 
 @pytest.mark.parametrize("cls", ["AdamW8bit", "PagedAdamW8bit"])
 def test_no_sync_steps_equal_bitsandbytes_steps(cls):
-    from lorakit.optim import no_sync_class
+    from lorakit.speed.adamw8bit import no_sync_class
 
     base = getattr(bnb.optim, cls)
     a, b = _params(0), _params(0)
@@ -43,7 +43,7 @@ def test_no_sync_steps_equal_bitsandbytes_steps(cls):
 def test_only_cuda_8bit_adamw_without_trained_embeddings_gets_it():
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-    from lorakit.optim import optimizer_cls_and_kwargs
+    from lorakit.speed.adamw8bit import optimizer_cls_and_kwargs
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
@@ -77,7 +77,7 @@ def _grads(params, g):
 
 @pytest.mark.parametrize("cls", ["AdamW8bit", "PagedAdamW8bit"])
 def test_one_update_for_whole_blocks_equals_bitsandbytes_per_tensor(cls):
-    from lorakit import optim
+    from lorakit.speed import adamw8bit as optim
 
     base = getattr(bnb.optim, cls)
     a, b = _lora_like(0), _lora_like(0)
@@ -116,7 +116,7 @@ def test_one_update_for_whole_blocks_equals_bitsandbytes_per_tensor(cls):
 
 
 def test_a_checkpoint_moves_between_the_shared_and_the_per_tensor_states(tmp_path):
-    from lorakit import optim
+    from lorakit.speed import adamw8bit as optim
 
     base = bnb.optim.AdamW8bit
     kw = dict(lr=1e-2, weight_decay=0.01)

@@ -85,7 +85,7 @@ def test_dockerfile_copies_existing_files_and_runs_the_console_script():
 def test_image_can_launch_on_several_gpus():
     """`lorakit train --gpus N` runs `python -m accelerate.commands.launch`: accelerate is pinned and
     installed with the package, and the launcher configs are in the image next to the environment."""
-    from lorakit.launch import launch_command
+    from lorakit.runtime.launch import launch_command
 
     assert "accelerate" in _pins()
     assert any(Requirement(d).name == "accelerate" for d in PYPROJECT["project"]["dependencies"])

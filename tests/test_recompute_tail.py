@@ -1,13 +1,15 @@
-"""lorakit.recompute_tail: a replayed layer's recompute skips the last linear's base matmul exactly where nothing
+"""lorakit.speed.recompute_tail: a replayed layer's recompute skips the last linear's base matmul exactly where nothing
 reads its output (Llama: mlp.down_proj), with the same gradients; where something does (Gemma 2's
 post-feedforward norm saves its input) the check refuses and the layer recomputes in full. The placeholder's
 backward is the base layer's own, for a 16-bit linear and a bitsandbytes 4-bit one."""
 
 import pytest
 import torch
-from conftest import tiny_lora
+from helpers import tiny_lora
 
-from lorakit import layer_graphs, recompute_tail, speed
+from lorakit.speed import layer_graphs, recompute_tail
+from lorakit import speed
+from lorakit.speed import checkpointing, fused_lora
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -41,21 +43,21 @@ def _step(pm, ids) -> dict:
 
 def _base_calls_in_backward(pm, ids, name: str, monkeypatch) -> int:
     """How often `name`'s base layer (in each decoder layer) computes its output during a step's backward pass:
-    called as a module, or inside the fused layer's function (speed.lora_linear) unless told to skip it."""
+    called as a module, or inside the fused layer's function (fused_lora.lora_linear) unless told to skip it."""
     calls = []
-    layers = speed.decoder_layers(pm.get_base_model())
+    layers = checkpointing.decoder_layers(pm.get_base_model())
     mods = [layer.get_submodule(name).base_layer for layer in layers]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
     with ctx:
         loss = pm(input_ids=ids, labels=ids).loss
-    lora_linear = speed.lora_linear
+    lora_linear = fused_lora.lora_linear
 
     def counted(base, *args, skip=False, **kwargs):  # the fused layer's base + LoRA function
         if not skip and any(base is m for m in mods):
             calls.append(1)
         return lora_linear(base, *args, skip=skip, **kwargs)
 
-    monkeypatch.setattr(speed, "lora_linear", counted)
+    monkeypatch.setattr(fused_lora, "lora_linear", counted)
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in mods]
     try:
         loss.backward()
@@ -71,16 +73,16 @@ def _base_calls_in_backward(pm, ids, name: str, monkeypatch) -> int:
 def test_the_recompute_skips_the_last_linear_only_where_nothing_reads_it(family, skipped, monkeypatch):
     ids = torch.randint(0, 300, (2, 16), device=DEVICE)
     ref, graphed = _model(family), _model(family)
-    speed.set_checkpointing(ref, None)
+    checkpointing.set_checkpointing(ref, None)
     rec = layer_graphs.CudaRecorder(0) if CUDA else layer_graphs.EagerRecorder()
-    speed.apply_to_model(graphed, {"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True},
+    checkpointing.apply_to_model(graphed, speed.Plan(**{"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True}),
                          recorder=rec)
     for _ in range(layer_graphs.WARMUP_CALLS + 1):  # warm-up calls, then the capture
         _step(graphed, ids)
     g = layer_graphs.find(graphed)
     assert g.captured == 2 and g.failures == {}, g.failure_trace
     tails = [e.tail for e in g._entries.values()]
-    layers = speed.decoder_layers(graphed.get_base_model())
+    layers = checkpointing.decoder_layers(graphed.get_base_model())
     assert tails == ([layer.mlp.down_proj for layer in layers] if skipped else [None, None])
     assert g.tails_skipped == (2 if skipped else 0)  # what the run's summary.json reports
     if not CUDA:  # a CUDA graph replays without calling the modules: the count needs the eager stand-in

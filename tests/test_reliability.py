@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat_rows as _rows
-from conftest import write_jsonl
+from helpers import chat_rows as _rows
+from helpers import write_jsonl
 from test_train import make_recipe
 
-from lorakit import atomic
-from lorakit.atomic import atomic_write_json, disk_error
 from lorakit.errors import LorakitError
-from lorakit.guards import complete_checkpoints, latest_complete_checkpoint
-from lorakit.run_dir import RunDir
+from lorakit.runtime import atomic
+from lorakit.runtime.atomic import atomic_write_json, disk_error
+from lorakit.train.guards import complete_checkpoints, latest_complete_checkpoint
+from lorakit.train.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -170,7 +170,7 @@ def test_full_disk_while_the_trainer_saves_a_checkpoint(workdir, tiny_model_dir,
     checkpoint-2 untouched and still the one to resume from, nothing named checkpoint-4 left."""
     import torch
 
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, train={"max_steps": 6, "save_steps": 2, "save_total_limit": 5},
                          evaluate={"metrics": []})
@@ -215,7 +215,7 @@ def test_full_disk_while_saving_the_final_adapter(workdir, tiny_model_dir, monke
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, train={"max_steps": 4, "save_steps": 2, "save_total_limit": 5},
                          evaluate={"metrics": []})
@@ -303,7 +303,7 @@ def _fill(folder: Path) -> Path:
 
 def test_a_really_full_disk_during_a_checkpoint(workdir, tiny_model_dir, small_disk, monkeypatch):
     """The disk really fills up just before checkpoint-4: the same clean outcome as the simulations."""
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     out = small_disk / "run"
     recipe = make_recipe(workdir, tiny_model_dir, train={"max_steps": 6, "save_steps": 2, "save_total_limit": 5},
@@ -348,7 +348,7 @@ def _per_step(run: RunDir) -> dict[tuple[int, str], float]:
 def uninterrupted(tmp_path_factory, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     folder = tmp_path_factory.mktemp("uninterrupted")
     write_jsonl(folder / "train.jsonl", _rows(16))
@@ -365,7 +365,7 @@ def test_signal_then_resume_gives_the_uninterrupted_adapter_and_metrics(workdir,
     from safetensors.torch import load_file
 
     from lorakit.errors import Interrupted
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = _equivalence_recipe(workdir, tiny_model_dir, "cut")
     run = RunDir(workdir / "runs" / "cut")
@@ -519,7 +519,7 @@ def test_weights_load_from_safetensors_only_unless_allow_pickle(tmp_path, tiny_m
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     opened: list[str] = []
     real_load = torch.load
@@ -554,7 +554,7 @@ def test_inference_loads_safetensors_only_unless_allow_pickle(tmp_path, tiny_mod
     from typer.testing import CliRunner
 
     from lorakit.cli import app
-    from lorakit.models import load_for_inference
+    from lorakit.model.load import load_for_inference
 
     only = tmp_path / "only-pickle"
     shutil.copytree(tiny_model_dir, only)
@@ -587,7 +587,7 @@ def test_trust_remote_code_is_off_by_default_and_named_when_on(tmp_path, tiny_mo
     from typer.testing import CliRunner
 
     from lorakit.cli import app
-    from lorakit.models import load_for_training
+    from lorakit.model.load import load_for_training
 
     seen: list[bool] = []
     for cls in (AutoModelForCausalLM, AutoTokenizer):
@@ -620,7 +620,7 @@ def test_trust_remote_code_is_off_by_default_and_named_when_on(tmp_path, tiny_mo
 
 def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path):
     """A config with auto_map: validate names model.trust_remote_code; the repository's code never runs."""
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
     from lorakit.validate import validate_recipe
 
     model = tmp_path / "custom"
@@ -641,8 +641,8 @@ def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path)
 
 
 def test_reward_code_loads_only_from_the_file_the_recipe_names(tmp_path):
-    from lorakit.recipe import RewardSpec
-    from lorakit.rewards import load_rewards
+    from lorakit.recipe.schema import RewardSpec
+    from lorakit.train.rewards import load_rewards
 
     sentinel = tmp_path / "imported"
     for name in ("rewards.py", "reward.py", "evil.py", "__init__.py", "conftest.py", "sitecustomize.py"):
@@ -682,7 +682,7 @@ def test_no_shell_is_ever_invoked():
                     users.add(file.name)
     assert users <= {"launch.py"}
 
-    from lorakit.launch import launch_command
+    from lorakit.runtime.launch import launch_command
 
     hostile = "recipe.yaml; touch /tmp/pwned $(id)"
     cmd = launch_command(2, ["train", hostile, "--gpus", "2"])
@@ -729,8 +729,8 @@ def test_fuzzed_grpo_rows_give_success_or_a_clean_error(tmp_path, tiny_model_dir
     from hypothesis import strategies as st
     from transformers import AutoTokenizer
 
-    from lorakit import data
-    from lorakit.recipe import validate_data
+    from lorakit.data import prepare as data
+    from lorakit.recipe.schema import validate_data
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))

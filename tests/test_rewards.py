@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import RewardSpec
-from lorakit.rewards import (
+from lorakit.recipe.schema import RewardSpec
+from lorakit.train.rewards import (
     combine,
     completion_text,
     exact_answer,

@@ -1,4 +1,4 @@
-"""lorakit.sft_trainer: the token count kept on the device between logs gives the Trainer's own numbers."""
+"""lorakit.train.sft_trainer: the token count kept on the device between logs gives the Trainer's own numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit.sft_trainer import input_token_count, trainer_class
+from lorakit.train.sft_trainer import input_token_count, trainer_class
 
 
 def _rows(n=24):

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from lorakit import registry
 from lorakit.errors import LorakitError
-from lorakit.known_models import KNOWN_CONFIGS, known_config
-from lorakit.recipe import LoraSection
-from lorakit.shapes import check_targets, load_shape, shape_from_config
+from lorakit.model import registry
+from lorakit.model.known_models import KNOWN_CONFIGS, known_config
+from lorakit.model.shapes import check_targets, load_shape, shape_from_config
+from lorakit.recipe.schema import LoraSection
 
 
 def meta_model(cfg: dict):
@@ -156,6 +156,6 @@ def test_layers_beyond_the_model():
 
 
 def test_import_pulls_no_torch():
-    code = ("import sys, lorakit.shapes, lorakit.estimate, lorakit.known_models; "
+    code = ("import sys, lorakit.model.shapes, lorakit.estimate.memory, lorakit.model.known_models; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

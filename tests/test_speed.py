@@ -1,14 +1,16 @@
-"""lorakit.speed: the levers keep the math (fused LoRA vs peft, padding-free vs padded), the plan resolves
+"""lorakit.speed.planning: the levers keep the math (fused LoRA vs peft, padding-free vs padded), the plan resolves
 them per device and memory budget, and train.py / models.py apply what the plan says."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import tiny_lora
+from helpers import tiny_lora
 
+from lorakit.recipe.schema import validate_data
 from lorakit import speed
-from lorakit.recipe import validate_data
+from lorakit.speed import checkpointing, fused_lora, planning
 
 GIB = 2**30
 
@@ -112,28 +114,28 @@ def test_lora_linear_is_the_base_layer_then_the_lora_delta(bits, p):
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     a, b = torch.randn(8, 64) * 0.1, torch.randn(96, 8) * 0.1  # LoRA weights in fp32, as peft keeps them
     g = torch.randn(3, 5, 96, dtype=torch.bfloat16)
-    assert speed.linear_dtype(base, x) == torch.bfloat16
+    assert fused_lora.linear_dtype(base, x) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = _lora_pass(lambda xs, as_, bs: speed.lora_delta(base(xs), xs, as_, bs, p, 2.0, True), x, a, b, g, 7)
-        got = _lora_pass(lambda xs, as_, bs: speed.lora_linear(base, xs, as_, bs, p, 2.0, True), x, a, b, g, 7)
+        want = _lora_pass(lambda xs, as_, bs: fused_lora.lora_delta(base(xs), xs, as_, bs, p, 2.0, True), x, a, b, g, 7)
+        got = _lora_pass(lambda xs, as_, bs: fused_lora.lora_linear(base, xs, as_, bs, p, 2.0, True), x, a, b, g, 7)
     for w, o in zip(want, got):
         assert w.dtype == o.dtype and w.shape == o.shape
         assert torch.allclose(w.float(), o.float(), rtol=1e-2, atol=1e-2)
     if p > 0:  # the two agree because they drew the same mask, not because none was drawn
-        plain = _lora_pass(lambda xs, as_, bs: speed.lora_linear(base, xs, as_, bs, 0.0, 2.0, True), x, a, b, g, 7)
+        plain = _lora_pass(lambda xs, as_, bs: fused_lora.lora_linear(base, xs, as_, bs, 0.0, 2.0, True), x, a, b, g, 7)
         assert not torch.allclose(plain[2], got[2])
 
 
 def test_linear_dtype_leaves_what_it_cannot_compute_to_the_base_layer():
     x16 = torch.randn(2, 64, dtype=torch.bfloat16)
-    assert speed.linear_dtype(_base_linear(None), x16) == torch.bfloat16
-    assert speed.linear_dtype(_base_linear(None), x16.float()) is None  # fp32 input to a bf16 layer
+    assert fused_lora.linear_dtype(_base_linear(None), x16) == torch.bfloat16
+    assert fused_lora.linear_dtype(_base_linear(None), x16.float()) is None  # fp32 input to a bf16 layer
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert speed.linear_dtype(_base_linear(None), x16) == torch.bfloat16
-        assert speed.linear_dtype(torch.nn.Linear(64, 96).requires_grad_(False), x16.float()) is None
-    assert speed.linear_dtype(torch.nn.Linear(64, 96), x16.float()) is None  # a base weight that trains
-    assert speed.linear_dtype(_base_linear(4), x16) == torch.bfloat16
-    assert speed.linear_dtype(_base_linear(4), x16.float()) is None  # bnb would cast it to bf16 and back
+        assert fused_lora.linear_dtype(_base_linear(None), x16) == torch.bfloat16
+        assert fused_lora.linear_dtype(torch.nn.Linear(64, 96).requires_grad_(False), x16.float()) is None
+    assert fused_lora.linear_dtype(torch.nn.Linear(64, 96), x16.float()) is None  # a base weight that trains
+    assert fused_lora.linear_dtype(_base_linear(4), x16) == torch.bfloat16
+    assert fused_lora.linear_dtype(_base_linear(4), x16.float()) is None  # bnb would cast it to bf16 and back
 
 
 def test_fused_lora_dropout_trains_and_saves_plain_adapter(tmp_path):
@@ -186,17 +188,17 @@ def test_padding_free_loss_equals_padded_loss(attn):
 
 def test_selective_checkpointing_sets_first_k_layers():
     pm = _tiny_peft(True)
-    assert speed.set_checkpointing(pm, 2) == 2
-    flags = [layer.gradient_checkpointing for layer in speed.decoder_layers(pm.get_base_model())]
+    assert checkpointing.set_checkpointing(pm, 2) == 2
+    flags = [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(pm.get_base_model())]
     assert flags == [True, True, False]
-    assert speed.set_checkpointing(pm, None) == 3
-    assert speed.set_checkpointing(pm, 0) == 0
+    assert checkpointing.set_checkpointing(pm, None) == 3
+    assert checkpointing.set_checkpointing(pm, 0) == 0
 
 
 def test_partial_checkpointing_keeps_gradients():
     ids = torch.randint(0, 300, (2, 12))
     ref, part = _tiny_peft(True), _tiny_peft(True)
-    assert speed.apply_to_model(part, {"gradient_checkpointing": True, "checkpoint_layers": 2}) == \
+    assert checkpointing.apply_to_model(part, speed.Plan(**{"gradient_checkpointing": True, "checkpoint_layers": 2})) == \
         {"checkpoint_layers": 2}
     l0, g0 = _grads(ref, ids)
     l1, g1 = _grads(part, ids)
@@ -209,13 +211,13 @@ def test_apply_to_model_rejects_more_layers_than_the_model_has():
     from lorakit.errors import LorakitError
 
     with pytest.raises(LorakitError, match="3 decoder layers; got 5") as e:
-        speed.apply_to_model(_tiny_peft(False), {"gradient_checkpointing": True, "checkpoint_layers": 5})
+        checkpointing.apply_to_model(_tiny_peft(False), speed.Plan(**{"gradient_checkpointing": True, "checkpoint_layers": 5}))
     assert e.value.field == "train.gradient_checkpointing"
 
 
 @pytest.mark.parametrize("budget,expect", [(10, 32), (12, 32 - 4), (100, 0), (13.9, 32 - 7)])
 def test_checkpoint_layers_for_budget(budget, expect):
-    assert speed.checkpoint_layers_for_budget(32, 10 * GIB, GIB // 2, int(budget * GIB)) == expect
+    assert planning.checkpoint_layers_for_budget(32, 10 * GIB, GIB // 2, int(budget * GIB)) == expect
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
@@ -223,34 +225,34 @@ def test_checkpoint_layers_for_budget(budget, expect):
 
 def test_plan_on_cpu_keeps_todays_behaviour():
     p = speed.plan(recipe(), "cpu")
-    assert p["liger"] is False and p["fused_lora"] is False and p["padding_free"] is False
-    assert p["gradient_checkpointing"] is False and p["checkpoint_layers"] == 0 and p["frozen_dtype"] is None
+    assert p.liger is False and p.fused_lora is False and p.padding_free is False
+    assert p.gradient_checkpointing is False and p.checkpoint_layers == 0 and p.frozen_dtype is None
 
 
 def test_plan_on_cuda_defaults_to_the_fast_path_at_baseline_memory(bf16_gpu):
     p = speed.plan(recipe(), "cuda")
-    assert p["fused_lora"] is True and p["padding_free"] is True and p["frozen_dtype"] == "bf16"
-    assert p["gradient_checkpointing"] is True and p["checkpoint_layers"] is None  # every layer, no budget
-    assert speed.trainer_checkpointing(p)
+    assert p.fused_lora is True and p.padding_free is True and p.frozen_dtype == "bf16"
+    assert p.gradient_checkpointing is True and p.checkpoint_layers is None  # every layer, no budget
+    assert (p).trainer_checkpointing
     # LoRA dropout in Triton kernels: with the fused layer, dropout > 0, 16-bit compute and a rank they cover
-    assert p["dropout_kernel"] is True and speed.plan(recipe(), "cpu")["dropout_kernel"] is False
+    assert p.dropout_kernel is True and speed.plan(recipe(), "cpu").dropout_kernel is False
     for lora in ({"dropout": 0.0}, {"r": 128}, {"dora": True}):
-        assert speed.plan(recipe(lora=lora), "cuda")["dropout_kernel"] is False, lora
+        assert speed.plan(recipe(lora=lora), "cuda").dropout_kernel is False, lora
     assert speed.plan(recipe(train={"precision": "fp32"}, quantization={"compute_dtype": "fp32"}),
-                      "cuda")["dropout_kernel"] is False
+                      "cuda").dropout_kernel is False
     # the levers follow the recipe
-    assert speed.plan(recipe(lora={"dora": True}), "cuda")["fused_lora"] is False
-    assert speed.plan(recipe(quantization={"bits": 8}), "cuda")["fused_lora"] is False
-    assert speed.plan(recipe(quantization={"bits": 8}), "cuda")["frozen_dtype"] is None
+    assert speed.plan(recipe(lora={"dora": True}), "cuda").fused_lora is False
+    assert speed.plan(recipe(quantization={"bits": 8}), "cuda").fused_lora is False
+    assert speed.plan(recipe(quantization={"bits": 8}), "cuda").frozen_dtype is None
     assert speed.plan(recipe(quantization={"compute_dtype": "fp16"}, train={"precision": "fp16"}),
-                      "cuda")["frozen_dtype"] is None
-    assert speed.plan(recipe(data={"path": "d", "packing": True}), "cuda")["padding_free"] is False
-    assert speed.plan(recipe(train={"batch_size": 1}), "cuda")["padding_free"] is False
+                      "cuda").frozen_dtype is None
+    assert speed.plan(recipe(data={"path": "d", "packing": True}), "cuda").padding_free is False
+    assert speed.plan(recipe(train={"batch_size": 1}), "cuda").padding_free is False
     off = speed.plan(recipe(train={"fused_lora": False, "gradient_checkpointing": False},
                             data={"path": "d", "padding_free": False}), "cuda")
-    assert (off["fused_lora"], off["padding_free"], off["gradient_checkpointing"]) == (False, False, False)
+    assert (off.fused_lora, off.padding_free, off.gradient_checkpointing) == (False, False, False)
     k = speed.plan(recipe(train={"gradient_checkpointing": 8}), "cuda")
-    assert k["checkpoint_layers"] == 8 and not speed.trainer_checkpointing(k)
+    assert k.checkpoint_layers == 8 and not (k).trainer_checkpointing
 
 
 EST = {"peak_bytes_checkpointed": 10 * GIB, "peak_bytes_uncheckpointed": 10 * GIB + 32 * 0.7 * GIB,
@@ -262,24 +264,24 @@ def test_budget_mode_picks_the_fastest_setting_that_fits(bf16_gpu, budget_gb, la
     """No checkpointing when its estimated peak fits; a partial fit falls back to every layer (measured: no
     faster, bench/train.md)."""
     p = speed.plan(recipe(train={"memory_budget_gb": budget_gb}), "cuda", EST)
-    assert p["checkpoint_layers"] == layers and p["gradient_checkpointing"] is (layers is None)
-    assert p["memory_budget_bytes"] == budget_gb * GIB
-    assert p["estimated_peak_bytes"] == {"all_layers": 10 * GIB, "no_layers": int(10 * GIB + 32 * 0.7 * GIB)}
-    assert p["checkpointing_reason"].startswith("budget:")
+    assert p.checkpoint_layers == layers and p.gradient_checkpointing is (layers is None)
+    assert p.memory_budget_bytes == budget_gb * GIB
+    assert p.estimated_peak_bytes == {"all_layers": 10 * GIB, "no_layers": int(10 * GIB + 32 * 0.7 * GIB)}
+    assert p.checkpointing_reason.startswith("budget:")
 
 
 def test_budget_mode_without_an_estimate_checkpoints_every_layer(bf16_gpu):
     p = speed.plan(recipe(train={"memory_budget_gb": 80}), "cuda", {"error": "memory estimate failed (x)"})
-    assert p["checkpoint_layers"] is None and "memory estimate failed" in p["checkpointing_reason"]
+    assert p.checkpoint_layers is None and "memory estimate failed" in p.checkpointing_reason
     # an explicit setting wins over the budget
     assert speed.plan(recipe(train={"memory_budget_gb": 80, "gradient_checkpointing": True}), "cuda",
-                      EST)["checkpoint_layers"] is None
+                      EST).checkpoint_layers is None
 
 
 def test_plan_for_run_uses_the_estimate(bf16_gpu):
     """The estimate (config only, offline) gives the peaks: 40 GiB fits the 8B shape without checkpointing
     at 2x2048 tokens, 16 GiB does not."""
-    from lorakit.estimate import estimate
+    from lorakit.estimate.memory import estimate
 
     est = estimate(recipe(train={"cuda_graphs": False}), device="cuda")
     assert est["tokens_per_micro_batch"] == 4096
@@ -287,20 +289,22 @@ def test_plan_for_run_uses_the_estimate(bf16_gpu):
     # (bench/estimate.md)
     assert 7 * GIB < est["peak_bytes_checkpointed"] == est["memory"]["peak_bytes"] < 10 * GIB
     assert est["peak_bytes_uncheckpointed"] > est["peak_bytes_checkpointed"]
-    assert speed.plan_for_run(recipe(train={"memory_budget_gb": 40}), "cuda")["checkpoint_layers"] == 0
-    assert speed.plan_for_run(recipe(train={"memory_budget_gb": 16}), "cuda")["checkpoint_layers"] is None
-    assert speed.plan_for_run(recipe(), "cpu")["checkpoint_layers"] == 0
+    from lorakit.estimate.memory import run_plan
+
+    assert run_plan(recipe(train={"memory_budget_gb": 40}), "cuda").checkpoint_layers == 0
+    assert run_plan(recipe(train={"memory_budget_gb": 16}), "cuda").checkpoint_layers is None
+    assert run_plan(recipe(), "cpu").checkpoint_layers == 0
 
 
 def test_sft_kwargs_padding_free_drops_max_length():
-    assert speed.sft_config_kwargs({"padding_free": True}) == {"padding_free": True, "max_length": None}
-    assert speed.sft_config_kwargs({"padding_free": False}) == {"padding_free": False}
+    assert planning.sft_config_kwargs(speed.Plan(**{"padding_free": True})) == {"padding_free": True, "max_length": None}
+    assert planning.sft_config_kwargs(speed.Plan(**{"padding_free": False})) == {"padding_free": False}
 
 
 def test_describe_levers():
-    line = speed.describe_levers({"liger": True, "fused_lora": True, "dropout_kernel": True, "padding_free": False,
+    line = speed.describe(speed.Plan(**{"liger": True, "fused_lora": True, "dropout_kernel": True, "padding_free": False,
                                   "frozen_dtype": "bf16", "gradient_checkpointing": True, "checkpoint_layers": None,
-                                  "checkpointing_reason": "auto"})
+                                  "checkpointing_reason": "auto"}))
     assert line == ("speed: liger, fused LoRA, LoRA dropout kernel, frozen weights bf16; "
                     "gradient checkpointing every layer (auto)")
 
@@ -308,17 +312,16 @@ def test_describe_levers():
 # ---- train.py maps the plan onto the trainer ------------------------------------------------------------
 
 
-def test_resolved_options_cpu_vs_cuda(bf16_gpu):
-    from lorakit.train import resolved_options
+def test_run_options_and_plan_cpu_vs_cuda(bf16_gpu):
+    from lorakit.train.args import run_options
 
-    cpu = resolved_options(recipe(), "cpu")
-    assert (cpu["precision"], cpu["optimizer"], cpu["gradient_checkpointing"], cpu["liger"]) == \
-        ("fp32", "adamw_torch", False, False)
-    assert not cpu["fused_lora"] and not cpu["padding_free"]
-    gpu = resolved_options(recipe(), "cuda")
-    assert (gpu["precision"], gpu["optimizer"], gpu["gradient_checkpointing"]) == ("bf16", "paged_adamw_8bit", True)
-    assert gpu["fused_lora"] and gpu["padding_free"] and gpu["checkpoint_layers"] is None
-    json.dumps(gpu)  # goes into summary.json
+    assert run_options(recipe(), "cpu") == {"precision": "fp32", "optimizer": "adamw_torch"}
+    cpu = speed.plan(recipe(), "cpu")
+    assert not cpu.gradient_checkpointing and not cpu.liger and not cpu.fused_lora and not cpu.padding_free
+    assert run_options(recipe(), "cuda") == {"precision": "bf16", "optimizer": "paged_adamw_8bit"}
+    gpu = speed.plan(recipe(), "cuda")
+    assert gpu.gradient_checkpointing and gpu.fused_lora and gpu.padding_free and gpu.checkpoint_layers is None
+    json.dumps(gpu.as_dict())  # goes into summary.json
 
 
 @pytest.mark.parametrize("gc,trainer_flag", [("auto", True), (True, True), (False, False), (4, False)])
@@ -327,12 +330,13 @@ def test_training_args_name_the_checkpointing_field_this_transformers_has(bf16_g
 
     from transformers import TrainingArguments
 
-    from lorakit.run_dir import RunDir
-    from lorakit.train import training_args
+    from lorakit.train.args import run_options, training_args
+    from lorakit.train.run_dir import RunDir
 
-    args = training_args(recipe(train={"gradient_checkpointing": gc, "cuda_graphs": False}), RunDir(tmp_path / "r"),
-                         "cuda", has_eval=False)  # with CUDA graphs the model checkpoints its layers itself
-    flag, kwargs = speed.checkpointing_arg_names()
+    r = recipe(train={"gradient_checkpointing": gc, "cuda_graphs": False})  # graphs: the model checkpoints itself
+    args = training_args(r, RunDir(tmp_path / "r"), "cuda", speed.plan(r, "cuda"), run_options(r, "cuda"),
+                         has_eval=False)
+    flag, kwargs = checkpointing.checkpointing_arg_names()
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert flag in fields and kwargs in fields
     assert args[flag] is trainer_flag
@@ -341,14 +345,17 @@ def test_training_args_name_the_checkpointing_field_this_transformers_has(bf16_g
 
 
 def test_sft_config_padding_free_on_cpu_when_asked(tmp_path):
-    from lorakit.run_dir import RunDir
-    from lorakit.train import sft_config, training_args
+    from lorakit.train.args import run_options, sft_config, training_args
+    from lorakit.train.run_dir import RunDir
 
-    r = recipe(quantization={"bits": "none"}, data={"path": "d", "padding_free": True, "max_length": 64})
-    cfg = sft_config(r, training_args(r, RunDir(tmp_path / "r"), "cpu", has_eval=False), ["input_ids"])
+    def config(r):
+        plan = speed.plan(r, "cpu")
+        common = training_args(r, RunDir(tmp_path / "r"), "cpu", plan, run_options(r, "cpu"), has_eval=False)
+        return sft_config(r, common, ["input_ids"], plan)
+
+    cfg = config(recipe(quantization={"bits": "none"}, data={"path": "d", "padding_free": True, "max_length": 64}))
     assert cfg.padding_free is True and cfg.max_length is None
-    r = recipe(quantization={"bits": "none"}, data={"path": "d", "max_length": 64})
-    cfg = sft_config(r, training_args(r, RunDir(tmp_path / "r"), "cpu", has_eval=False), ["input_ids"])
+    cfg = config(recipe(quantization={"bits": "none"}, data={"path": "d", "max_length": 64}))
     assert cfg.padding_free is False and cfg.max_length == 64 and cfg.gradient_checkpointing is False
 
 
@@ -357,10 +364,10 @@ def test_sft_config_padding_free_on_cpu_when_asked(tmp_path):
 
 def test_run_training_with_every_lever_on(tmp_path, monkeypatch, tiny_model_dir):
     import yaml
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import run_training
+    from lorakit.recipe.schema import load_recipe
+    from lorakit.train.run import run_training
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * (1 + i % 3)}
@@ -384,7 +391,7 @@ def test_run_training_with_every_lever_on(tmp_path, monkeypatch, tiny_model_dir)
 
 
 def test_padding_waste_and_the_auto_rule():
-    from lorakit.speed import PADDING_FREE_MIN_WASTE, padding_free_worth_it, padding_waste
+    from lorakit.speed.padding import PADDING_FREE_MIN_WASTE, padding_free_worth_it, padding_waste
 
     assert padding_waste([2048] * 16, 2) == 0.0
     assert not padding_free_worth_it([2048] * 16, 2)
@@ -395,32 +402,25 @@ def test_padding_waste_and_the_auto_rule():
     assert padding_waste(varied, 1) == 0.0  # one row a batch never pads
 
 
-def test_auto_padding_free_is_settled_by_the_data(tmp_path):
-    from types import SimpleNamespace
-
+def test_auto_padding_free_is_settled_by_the_data(tmp_path, bf16_gpu):
     import yaml
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import _settle_padding_free
+    from lorakit.recipe.schema import load_recipe
+    from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "data": {"path": "x.jsonl"},
-                                 "train": {"batch_size": 4}}))
+                                 "train": {"batch_size": 4, "cuda_graphs": False}}))
     recipe = load_recipe(p)
-    printed = []
-    out = SimpleNamespace(print=printed.append)
-
-    def settle(lengths):
-        levers = {"padding_free": True, "attn_implementation": "varlen"}
-        return _settle_padding_free(recipe, levers, lengths, out, "cuda"), levers
-
-    same, levers = settle([64] * 32)
-    assert same.data.padding_free is False and levers["padding_free"] is False and printed
-    assert levers["attn_implementation"] == "sdpa"  # auto attention follows: no per-row mask to skip
-    assert same._source == recipe._source  # still knows its file (errors, resume hints)
-    kept, levers = settle([8, 64] * 16)
-    assert kept.data.padding_free == "auto" and levers["padding_free"] is True
-    assert levers["attn_implementation"] == "varlen"
+    same = speed.plan(recipe, "cuda", lengths=[64] * 32)
+    assert same.padding_free is False and any("padding-free off" in n for n in same.notes)
+    assert same.attn_implementation == "sdpa"  # auto attention follows: no per-row mask to skip
+    settled = _settled(recipe, same)
+    assert settled.data.padding_free is False
+    assert settled._source == recipe._source  # still knows its file (errors, resume hints)
+    kept = speed.plan(recipe, "cuda", lengths=[8, 64] * 16)
+    assert kept.padding_free is True and kept.attn_implementation == "varlen" and not kept.notes
+    assert _settled(recipe, kept).data.padding_free == "auto"
 
 
 def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
@@ -428,7 +428,7 @@ def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
 
     from datasets import Dataset
 
-    from lorakit.train import _row_lengths
+    from lorakit.train.run import _row_lengths
 
     rows = Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6]], "labels": [[1, 2, 3], [4], [5, 6]]})
     assert _row_lengths(SimpleNamespace(train=rows)) == [3, 1, 2]
@@ -436,26 +436,26 @@ def test_the_auto_levers_settle_on_the_tokenized_rows_lengths():
 
 
 def test_auto_attention_is_varlen_for_padding_free_batches_on_cuda(bf16_gpu):
-    assert speed.plan(recipe(), "cuda")["attn_implementation"] == "varlen"
-    assert speed.plan(recipe(), "cpu")["attn_implementation"] == "sdpa"
-    assert speed.plan(recipe(train={"batch_size": 1}), "cuda")["attn_implementation"] == "sdpa"  # no padding-free
-    assert speed.plan(recipe(data={"path": "d", "padding_free": False}), "cuda")["attn_implementation"] == "sdpa"
+    assert speed.plan(recipe(), "cuda").attn_implementation == "varlen"
+    assert speed.plan(recipe(), "cpu").attn_implementation == "sdpa"
+    assert speed.plan(recipe(train={"batch_size": 1}), "cuda").attn_implementation == "sdpa"  # no padding-free
+    assert speed.plan(recipe(data={"path": "d", "padding_free": False}), "cuda").attn_implementation == "sdpa"
     for chosen in ("sdpa", "eager"):  # the recipe's own choice is kept
-        assert speed.plan(recipe(model={"attn_implementation": chosen}), "cuda")["attn_implementation"] == chosen
-    assert "varlen attention" in speed.describe_levers(speed.plan(recipe(), "cuda"))
+        assert speed.plan(recipe(model={"attn_implementation": chosen}), "cuda").attn_implementation == chosen
+    assert "varlen attention" in speed.describe(speed.plan(recipe(), "cuda"))
     grpo = recipe(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}]}, data={"path": "d", "padding_free": True})
-    assert speed.plan(grpo, "cuda")["attn_implementation"] == "sdpa"  # GRPO does not flatten its batches
+    assert speed.plan(grpo, "cuda").attn_implementation == "sdpa"  # GRPO does not flatten its batches
 
 
 def test_auto_flex_falls_back_to_sdpa_for_a_class_without_it(tmp_path):
     from transformers import GPT2Config, LlamaConfig
 
-    from lorakit.models import attn_implementation
+    from lorakit.model.load import attn_implementation
 
     llama, gpt2 = tmp_path / "llama", tmp_path / "gpt2"
     LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(llama)
     GPT2Config(n_layer=1).save_pretrained(gpt2)
-    flex = {"attn_implementation": "flex_attention"}
+    flex = speed.Plan(attn_implementation="flex_attention")
     assert attn_implementation(recipe(), llama, flex) == "flex_attention"
     assert attn_implementation(recipe(), gpt2, flex) == "sdpa"  # GPT-2 has no flex attention in transformers
     assert attn_implementation(recipe(), tmp_path / "missing", flex) == "sdpa"
@@ -465,7 +465,7 @@ def test_auto_flex_falls_back_to_sdpa_for_a_class_without_it(tmp_path):
     assert attn_implementation(recipe(), llama, None) == "sdpa"
 
 
-# ---- CUDA graphs (lorakit.layer_graphs) ----------------------------------------------------------------
+# ---- CUDA graphs (lorakit.speed.layer_graphs) ----------------------------------------------------------------
 
 
 EST_GRAPHS = {**EST, "peak_bytes_checkpointed_graphs": 11 * GIB}
@@ -475,31 +475,31 @@ FIXED = {"path": "d.jsonl", "max_length": 2048, "padding_free": False}
 def test_cuda_graphs_only_where_a_memory_budget_leaves_room_for_them(bf16_gpu):
     """The graphs keep a layer's working set in their own pool (more than the plain stack's peak): `auto`
     turns them on only in budget mode, when every layer stays checkpointed and their estimated peak fits."""
-    assert speed.plan(recipe(data=FIXED), "cuda")["cuda_graphs"] is False  # no budget: the plain stack's memory
+    assert speed.plan(recipe(data=FIXED), "cuda").cuda_graphs is False  # no budget: the plain stack's memory
     p = speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 12}), "cuda", EST_GRAPHS)
-    assert p["cuda_graphs"] is True and p["checkpoint_layers"] is None and not speed.trainer_checkpointing(p)
-    assert "CUDA graphs fit too (11.0 GiB)" in p["checkpointing_reason"]
-    assert "CUDA graphs per layer" in speed.describe_levers(p)
+    assert p.cuda_graphs is True and p.checkpoint_layers is None and not (p).trainer_checkpointing
+    assert "CUDA graphs fit too (11.0 GiB)" in p.checkpointing_reason
+    assert "CUDA graphs per layer" in speed.describe(p)
     assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 10.5}), "cuda",
-                      EST_GRAPHS)["cuda_graphs"] is False  # checkpointing fits, the graphs do not
+                      EST_GRAPHS).cuda_graphs is False  # checkpointing fits, the graphs do not
     for off in (recipe(train={"memory_budget_gb": 12}), recipe(data=FIXED, train={"memory_budget_gb": 12,
                                                                                   "cuda_graphs": False})):
-        assert "CUDA graphs" not in speed.plan(off, "cuda", EST_GRAPHS)["checkpointing_reason"]  # only when on
+        assert "CUDA graphs" not in speed.plan(off, "cuda", EST_GRAPHS).checkpointing_reason  # only when on
     assert speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 40}), "cuda",
-                      EST_GRAPHS)["cuda_graphs"] is False  # no checkpointing at all is faster: nothing to replay
+                      EST_GRAPHS).cuda_graphs is False  # no checkpointing at all is faster: nothing to replay
     budget = {"memory_budget_gb": 12}
     for other in (recipe(train=budget), recipe(data=FIXED, train=budget, lora={"r": 128}),  # padding-free;
                   recipe(data=FIXED, train={**budget, "fused_lora": False})):  # torch's dropout; no fused layer
-        assert speed.plan(other, "cuda", EST_GRAPHS)["cuda_graphs"] is False
+        assert speed.plan(other, "cuda", EST_GRAPHS).cuda_graphs is False
     assert speed.plan(recipe(data=FIXED, train=budget, lora={"r": 128, "dropout": 0.0}), "cuda",
-                      EST_GRAPHS)["cuda_graphs"] is True  # no dropout: nothing to redraw
-    assert speed.plan(recipe(data=FIXED, train=budget), "cpu", EST_GRAPHS)["cuda_graphs"] is False
+                      EST_GRAPHS).cuda_graphs is True  # no dropout: nothing to redraw
+    assert speed.plan(recipe(data=FIXED, train=budget), "cpu", EST_GRAPHS).cuda_graphs is False
     # asked for: on wherever they hold, budget or not
     forced = speed.plan(recipe(data=FIXED, train={"cuda_graphs": True}), "cuda")
-    assert forced["cuda_graphs"] is True and not speed.trainer_checkpointing(forced)
+    assert forced.cuda_graphs is True and not (forced).trainer_checkpointing
     cpu = speed.plan(recipe(train={"cuda_graphs": True}), "cpu")
-    assert cpu["cuda_graphs"] is False and "cuda_graphs: true does not hold here" in cpu["checkpointing_reason"]
-    assert "does not hold" in speed.describe_levers(speed.plan(recipe(data=FIXED, lora={"r": 128},
+    assert cpu.cuda_graphs is False and "cuda_graphs: true does not hold here" in cpu.checkpointing_reason
+    assert "does not hold" in speed.describe(speed.plan(recipe(data=FIXED, lora={"r": 128},
                                                                       train={"cuda_graphs": True}), "cuda"))
 
 
@@ -507,22 +507,22 @@ def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
     """Rows of one length make batches of one shape; rows of many lengths would need a graph per shape."""
     import yaml
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import _settle_cuda_graphs
+    from lorakit.recipe.schema import load_recipe
+    from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": FIXED,
                                  "train": {"batch_size": 2, "memory_budget_gb": 12}}))
     r = load_recipe(p)
-    levers = speed.plan(r, "cuda", EST_GRAPHS)
-    assert levers["cuda_graphs"] is True
-    one = _settle_cuda_graphs(r, dict(levers), [64] * 8, "cuda")
-    many = _settle_cuda_graphs(r, dict(levers), [64, 60] * 4, "cuda")
-    assert one.train.cuda_graphs == "auto" and many.train.cuda_graphs is False  # only a changed choice is written
-    assert one._source == r._source
-    # the Trainer's arguments are planned again from the settled recipe: no checkpointing of its own under graphs
-    assert not speed.trainer_checkpointing(speed.plan(one, "cuda", EST_GRAPHS))
-    assert speed.trainer_checkpointing(speed.plan(many, "cuda", EST_GRAPHS))
+    assert speed.plan(r, "cuda", EST_GRAPHS).cuda_graphs is True
+    one = speed.plan(r, "cuda", EST_GRAPHS, lengths=[64] * 8)
+    many = speed.plan(r, "cuda", EST_GRAPHS, lengths=[64, 60] * 4)
+    assert one.cuda_graphs and not many.cuda_graphs
+    # only a changed choice is written into the resolved recipe
+    assert _settled(r, one).train.cuda_graphs == "auto" and _settled(r, many).train.cuda_graphs is False
+    assert _settled(r, many)._source == r._source
+    # no checkpointing of the Trainer's own under graphs
+    assert not one.trainer_checkpointing and many.trainer_checkpointing
 
 
 @pytest.mark.parametrize("train,extra,needle", [
@@ -536,7 +536,7 @@ def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, t
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     doc = {"base_model": "llama-3.1-8b", "data": {"path": "d"}, "train": {"cuda_graphs": True, **train}, **extra}
     p = tmp_path / "r.yaml"
@@ -550,7 +550,7 @@ def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, t
 def test_estimate_counts_the_graphs_pool(bf16_gpu):
     """Measured on the H200 (bench/train.md, 8B, 2x2048): 8.12 GiB allocated with graphs against 7.24 without;
     the estimate adds a layer's working set and four hidden-state buffers."""
-    from lorakit.estimate import estimate
+    from lorakit.estimate.memory import estimate
 
     plain = estimate(recipe(data=FIXED, train={"cuda_graphs": False}), device="cuda")
     graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": False}), device="cuda")
@@ -567,7 +567,7 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
     assert 7.97 * GIB <= default["memory"]["reserved_peak_bytes"] <= 1.1 * 7.97 * GIB
 
 
-# ---- input embeddings in host memory (lorakit.host_embedding): what pays for the graphs' pool --------------
+# ---- input embeddings in host memory (lorakit.speed.host_embedding): what pays for the graphs' pool --------------
 
 EST_OFFLOAD = {**EST, "allocated_bytes_checkpointed": int(7.7 * GIB),
                "allocated_bytes_graphs_offloaded": int(7.3 * GIB)}
@@ -577,10 +577,10 @@ def test_graphs_without_a_budget_where_host_embeddings_pay_for_their_pool(bf16_g
     """No budget: graphs (and the embeddings in host memory) when, with the table off the GPU, the graphs'
     estimated peak allocated memory is within the run's without graphs; never otherwise."""
     p = speed.plan(recipe(data=FIXED), "cuda", EST_OFFLOAD)
-    assert p["cuda_graphs"] is True and p["offload_embeddings"] is True and not speed.trainer_checkpointing(p)
+    assert p.cuda_graphs is True and p.offload_embeddings is True and not (p).trainer_checkpointing
     assert "paid for by the input embeddings in host memory (estimated peak allocated 7.3 GiB, without " \
-           "graphs 7.7 GiB)" in p["checkpointing_reason"]
-    assert "input embeddings in host memory" in speed.describe_levers(p)
+           "graphs 7.7 GiB)" in p.checkpointing_reason
+    assert "input embeddings in host memory" in speed.describe(p)
     over = {**EST_OFFLOAD, "allocated_bytes_graphs_offloaded": int(7.8 * GIB)}
     tied = {**EST_OFFLOAD, "allocated_bytes_graphs_offloaded": None}
     for r, est in ((recipe(data=FIXED), over), (recipe(data=FIXED), tied),
@@ -588,19 +588,19 @@ def test_graphs_without_a_budget_where_host_embeddings_pay_for_their_pool(bf16_g
                    (recipe(train={}), EST_OFFLOAD),  # padding-free batches: no graphs, so the table stays
                    (recipe(data=FIXED, method="grpo", grpo={"rewards": [{"fn": "length"}]}), EST_OFFLOAD)):
         q = speed.plan(r, "cuda", est)
-        assert q["cuda_graphs"] is False and q["offload_embeddings"] is False
+        assert q.cuda_graphs is False and q.offload_embeddings is False
     forced = speed.plan(recipe(data=FIXED, train={"cuda_graphs": True}), "cuda", EST_OFFLOAD)
-    assert forced["cuda_graphs"] is True and forced["offload_embeddings"] is False  # asked for; memory is theirs
+    assert forced.cuda_graphs is True and forced.offload_embeddings is False  # asked for; memory is theirs
     asked = speed.plan(recipe(train={"offload_embeddings": True}), "cuda", EST_OFFLOAD)
-    assert asked["offload_embeddings"] is True and asked["offload_embeddings_required"] is True
+    assert asked.offload_embeddings is True and asked.offload_embeddings_required is True
     budget = speed.plan(recipe(data=FIXED, train={"memory_budget_gb": 12}), "cuda", {**EST_GRAPHS, **EST_OFFLOAD})
-    assert budget["cuda_graphs"] is True and budget["offload_embeddings"] is False  # the budget holds them
+    assert budget.cuda_graphs is True and budget.offload_embeddings is False  # the budget holds them
 
 
 def test_estimate_plans_graphs_and_host_embeddings_for_the_8b_shape(bf16_gpu):
     """Llama-3.1-8B at 2 x 2048 (untied 1 GiB table): the default plans graphs with the table in host memory,
     and the estimate's weights drop by the table; Llama-3.2-1B ties its embeddings: neither."""
-    from lorakit.estimate import estimate
+    from lorakit.estimate.memory import estimate
 
     auto = estimate(recipe(data=FIXED), device="cuda")
     eager = estimate(recipe(data=FIXED, train={"cuda_graphs": False}), device="cuda")
@@ -614,7 +614,7 @@ def test_estimate_plans_graphs_and_host_embeddings_for_the_8b_shape(bf16_gpu):
 
 
 def test_host_embedding_gives_the_same_logits_and_frees_the_table():
-    from lorakit import host_embedding
+    from lorakit.speed import host_embedding
 
     model = _tiny_llama()
     ids = torch.randint(0, 300, (2, 11))
@@ -640,7 +640,7 @@ def test_host_embedding_gives_the_same_logits_and_frees_the_table():
 def test_modeling_modules_are_restored_after_a_library_patches_them():
     """What keeps the test above on plain Llama modules on a GPU machine, after an earlier test's run had TRL apply
     Liger to the whole process (conftest's autouse fixture)."""
-    from conftest import modeling_modules_restored
+    from helpers import modeling_modules_restored
     from transformers.models.llama import modeling_llama
 
     norm, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
@@ -652,11 +652,11 @@ def test_modeling_modules_are_restored_after_a_library_patches_them():
     assert type(_tiny_llama().model.norm) is norm
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned table is read by a GPU kernel")
+@pytest.mark.gpu
 def test_host_embedding_kernel_reads_pinned_rows_without_a_sync():
     """On CUDA the rows come from the pinned table through the Triton kernel: the same rows as torch's embedding,
     and no host synchronization (torch's sync debug mode raises on one)."""
-    from lorakit.host_embedding import HostEmbedding
+    from lorakit.speed.host_embedding import HostEmbedding
 
     emb = torch.nn.Embedding(1000, 96, dtype=torch.bfloat16)  # 96: a width that is not a power of two
     host = HostEmbedding(emb, "cuda")
@@ -675,7 +675,7 @@ def test_host_embedding_kernel_reads_pinned_rows_without_a_sync():
 
 
 def test_host_embedding_on_the_cpu_path_keeps_an_unpinned_table():
-    from lorakit.host_embedding import HostEmbedding
+    from lorakit.speed.host_embedding import HostEmbedding
 
     emb = torch.nn.Embedding(50, 8)
     host = HostEmbedding(emb, "cpu")
@@ -687,7 +687,7 @@ def test_host_embedding_on_the_cpu_path_keeps_an_unpinned_table():
 def test_host_embedding_refuses_tied_trained_and_scaled_tables():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit import host_embedding
+    from lorakit.speed import host_embedding
 
     tied = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
@@ -708,24 +708,23 @@ def test_host_embedding_refuses_tied_trained_and_scaled_tables():
 def test_apply_to_model_drops_auto_graphs_when_the_table_must_stay_and_refuses_an_asked_offload():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit import layer_graphs
     from lorakit.errors import LorakitError
-    from lorakit.layer_graphs import EagerRecorder
+    from lorakit.speed import layer_graphs
+    from lorakit.speed.layer_graphs import EagerRecorder
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
-    p = {"gradient_checkpointing": True, "checkpoint_layers": None, "cuda_graphs": True,
-         "offload_embeddings": True, "offload_embeddings_required": False}
+    p = speed.Plan(gradient_checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True,
+                   offload_embeddings_required=False)
     pm = _tiny_peft(True, model=LlamaForCausalLM(cfg))
-    done = speed.apply_to_model(pm, p, EagerRecorder())
-    assert p["cuda_graphs"] is False and p["offload_embeddings"] is False and "tied" in done["not_offloaded"]
+    done = checkpointing.apply_to_model(pm, p, EagerRecorder())
+    assert "tied" in done["not_offloaded"]  # the plan stays as decided; what the load did is reported
     # the Trainer was told the model checkpoints (graphs planned): every layer is checkpointed there, eagerly
     assert done["checkpoint_layers"] == 2 and layer_graphs.find(pm) is None
-    assert all(layer.gradient_checkpointing for layer in speed.decoder_layers(pm.get_base_model()))
+    assert all(layer.gradient_checkpointing for layer in checkpointing.decoder_layers(pm.get_base_model()))
     with pytest.raises(LorakitError) as e:
-        speed.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)),
-                             {**p, "cuda_graphs": True, "offload_embeddings": True,
-                              "offload_embeddings_required": True}, EagerRecorder())
+        checkpointing.apply_to_model(_tiny_peft(True, model=LlamaForCausalLM(cfg)),
+                                     dataclasses.replace(p, offload_embeddings_required=True), EagerRecorder())
     assert e.value.field == "train.offload_embeddings" and "tied" in e.value.message
 
 
@@ -734,16 +733,14 @@ def test_data_of_one_length_settles_graphs_and_host_embeddings_on(bf16_gpu, tmp_
     batches have one shape, and the graphs (with the table in host memory) are settled on, said in the reason."""
     import yaml
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import _Out, _settle_cuda_graphs, _settle_padding_free
+    from lorakit.recipe.schema import load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
                                  "train": {"batch_size": 2}}))
     r = load_recipe(p)
-    levers = speed.plan(r, "cuda", EST_OFFLOAD)
-    assert levers["padding_free"] is True and levers["cuda_graphs"] is False and levers["offload_embeddings"] is False
-    r = _settle_padding_free(r, levers, [2048] * 8, _Out(None, json_mode=False), "cuda")
-    _settle_cuda_graphs(r, levers, [2048] * 8, "cuda")
-    assert levers["padding_free"] is False and levers["cuda_graphs"] is True and levers["offload_embeddings"] is True
-    assert "paid for by the input embeddings in host memory" in speed.describe_levers(levers)
+    planned = speed.plan(r, "cuda", EST_OFFLOAD)
+    assert planned.padding_free is True and planned.cuda_graphs is False and planned.offload_embeddings is False
+    levers = speed.plan(r, "cuda", EST_OFFLOAD, lengths=[2048] * 8)
+    assert levers.padding_free is False and levers.cuda_graphs is True and levers.offload_embeddings is True
+    assert "paid for by the input embeddings in host memory" in speed.describe(levers)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import load_recipe
+from lorakit.recipe.schema import load_recipe
 
 
 def make_recipe(dir_: Path, base: Path, name: str = "tiny", **sections):
@@ -35,7 +35,7 @@ SUMMARY_KEYS = {"loss", "eval_loss", "task_metrics", "tokens", "tokens_per_s", "
 
 
 def test_end_to_end_writes_every_artifact(workdir, tiny_model_dir):
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir)
     summary = run_training(recipe)
@@ -75,7 +75,7 @@ def test_end_to_end_writes_every_artifact(workdir, tiny_model_dir):
 
 
 def test_refuses_to_overwrite_and_overwrite_replaces(workdir, tiny_model_dir):
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, train={"max_steps": 1}, evaluate={"metrics": []})
     run_training(recipe)
@@ -99,7 +99,7 @@ def test_refuses_to_overwrite_and_overwrite_replaces(workdir, tiny_model_dir):
 
 
 def test_four_bit_run(workdir, tiny_model_dir):
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, name="q4", quantization={"bits": 4},
                          train={"max_steps": 2}, evaluate={"metrics": []})
@@ -109,7 +109,7 @@ def test_four_bit_run(workdir, tiny_model_dir):
 
 
 def test_fp16_on_cpu_is_an_input_error(workdir, tiny_model_dir):
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, train={"precision": "fp16"})
     with pytest.raises(LorakitError, match="CUDA") as e:
@@ -122,7 +122,7 @@ def test_fp16_on_cpu_is_an_input_error(workdir, tiny_model_dir):
 
 
 def test_staged_dir_is_atomic(tmp_path):
-    from lorakit.run_dir import RunDir
+    from lorakit.train.run_dir import RunDir
 
     run = RunDir(tmp_path / "run")
     with run.staged_dir(run.adapter_dir) as tmp:
@@ -137,7 +137,7 @@ def test_staged_dir_is_atomic(tmp_path):
 
 
 def test_state_and_resume_rules(tmp_path):
-    from lorakit.run_dir import FINISHED, INTERRUPTED, RunDir
+    from lorakit.train.run_dir import FINISHED, INTERRUPTED, RunDir
 
     run = RunDir(tmp_path / "run")
     run.check_new(overwrite=False)  # nothing there yet
@@ -157,7 +157,7 @@ def test_state_and_resume_rules(tmp_path):
 
 
 def test_truncate_metrics_for_resume(tmp_path):
-    from lorakit.run_dir import RunDir
+    from lorakit.train.run_dir import RunDir
 
     run = RunDir(tmp_path)
     run.metrics_file.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5')
@@ -180,7 +180,7 @@ def test_plain_progress_lines(tmp_path, logs, pattern):
     from rich.console import Console
     from transformers import TrainerControl, TrainerState
 
-    from lorakit.progress import ProgressCallback
+    from lorakit.train.progress import ProgressCallback
 
     buf = io.StringIO()
     cb = ProgressCallback(tmp_path / "metrics.jsonl", console=Console(file=buf, width=200), plain=True)
@@ -202,8 +202,8 @@ def test_resume_continues_to_the_same_adapter(workdir, tiny_model_dir):
 
     from safetensors.torch import load_file
 
-    from lorakit.run_dir import INTERRUPTED, RunDir
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
+    from lorakit.train.run_dir import INTERRUPTED, RunDir
 
     recipe = make_recipe(workdir, tiny_model_dir, train={"max_steps": 4, "save_steps": 2, "save_total_limit": 3},
                          evaluate={"metrics": []})
@@ -232,7 +232,7 @@ def test_resume_continues_to_the_same_adapter(workdir, tiny_model_dir):
 
 
 def test_save_both_writes_a_merged_checkpoint(workdir, tiny_model_dir):
-    from lorakit.train import run_training
+    from lorakit.train.run import run_training
 
     recipe = make_recipe(workdir, tiny_model_dir, name="both", train={"max_steps": 1}, evaluate={"metrics": []},
                          output={"dir": "runs/both", "save": "both", "merged_dtype": "fp32"})

@@ -1,4 +1,4 @@
-"""lorakit.varlen_attention: padding-free batches attend within each row given the rows' boundaries (no mask),
+"""lorakit.speed.varlen_attention: padding-free batches attend within each row given the rows' boundaries (no mask),
 every other call runs SDPA with transformers' mask; `auto` picks it for padding-free batches on a GPU and falls
 back where it does not fit. On a CPU the rows go through SDPA one by one; the GPU test compares that with the
 varlen kernel."""
@@ -6,8 +6,9 @@ varlen kernel."""
 import pytest
 import torch
 
-from lorakit import varlen_attention as va
-from lorakit.recipe import validate_data
+from lorakit.recipe.schema import validate_data
+from lorakit import speed
+from lorakit.speed import varlen_attention as va
 
 
 def _tiny_llama(layers: int = 2, **cfg):
@@ -105,14 +106,14 @@ def test_auto_loads_varlen_where_it_fits_else_flex_then_sdpa(tmp_path, monkeypat
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     from lorakit.errors import LorakitError
-    from lorakit.models import attn_implementation
+    from lorakit.model.load import attn_implementation
 
     llama, qwen_sw, gpt2 = tmp_path / "llama", tmp_path / "qwen_sw", tmp_path / "gpt2"
     LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(llama)
     Qwen2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, use_sliding_window=True,
                 sliding_window=64).save_pretrained(qwen_sw)
     GPT2Config(n_layer=1).save_pretrained(gpt2)
-    planned = {"attn_implementation": "varlen"}
+    planned = speed.Plan(attn_implementation="varlen")
     monkeypatch.setattr(va, "available", lambda: True)
     assert attn_implementation(recipe(), llama, planned) == va.NAME
     assert attn_implementation(recipe(), qwen_sw, planned) == "flex_attention"  # sliding window in use
@@ -136,7 +137,7 @@ def test_recipe_refuses_varlen_without_flattened_sft_batches(tmp_path, sections)
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.schema import load_recipe
 
     doc = {"base_model": "llama-3.1-8b", "model": {"attn_implementation": "varlen"}, **sections}
     p = tmp_path / "r.yaml"
@@ -147,7 +148,7 @@ def test_recipe_refuses_varlen_without_flattened_sft_batches(tmp_path, sections)
     assert problem.line == 3 and "padding-free" in problem.message  # the `attn_implementation: varlen` line
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel runs on a GPU")
+@pytest.mark.gpu
 def test_varlen_kernel_matches_rows_through_sdpa_on_gpu():
     """bf16, grouped keys/values (32 query heads on 8), rows of uneven lengths: forward and all three
     gradients of the kernel against each row through SDPA."""
@@ -208,14 +209,14 @@ def test_inputs_the_kernel_does_not_take_go_row_by_row():
 
 
 def test_plan_picks_varlen_for_flattened_16_bit_sft_on_cuda(monkeypatch):
-    import lorakit.models
-    from lorakit import speed
+    import lorakit.runtime.device
+    from lorakit.speed import planning
 
-    monkeypatch.setattr(lorakit.models, "auto_dtype_name", lambda device: "bf16" if device == "cuda" else "fp32")
-    monkeypatch.setattr(speed, "liger_available", lambda: False)
+    monkeypatch.setattr(lorakit.runtime.device, "auto_dtype_name", lambda device: "bf16" if device == "cuda" else "fp32")
+    monkeypatch.setattr(planning, "liger_available", lambda: False)
 
     def attn(**sections):
-        return speed.plan(recipe(**sections), "cuda")["attn_implementation"]
+        return speed.plan(recipe(**sections), "cuda").attn_implementation
 
     assert attn() == "varlen"
     assert attn(data={"path": "d", "packing": True}) == "varlen"  # TRL packs through its padding-free collator
@@ -223,11 +224,11 @@ def test_plan_picks_varlen_for_flattened_16_bit_sft_on_cuda(monkeypatch):
     assert attn(quantization={"bits": 4, "compute_dtype": "fp16"}, train={"batch_size": 2, "precision": "fp16"}) \
         == "sdpa"  # fp16 compute keeps the fp32 upcast too
     assert attn(quantization={"bits": "none"}) == "varlen"  # a bf16 base
-    assert speed.plan(recipe(), "cpu")["attn_implementation"] == "sdpa"
+    assert speed.plan(recipe(), "cpu").attn_implementation == "sdpa"
     # asked for: padding-free follows, even where auto would leave it off (one row a batch, a CPU)
     asked = {"model": {"attn_implementation": "varlen"}}
-    assert speed.plan(recipe(train={"batch_size": 1}, **asked), "cuda")["padding_free"] is True
-    assert speed.plan(recipe(**asked), "cpu")["padding_free"] is True
+    assert speed.plan(recipe(train={"batch_size": 1}, **asked), "cuda").padding_free is True
+    assert speed.plan(recipe(**asked), "cpu").padding_free is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the CPU path (rows through SDPA one by one)")
@@ -236,10 +237,10 @@ def test_run_with_varlen_asked_for_keeps_padding_free_and_a_loadable_recipe(tmp_
     would run SDPA and the written recipe would break the varlen rule). On a CPU the rows go through SDPA one by
     one; the summary counts the training's calls."""
     import yaml
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
-    from lorakit.recipe import load_recipe
-    from lorakit.train import run_training
+    from lorakit.recipe.schema import load_recipe
+    from lorakit.train.run import run_training
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 8)

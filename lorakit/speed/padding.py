@@ -1,10 +1,12 @@
-"""One shape for padding-free batches, so that CUDA graphs can replay their layers (train.cuda_graphs).
+"""Padding-free batches: whether they pay (`data.padding_free: auto`), and one length to pad them to so that CUDA
+graphs can replay their layers (train.cuda_graphs).
 
-Why: a padding-free batch is one flattened row whose length changes with every batch, and a CUDA graph replays
-one shape. Eager, such steps wait on the host launching kernels (Llama-3.2-1B shape, 8 chat-length rows a step,
-H200: kernels busy 74 ms of a 411 ms step). So each flattened batch is padded up to one length - the 95th
-percentile of the run's batch totals - and the layers replay as graphs; the few longer batches run eager.
-Measured beside eager in one call each (bench/train_graph_length.md): 1B 294 -> 230 ms a step, 8B 645 -> 574.
+Padding-free batches cost a little on rows of one length (attention then runs per document) and pay on rows of
+varied length: `auto` keeps them where padded batches would waste at least PADDING_FREE_MIN_WASTE of their tokens.
+
+A padding-free batch is one flattened row whose length changes with every batch, and a CUDA graph replays one shape;
+eager, such steps wait on the host launching kernels. So each flattened batch is padded up to one length - the
+QUANTILE of the run's batch totals - and the layers replay as graphs; the few longer batches run eager.
 
 Same math: the padding is a fixed number of extra rows (pad tokens, labels -100, their own positions and
 boundaries), so attention keeps them apart from the real rows, no loss term reads them, and the Trainer's
@@ -20,6 +22,25 @@ from typing import Any
 
 QUANTILE = 0.95  # batches up to this quantile of the totals replay graphs; longer ones run eager
 MULTIPLE = 64  # the length is rounded up to a multiple of this (tensor-core friendly shapes)
+
+
+
+PADDING_FREE_MIN_WASTE = 0.15  # padded batches wasting less than this stay padded under `auto`
+
+
+def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Fraction of a padded batch's tokens that would be padding, over one shuffled pass of the rows."""
+    if not lengths or batch_size <= 1:
+        return 0.0
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    padded = sum(max(order[i:i + batch_size]) * len(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+    return 1.0 - sum(order) / padded if padded else 0.0
+
+
+def padding_free_worth_it(lengths: list[int], batch_size: int, seed: int = 0) -> bool:
+    """`data.padding_free: auto` after the data is known: on only when padded batches would waste enough."""
+    return padding_waste(lengths, batch_size, seed) >= PADDING_FREE_MIN_WASTE
 
 
 def graph_length(lengths: list[int], batch_size: int, seed: int = 0, passes: int = 8) -> int:

@@ -5,7 +5,7 @@ r*(in+out) per adapted module, DoRA a magnitude vector of out_features, `modules
 trainable copy of the module, `bias: all|lora_only` unfreezes biases.
 
 Memory is a model of one training step of the run `lorakit train` does on that device (the levers
-lorakit.speed.plan picks: frozen dtype, fused LoRA, Liger, checkpointing; TRL's chunked LM head and
+lorakit.speed.planning.plan picks: frozen dtype, fused LoRA, Liger, checkpointing; TRL's chunked LM head and
 bf16 QLoRA adapters), term by term: weights in their storage format, adapter, gradients, optimizer
 states, activations saved for backward, loss buffers, runtime overhead; for GRPO also the generation
 phase. The activation term follows what autograd saves in a transformers decoder layer under bf16
@@ -20,9 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from lorakit import speed
 from lorakit.errors import LorakitError
-from lorakit.recipe import resolved_optimizer
-from lorakit.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
+from lorakit.model.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
+from lorakit.recipe.schema import located, resolved_optimizer
+from lorakit.speed import Plan
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -213,11 +215,11 @@ class Setup:
     frozen_bytes: int | None = None
     """Bytes per unquantized frozen weight of a 4/8-bit base (embeddings, norms, lm_head). None: 4, peft's
     prepare_model_for_kbit_training fp32 upcast (which also makes the residual stream fp32); 2: kept in the
-    bf16 compute dtype, as lorakit does on CUDA (lorakit.speed)."""
+    bf16 compute dtype, as lorakit does on CUDA (lorakit.speed.planning)."""
     fused_lora: bool = False
-    """lorakit's fused LoRA layer (lorakit.speed): saves the dropout mask, not the dropped copy of the input."""
+    """lorakit's fused LoRA layer (lorakit.speed.planning): saves the dropout mask, not the dropped copy of the input."""
     dropout_kernel: bool = False
-    """The fused layer on CUDA draws its dropout mask inside Triton kernels (lorakit.lora_triton): no mask kept."""
+    """The fused layer on CUDA draws its dropout mask inside Triton kernels (lorakit.speed.kernels.lora_dropout): no mask kept."""
     fused_lm_head: bool = False
     """TRL's chunked LM head (SFTTrainer / GRPOTrainer since TRL 1.16): no full logits are ever materialized."""
     checkpoint_layers: int | None = None
@@ -225,10 +227,10 @@ class Setup:
     gen_batch: int = 0
     """GRPO: sequences generated at once (their KV cache is the generation phase's memory); 0 for SFT."""
     cuda_graphs: bool = False
-    """Checkpointed layers replayed as CUDA graphs (lorakit.layer_graphs): a layer's recompute-and-backward
+    """Checkpointed layers replayed as CUDA graphs (lorakit.speed.layer_graphs): a layer's recompute-and-backward
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
     offload_embeddings: bool = False
-    """The input embeddings live in host memory (lorakit.host_embedding; untied embeddings only)."""
+    """The input embeddings live in host memory (lorakit.speed.host_embedding; untied embeddings only)."""
 
 
 def optimizer_bytes(trainable_tensors: list[int], optimizer: str, param_bytes: int = 4) -> int:
@@ -436,20 +438,41 @@ def _frozen_bytes(s: Setup) -> int:
     return 4 if s.frozen_bytes is None else s.frozen_bytes
 
 
-def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None) -> dict:
-    """lorakit.speed.plan's lever choices for a run on `device`, planned without probing this machine: a
-    CUDA target is taken to be bf16-capable, and Liger is used there when liger-kernel is installed.
-    `estimate_result` / `budget_bytes`: budget mode's inputs (see speed.plan)."""
-    from lorakit.speed import plan
-
+def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None,
+          lengths: list[int] | None = None) -> Plan:
+    """The speed plan for a run on `device`, planned without probing this machine: a CUDA target is taken to be
+    bf16-capable, and Liger is used there when liger-kernel is installed. `estimate_result` / `budget_bytes`:
+    budget mode's inputs (see lorakit.speed.planning)."""
     if device != "cuda":
-        return plan(recipe, device)
+        return speed.plan(recipe, device, lengths=lengths)
     q = recipe.quantization.compute_dtype
-    return plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
-                compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed())
+    return speed.plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
+                      compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed(), lengths=lengths)
 
 
-def _setup(recipe, device: str, levers: dict) -> Setup:
+def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandable_segments: bool = False) -> Plan:
+    """The Plan `lorakit train` runs with: decided by lorakit.speed.planning from this module's memory figures where
+    a choice depends on memory (budget mode, CUDA graphs' fit), the same figures `lorakit estimate` shows.
+
+    Args:
+        recipe: the validated Recipe.
+        device: the device this machine trains on.
+        lengths: the training rows' token counts (see lorakit.speed.planning.plan).
+        expandable_segments: whether the CUDA allocator grows segments in place (recorded in the Plan).
+
+    Returns:
+        The run's Plan.
+    """
+    est = None
+    if speed.needs_estimate(recipe, device):
+        try:
+            est = estimate(recipe, device=device)
+        except LorakitError as e:  # the model load reports recipe problems with their lines; here: fall back
+            est = {"error": f"memory estimate failed ({e.message})"}
+    return speed.plan(recipe, device, est, lengths=lengths, expandable_segments=expandable_segments)
+
+
+def _setup(recipe, device: str, levers: Plan) -> Setup:
     """The memory-deciding knobs of `lorakit train` for this recipe on `device` (speed.plan's levers)."""
     q, t = recipe.quantization, recipe.train
     bits = q.resolved_bits(device)
@@ -462,18 +485,18 @@ def _setup(recipe, device: str, levers: dict) -> Setup:
     else:
         act = _DTYPE_BYTES[prec]
     opt = resolved_optimizer(recipe, device)
-    attn = levers.get("attn_implementation") or "sdpa"
+    attn = levers.attn_implementation
     return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
-                 optimizer=opt, attn=attn, liger=bool(levers["liger"]), dropout=recipe.lora.dropout,
+                 optimizer=opt, attn=attn, liger=levers.liger, dropout=recipe.lora.dropout,
                  batch=t.batch_size, seq=_seq_len(recipe),
-                 checkpointing=bool(levers["gradient_checkpointing"]), device=device,
-                 frozen_bytes=2 if levers.get("frozen_dtype") == "bf16" else None,
-                 fused_lora=bool(levers["fused_lora"]),
-                 dropout_kernel=bool(levers.get("dropout_kernel")),
+                 checkpointing=levers.gradient_checkpointing, device=device,
+                 frozen_bytes=2 if levers.frozen_dtype == "bf16" else None,
+                 fused_lora=levers.fused_lora,
+                 dropout_kernel=levers.dropout_kernel,
                  fused_lm_head=_trl_fused_lm_head(),
-                 checkpoint_layers=levers.get("checkpoint_layers"), gen_batch=_gen_batch(recipe),
-                 cuda_graphs=bool(levers.get("cuda_graphs")),
-                 offload_embeddings=bool(levers.get("offload_embeddings")))
+                 checkpoint_layers=levers.checkpoint_layers, gen_batch=_gen_batch(recipe),
+                 cuda_graphs=levers.cuda_graphs,
+                 offload_embeddings=levers.offload_embeddings)
 
 
 def _seq_len(recipe) -> int:
@@ -547,8 +570,6 @@ def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:
 
 def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, gpu: str | None = None) -> dict:
     """Parameters, memory breakdown, artifacts and (with a budget) a verdict for `recipe` on `device`."""
-    from lorakit.recipe import located
-
     with located(recipe):
         shape = load_shape(recipe.base_model, revision=recipe.model.revision,
                            trust_remote_code=recipe.model.trust_remote_code)
@@ -587,8 +608,8 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
             # what `train.memory_budget_gb` set to this budget would choose (the fastest setting that fits)
             choice = _plan(recipe, device, shape_info, budget_bytes)
-            verdict["with_memory_budget"] = {k: choice[k] for k in ("gradient_checkpointing", "checkpoint_layers",
-                                                                    "checkpointing_reason")}
+            verdict["with_memory_budget"] = {k: getattr(choice, k) for k in (
+                "gradient_checkpointing", "checkpoint_layers", "checkpointing_reason")}
     mem = memory(shape, recipe.lora, targets, mts, params, s)
     return {
         "base_model": recipe.base_model, "model": shape.summary(), "targets": targets,
@@ -596,10 +617,10 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         "setup": {"device": device, "bits": s.bits, "double_quant": s.double_quant, "optimizer": s.optimizer,
                   "attention": s.attn, "liger": s.liger, "batch_size": s.batch, "seq_len": s.seq,
                   "gradient_checkpointing": s.checkpointing, "checkpoint_layers": s.checkpoint_layers,
-                  "checkpointing_reason": levers.get("checkpointing_reason", ""), "fused_lora": s.fused_lora,
+                  "checkpointing_reason": levers.checkpointing_reason, "fused_lora": s.fused_lora,
                   "lora_dropout_kernel": s.dropout_kernel, "cuda_graphs": s.cuda_graphs,
                   "offload_embeddings": s.offload_embeddings,
-                  "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.get("frozen_dtype"),
+                  "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.frozen_dtype,
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
                   "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,
                   "method": recipe.method, "generation_batch": s.gen_batch},
@@ -627,5 +648,6 @@ __all__ = [
     "gpu_bytes",
     "memory",
     "parse_bytes",
+    "run_plan",
     "weight_storage",
 ]

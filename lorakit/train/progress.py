@@ -51,7 +51,7 @@ class ProgressCallback(TrainerCallback):
 
     def __init__(self, metrics_file: str | Path | None, *, console=None, plain: bool | None = None,
                  quiet: bool = False, main: bool | None = None):
-        from lorakit.distributed import is_main_process
+        from lorakit.runtime.distributed import is_main_process
 
         self.main = is_main_process() if main is None else main
         self.metrics_file = Path(metrics_file) if metrics_file and self.main else None

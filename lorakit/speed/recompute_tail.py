@@ -6,8 +6,8 @@ whose backward needs no values: the recompute computes that matmul - on the 8B s
 FLOPs a layer, ~0.7 ms on an H200, ~24 ms of a ~470 ms step - and nobody reads the result. Its backward needs
 only the weight (grad_x = grad @ W), which the placeholder below keeps.
 
-How: lorakit.layer_graphs captures a layer's recompute-and-backward graph inside `skipping(module)`; there the
-fused LoRA layer (lorakit.speed) calls `unread_output` instead of its base layer: an autograd function whose
+How: lorakit.speed.layer_graphs captures a layer's recompute-and-backward graph inside `skipping(module)`; there the
+fused LoRA layer (lorakit.speed.planning) calls `unread_output` instead of its base layer: an autograd function whose
 forward allocates the output without computing it and whose backward is the base layer's own (bitsandbytes'
 `grad @ dequantize_4bit(W)`, or `grad @ W`). LoRA's part still runs: its backward reads dropout(x) @ A^T.
 

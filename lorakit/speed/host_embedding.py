@@ -2,11 +2,11 @@
 
 Why: on Llama-3.1-8B the input embedding table is 1 GiB of bf16 (128256 x 4096), 13% of a QLoRA run's GPU
 memory, and training only reads the rows of the batch's tokens from it: 32 MiB for 2 x 2048 tokens. Kept in host
-memory, the gigabyte pays for CUDA graphs' memory pool (lorakit.layer_graphs), so that the graphs run within the
+memory, the gigabyte pays for CUDA graphs' memory pool (lorakit.speed.layer_graphs), so that the graphs run within the
 eager run's memory.
 
 How the rows get to the GPU: on CUDA with Triton the table is pinned and a kernel reads the batch's rows from it
-over the host link (lorakit._host_rows_kernel), ids and output on the GPU, so the step never waits for the GPU.
+over the host link (lorakit.speed.kernels.host_rows), ids and output on the GPU, so the step never waits for the GPU.
 Otherwise the ids are copied to the host, the rows gathered there and copied back: that copy waits for the GPU to
 finish the work queued before it, and the host's gather then leaves the GPU idle (~12 ms a step on the 8B shape,
 bench/train_idle.md). A probe at set-up checks the kernel against the host gather and falls back to it.
@@ -87,10 +87,10 @@ class HostEmbedding(torch.nn.Module):
 
 
 def _kernel_rows(table: torch.Tensor, ids: torch.Tensor, device: Any) -> torch.Tensor:
-    """Rows `ids` (on the GPU) of the pinned host `table`, gathered into GPU memory by lorakit._host_rows_kernel."""
+    """Rows `ids` (on the GPU) of the pinned host `table`, gathered into GPU memory by lorakit.speed.kernels.host_rows."""
     import triton
 
-    from lorakit._host_rows_kernel import gather_rows
+    from lorakit.speed.kernels.host_rows import gather_rows
 
     flat = ids.reshape(-1).contiguous()
     dim = table.shape[1]

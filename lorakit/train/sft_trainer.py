@@ -1,5 +1,5 @@
 """TRL's SFTTrainer whose step does not wait for the GPU between the backward pass and the optimizer (and whose
-training batches may have a collator of their own: `train_collator`, lorakit.graph_length).
+training batches may have a collator of their own: `train_collator`, lorakit.speed.graph_length).
 
 Why: the Trainer reads two numbers back from the GPU right after each backward pass - the loss, to filter a
 NaN out of the logged average (`logging_nan_inf_filter`, which train.py turns off: a NaN loss is logged as NaN
@@ -25,7 +25,7 @@ def trainer_class() -> type:
 
     class LorakitSFTTrainer(SFTTrainer):
         _pending_tokens: Any = None
-        train_collator: Any = None  # a collator for the training batches only (lorakit.graph_length)
+        train_collator: Any = None  # a collator for the training batches only (lorakit.speed.graph_length)
 
         def get_train_dataloader(self):
             if self.train_collator is None:

@@ -16,11 +16,11 @@ intermediates live only while its graph replays) and around static input/output 
 its backward replays the second graph and returns the input's and the LoRA weights' gradients.
 
 Same math as checkpointing: the same kernels in the same order. LoRA dropout inside a graph takes its seeds from
-device memory (lorakit.lora_triton.DeviceSeeds), drawn afresh before each forward replay and read again by the
+device memory (lorakit.speed.kernels.lora_dropout.DeviceSeeds), drawn afresh before each forward replay and read again by the
 recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
 inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
 The recompute inside the backward graph skips the base matmul of the layer's last linear where nothing reads its
-output (lorakit.recompute_tail, checked on the layer at capture).
+output (lorakit.speed.recompute_tail, checked on the layer at capture).
 Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and all
 layers share four hidden-state-sized buffers, one for the layer's LoRA gradients and one per other input.
 """
@@ -96,7 +96,7 @@ class _Entry:
     def __init__(self, owner: GraphedCheckpoint, layer: Any, leaves: list, spec: Any):
         import torch
 
-        from lorakit.lora_triton import DeviceSeeds
+        from lorakit.speed.kernels.lora_dropout import DeviceSeeds
 
         self.owner, self.layer, self.spec = owner, layer, spec
         self.named_params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
@@ -149,15 +149,15 @@ class _Entry:
     def _forward(self) -> None:
         import torch
 
-        from lorakit import lora_triton
+        from lorakit.speed.kernels import lora_dropout as lora_triton
 
         with torch.no_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
             self.out.copy_(self._run_layer(self.h))
 
     def _unread_tail(self) -> Any:
         """The layer's last LoRA linear if its recompute may skip that linear's base matmul
-        (lorakit.recompute_tail: checked on this call's inputs), else None."""
-        from lorakit import recompute_tail
+        (lorakit.speed.recompute_tail: checked on this call's inputs), else None."""
+        from lorakit.speed import recompute_tail
 
         with contextlib.suppress(Exception):  # anything unexpected: recompute in full
             tail = recompute_tail.last_lora_module(self._forward)
@@ -170,7 +170,7 @@ class _Entry:
         """The layer's recompute and backward on the static buffers: (input grad, *LoRA weight grads)."""
         import torch
 
-        from lorakit import lora_triton
+        from lorakit.speed.kernels import lora_dropout as lora_triton
 
         # the LoRA weights enter as fresh leaves that alias them (same memory: replays read the current values):
         # the weights' own gradient accumulators were made on the default stream by eager steps, and routing the
@@ -184,7 +184,7 @@ class _Entry:
     def _backward(self) -> None:
         import torch
 
-        from lorakit import recompute_tail
+        from lorakit.speed import recompute_tail
 
         skip = recompute_tail.skipping(self.tail) if self.tail is not None else contextlib.nullcontext()
         with skip:
@@ -266,7 +266,7 @@ class GraphedCheckpoint:
 
     @property
     def tails_skipped(self) -> int:
-        """Captured layer signatures whose recompute skips the last linear's base matmul (lorakit.recompute_tail)."""
+        """Captured layer signatures whose recompute skips the last linear's base matmul (lorakit.speed.recompute_tail)."""
         return sum(1 for e in self._entries.values() if e.tail is not None)
 
     @property

@@ -12,8 +12,8 @@ from lorakit.errors import LorakitError
 
 
 def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for cand in (here / "_recipes", here.parent / "recipes"):
+    package = Path(__file__).resolve().parent.parent  # lorakit/
+    for cand in (package / "_recipes", package.parent / "recipes"):
         if cand.is_dir():
             return cand
     raise LorakitError("the shipped recipes are missing from this installation", exit_code=1,
@@ -37,7 +37,7 @@ def list_recipes() -> list[tuple[str, Path, str]]:
 
 def write_starter(preset: str, path: Path, *, force: bool = False) -> Path:
     """Copy the shipped recipe `preset` to `path` (never over an existing file unless force)."""
-    from lorakit.atomic import atomic_write_text
+    from lorakit.runtime.atomic import atomic_write_text
 
     names = {name: p for name, p, _ in list_recipes()}
     if preset not in names:

@@ -1,6 +1,6 @@
 """GRPO from a recipe: the `grpo:` section mapped onto TRL's GRPOConfig/GRPOTrainer.
 
-`build_grpo_trainer` loads the rewards (lorakit.rewards), merges the common training options the
+`build_grpo_trainer` loads the rewards (lorakit.train.rewards), merges the common training options the
 train step built with the GRPO options, drops prompts longer than `grpo.max_prompt_length` (TRL 1.x
 no longer truncates prompts: GRPOConfig has no max_prompt_length) and returns a `trl.GRPOTrainer`.
 
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import recipe_dir
-from lorakit.rewards import Reward, combine, completion_text, load_rewards
+from lorakit.recipe.schema import recipe_dir
+from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32)
     Completions get `evaluate.max_new_tokens` tokens; prompts longer than grpo.max_prompt_length are
     left out as in training. None when there are no held-out prompts.
     """
-    from lorakit.recipe import recipe_dir
+    from lorakit.recipe.schema import recipe_dir
 
     if eval_ds is None or len(eval_ds) == 0:
         return None

@@ -255,7 +255,7 @@ class TrainSection(Section):
     for CUDA graphs (cuda_graphs)."""
     expandable_segments: bool = True
     """CUDA only: the caching allocator grows segments in place instead of caching blocks of fixed sizes (less
-    reserved memory for the same tensors; PYTORCH_CUDA_ALLOC_CONF, when set, wins). lorakit.cuda_memory."""
+    reserved memory for the same tensors; PYTORCH_CUDA_ALLOC_CONF, when set, wins). lorakit.speed.cuda_memory."""
     torch_compile: bool = False
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""

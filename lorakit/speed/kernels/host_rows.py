@@ -2,7 +2,7 @@
 
 Pinned host memory is addressable from the GPU (unified virtual addressing): each program reads one row's slice
 over the host link and writes it to the output on the GPU. The token ids stay on the GPU, so nothing waits for
-the GPU to hand them to the host (lorakit.host_embedding).
+the GPU to hand them to the host (lorakit.speed.host_embedding).
 """
 
 import triton

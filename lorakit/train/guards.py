@@ -5,7 +5,7 @@
 - `NonFiniteGuard`: a NaN/inf loss or gradient either stops the run (the last good checkpoint stays,
   the bad state is not saved) or, with `nan_policy: skip`, drops that optimizer step and counts it.
   The stop policy reads its check at the step's end, so the host does not wait for the GPU before the
-  optimizer's work is queued (lorakit.sft_trainer says why that matters).
+  optimizer's work is queued (lorakit.train.sft_trainer says why that matters).
 - `CheckpointMarker`: the Trainer writes checkpoint-N/ in place; once its save returns we add a
   `lorakit-complete` marker. Resume only trusts marked checkpoints, so a crash mid-write never leaves
   a directory that looks complete.
@@ -161,7 +161,7 @@ class CheckpointMarker(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                from lorakit.atomic import atomic_write_text
+                from lorakit.runtime.atomic import atomic_write_text
 
                 atomic_write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
         return control
@@ -213,7 +213,7 @@ def disk_failure(exc: BaseException, checkpoints_dir: str | Path, run_path: str 
     It names the checkpoint that was being written when there is a half-written one, and (with
     `cleanup`) removes it: it would never be resumed from, and removing it gives the space back.
     """
-    from lorakit.atomic import disk_error
+    from lorakit.runtime.atomic import disk_error
 
     partial = sorted(incomplete_checkpoints(checkpoints_dir), key=lambda p: _step(p) or -1)
     err = disk_error(exc, partial[-1] if partial else run_path, check_free=True)

@@ -2,7 +2,7 @@
 
 `generate_batch` answers a list of prompts (chat messages or plain strings) greedily, in batches with
 left padding. `task_metrics` scores those answers with the recipe's metric functions (loaded through
-lorakit.rewards, called with `reference=[...]`) and returns {metric: mean} plus a few samples.
+lorakit.train.rewards, called with `reference=[...]`) and returns {metric: mean} plus a few samples.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def generate_batch(model, tokenizer, prompts: list, *, max_new_tokens: int = 64,
 def task_metrics(model, tokenizer, examples: list[dict], metric_specs: list, base_dir, *,
                  max_new_tokens: int = 64, n_samples: int = 3, batch_size: int = 16) -> dict:
     """{"metrics": {name: mean}, "n": rows, "samples": [{prompt, reference, completion, scores}]}."""
-    from lorakit.rewards import load_rewards
+    from lorakit.train.rewards import load_rewards
 
     metrics = load_rewards(metric_specs, base_dir, field="evaluate.metrics")
     prompts = [ex["prompt"] for ex in examples]

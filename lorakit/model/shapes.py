@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit import registry
 from lorakit.errors import LorakitError
+from lorakit.model import registry
 
 # Linear modules of a decoder block, in the order a printout shows them; and their parent module.
 ATTN_PARENT = "self_attn"
@@ -289,7 +289,7 @@ def _looks_like_path(name: str) -> bool:
 
 def load_config(base_model: str, *, revision: str | None = None) -> tuple[dict, str]:
     """(config dict, where it came from) for an alias, a local directory or a hub id. Never downloads."""
-    from lorakit.known_models import known_config
+    from lorakit.model.known_models import known_config
 
     local = Path(base_model).expanduser()
     if local.is_dir():

@@ -258,7 +258,7 @@ def _load_hub(spec: str, split: str, fld: str) -> Source:
 
 
 def _glob(recipe, spec: str) -> list[Path]:
-    from lorakit.recipe import recipe_dir
+    from lorakit.recipe.schema import recipe_dir
 
     pattern = Path(spec).expanduser()
     for base in ([Path()] if pattern.is_absolute() else [Path.cwd(), recipe_dir(recipe)]):
@@ -271,7 +271,7 @@ def _glob(recipe, spec: str) -> list[Path]:
 
 def load_source(recipe, spec: str, *, split: str = "train", fld: str = "data.path") -> Source:
     """Rows from a local file, a directory (files of `split`), a glob, or a hub dataset id."""
-    from lorakit.recipe import resolve_path
+    from lorakit.recipe.schema import resolve_path
 
     spec = str(spec).strip()
     if not spec:
@@ -670,7 +670,7 @@ def _sources(recipe, method: str) -> tuple[str, Source, list[int], Source | None
 
 
 def _eval_source(recipe, spec: str) -> Source:
-    from lorakit.recipe import resolve_path
+    from lorakit.recipe.schema import resolve_path
 
     d = recipe.data
     if _GLOB.search(spec) or resolve_path(recipe, spec).exists() or Path(spec).suffix.lower() in SUFFIXES:

@@ -33,8 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import atomic_write_json, atomic_write_text, disk_errors
 from lorakit.errors import LorakitError
+from lorakit.runtime.atomic import atomic_write_json, atomic_write_text, disk_errors
 
 RUNNING, INTERRUPTED, FAILED, FINISHED = "running", "interrupted", "failed", "finished"
 
@@ -57,7 +57,7 @@ class RunDir:
     """One run directory. Paths are attributes; state changes go through `set_state`."""
 
     def __init__(self, path: str | Path, *, main: bool | None = None):
-        from lorakit.distributed import is_main_process
+        from lorakit.runtime.distributed import is_main_process
 
         self.path = Path(path)
         self.main = is_main_process() if main is None else main  # only rank 0 writes

@@ -22,14 +22,14 @@ GPUs with scripts/bench_train.py).
 from __future__ import annotations
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import fsdp_optimizer_problem
+from lorakit.recipe.schema import fsdp_optimizer_problem
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
 def strategy_terms(result: dict, strategy: str, gpus: int) -> dict:
     """Per-GPU memory terms of `strategy` over `gpus` GPUs, from a single-device estimate result."""
-    from lorakit.estimate import CONSTANTS
+    from lorakit.estimate.memory import CONSTANTS
 
     m, model = result["memory"], result["model"]
     n = max(1, int(gpus))
@@ -119,7 +119,7 @@ def estimate_with_strategy(recipe, *, device: str = "cuda", budget_bytes: int | 
 
     The strategy defaults to the recipe's `distributed.strategy` once more than one GPU is asked for.
     """
-    from lorakit.estimate import estimate, gpu_bytes
+    from lorakit.estimate.memory import estimate, gpu_bytes
 
     if strategy is not None and strategy not in ("ddp", "fsdp"):
         raise LorakitError(f"--strategy: expected ddp or fsdp (got {strategy!r})")

@@ -5,12 +5,12 @@ back for the matmul and again in backward (rebuilding the copy, dropping the gra
 layer's), and under gradient checkpointing does the forward half twice. On the 8B shape (2x2048 tokens, every
 layer checkpointed, H200, one call) `lora.dropout: 0.05` ran at 6242 tok/s against 7186 with `0.0`; with these
 kernels 6824, and 0.26 GiB less peak memory (bench/train.md). These kernels draw the dropout mask inside the
-matmul from a 32-bit integer hash of (seed, row, column) (lorakit/_lora_kernels.py; Philox per element, as
+matmul from a 32-bit integer hash of (seed, row, column) (lorakit/speed/kernels/_lora_dropout_triton.py; Philox per element, as
 tl.rand draws, bounded the kernels: bench/train_dropout_hash.md), so nothing but x is read and no mask is
 stored: the backward draws the same mask again.
 
 Same distribution as torch's dropout (each element kept with probability 1 - p, scaled by 1 / (1 - p),
-independently per layer, element and step), not the same random numbers. Used by lorakit.speed's fused LoRA
+independently per layer, element and step), not the same random numbers. Used by lorakit.speed.planning's fused LoRA
 layer on CUDA when Triton is installed; CPU runs keep torch's dropout. Tests run the kernels on the CPU through
 Triton's interpreter (tests/conftest.py).
 """
@@ -28,7 +28,7 @@ MAX_RANK = 64
 
 def covers(rank: int, dtype_bytes: int) -> bool:
     """The kernels' reach, without probing a machine: 16-bit compute (fp32 stays with torch, whose matmuls do not
-    round to TF32 by default as Triton's dots do) and a rank of at most MAX_RANK. lorakit.estimate uses it too."""
+    round to TF32 by default as Triton's dots do) and a rank of at most MAX_RANK. lorakit.estimate.memory uses it too."""
     return dtype_bytes == 2 and 0 < rank <= MAX_RANK
 
 
@@ -41,7 +41,7 @@ def available(device_type: str, dtype: Any, rank: int) -> bool:
 def _kernels():
     import triton
 
-    from lorakit import _lora_kernels as k
+    from lorakit.speed.kernels import _lora_dropout_triton as k
 
     return triton, k.down_fwd, k.down_bwd, k.mask_kernel
 
@@ -59,7 +59,7 @@ def _seed_args(seed: Any, like: Any) -> tuple[int, Any, bool]:
 
 
 class DeviceSeeds:
-    """Seeds in device memory for the LoRA layers of one captured region (lorakit.layer_graphs): each fused LoRA
+    """Seeds in device memory for the LoRA layers of one captured region (lorakit.speed.layer_graphs): each fused LoRA
     call takes the next slot in call order while `active()`, so a region's replayed recompute takes the slots
     its forward took. `refresh()` draws new seeds (one kernel) before each replay of the forward."""
 

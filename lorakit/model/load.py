@@ -7,7 +7,7 @@ safetensors checkpoint in the user's cache dir (atomically, under a file lock), 
 
 `load_for_training` (= `load_training_tokenizer`, which data preparation needs first, then
 `load_training_model`) loads the base with bitsandbytes 4/8-bit or in 16/32-bit and wraps it in a peft
-LoRA model configured by the recipe, with the model-side speed levers of `lorakit.speed.plan`: the
+LoRA model configured by the recipe, with the model-side speed levers of the run's `lorakit.speed.Plan`: the
 attention kernel (varlen for padding-free batches), the fused LoRA layer, frozen weights kept in bf16 on CUDA
 (instead of peft's fp32 upcast in `prepare_model_for_kbit_training`, which stays the path on CPU and for
 fp16 / 8-bit), and partial gradient checkpointing.
@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit import registry, varlen_attention
+from lorakit import speed
 from lorakit.errors import EXIT_RUNTIME, LorakitError
+from lorakit.model import registry
+from lorakit.runtime.device import compute_dtype_name, torch_dtype, weights_dtype_name
+from lorakit.speed import varlen_attention
 
 log = logging.getLogger("lorakit")
 
@@ -181,32 +184,6 @@ def resolve_base_dir(base_model: str, *, revision: str | None = None, allow_pick
 # Dtypes
 # ----------------------------------------------------------------------------------------------
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, _DTYPES[name])
-
-
-def auto_dtype_name(device: str) -> str:
-    """bf16 on a CUDA GPU that supports it, fp16 on other CUDA GPUs, fp32 on CPU."""
-    if device == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def weights_dtype_name(recipe, device: str) -> str:
-    return auto_dtype_name(device) if recipe.model.dtype == "auto" else recipe.model.dtype
-
-
-def compute_dtype_name(recipe, device: str) -> str:
-    q = recipe.quantization.compute_dtype
-    return auto_dtype_name(device) if q == "auto" else q
-
 
 # ----------------------------------------------------------------------------------------------
 # Loading for training
@@ -333,13 +310,13 @@ def lora_config(recipe, model):
         modules_to_save=list(lora.modules_to_save) or None, **kwargs)
 
 
-def attn_implementation(recipe, base_dir: Path, levers: dict | None = None) -> str:
+def attn_implementation(recipe, base_dir: Path, plan: speed.Plan | None = None) -> str:
     """The attention kernel to load with: the recipe's, or for `auto` the run's plan (speed.attention). `auto`
     falls back where the planned kernel does not fit: varlen -> flex attention (a model whose attention is not
     plain causal, or no varlen kernel on this GPU) -> sdpa (a class without flex support, remote code); an
     explicit varlen on such a model is an error. `varlen` comes back as the name registered with transformers
-    (lorakit.varlen_attention.NAME)."""
-    a = (levers or {}).get("attn_implementation") or recipe.model.attn_implementation
+    (lorakit.speed.varlen_attention.NAME)."""
+    a = plan.attn_implementation if plan is not None else recipe.model.attn_implementation
     auto = recipe.model.attn_implementation == "auto"
     if a not in ("varlen", "flex_attention"):
         return "sdpa" if a == "auto" else a
@@ -381,7 +358,7 @@ def _supports_flex(config) -> bool:
     return bool(getattr(cls, "_supports_flex_attn", False))
 
 
-def load_base(recipe, device: str, base_dir: Path, bits: int | None, levers: dict | None = None):
+def load_base(recipe, device: str, base_dir: Path, bits: int | None, plan: speed.Plan | None = None):
     """The base model (quantized per `bits`) on `device`, not yet wrapped by peft."""
     from transformers import AutoModelForCausalLM
 
@@ -390,7 +367,7 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None, levers: dic
         log.warning("trust_remote_code is on: running the Python code of %s", recipe.base_model)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(compute_dtype_name(recipe, device) if bits else weights_dtype_name(recipe, device)),
-        trust_remote_code=m.trust_remote_code, attn_implementation=attn_implementation(recipe, base_dir, levers),
+        trust_remote_code=m.trust_remote_code, attn_implementation=attn_implementation(recipe, base_dir, plan),
         use_safetensors=None if m.allow_pickle else True, device_map=_device_map(device))
     qconfig = _quantization_config(recipe, device, bits)
     if qconfig is not None:
@@ -402,16 +379,21 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None, levers: dic
                            f"{str(e).splitlines()[0][:300]}", field="base_model") from None
 
 
-def load_for_training(recipe, device: str, levers: dict | None = None):
+def load_for_training(recipe, device: str, plan: speed.Plan | None = None):
     """(peft model, tokenizer, info) ready for the trainer. Prints nothing; info has the counts.
 
-    `levers` is lorakit.speed.plan's dict for this run (train.resolved_options); None: planned here."""
-    from lorakit import speed
+    Args:
+        recipe: the validated Recipe.
+        device: "cuda" or "cpu".
+        plan: the run's speed plan; None: the levers that need no memory estimate, planned here.
 
-    if levers is None:
-        levers = speed.plan_for_run(recipe, device)
+    Returns:
+        (peft model, tokenizer, info).
+    """
+    if plan is None:
+        plan = speed.plan(recipe, device)
     tokenizer, base_dir = load_training_tokenizer(recipe)
-    model, info = load_training_model(recipe, device, base_dir, tokenizer, levers)
+    model, info = load_training_model(recipe, device, base_dir, tokenizer, plan)
     return model, tokenizer, info
 
 
@@ -419,39 +401,40 @@ def load_training_tokenizer(recipe):
     """(tokenizer, base_dir): what data preparation needs, before any weight is loaded."""
     m = recipe.model
     base_dir = resolve_base_dir(recipe.base_model, revision=m.revision, allow_pickle=m.allow_pickle)
-    from lorakit.recipe import recipe_dir
+    from lorakit.recipe.schema import recipe_dir
 
     tokenizer = load_tokenizer(base_dir, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template,
                                base_dir=recipe_dir(recipe))
     return tokenizer, base_dir
 
 
-def load_training_model(recipe, device: str, base_dir: Path, tokenizer, levers: dict):
-    """(peft model, info): the base from `base_dir` with the recipe's adapter and the run's levers."""
+def load_training_model(recipe, device: str, base_dir: Path, tokenizer, plan: speed.Plan):
+    """(peft model, info): the base from `base_dir` with the recipe's adapter and the run's speed plan."""
     bits = recipe.quantization.resolved_bits(device)
-    model = load_base(recipe, device, base_dir, bits, levers)
+    model = load_base(recipe, device, base_dir, bits, plan)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model, info = attach_adapter(recipe, model, device, bits, levers)
+    model, info = attach_adapter(recipe, model, device, bits, plan)
     attn = model.config._attn_implementation
     info["attn_implementation"] = "varlen" if attn == varlen_attention.NAME else attn
     return model, {"base_dir": str(base_dir), **info}
 
 
-def attach_adapter(recipe, model, device: str, bits: int | None, levers: dict):
-    """(peft model, info): the recipe's LoRA on a loaded base, with the speed levers of `levers` (fused LoRA
+def attach_adapter(recipe, model, device: str, bits: int | None, plan: speed.Plan):
+    """(peft model, info): the recipe's LoRA on a loaded base, with the speed levers of `plan` (fused LoRA
     layers, frozen dtype, partial checkpointing). scripts/bench_estimate.py calls it on in-memory models."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from lorakit import speed
+    from lorakit.speed.checkpointing import apply_to_model
+    from lorakit.speed.fused_lora import customize_lora_config
 
     _check_layers(recipe, model)
     _check_modules_to_save(recipe, model)
-    config = speed.customize_lora_config(lora_config(recipe, model), levers, bits)
-    if bits and levers.get("frozen_dtype") is None:
+    config = customize_lora_config(lora_config(recipe, model), plan, bits)
+    if bits and plan.frozen_dtype is None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
-    done = speed.apply_to_model(model, levers)
+    done = apply_to_model(model, plan)
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "device": device, "bits": bits,

@@ -1,0 +1,1 @@
+"""Training rows: load, detect the format, tokenize and mask."""

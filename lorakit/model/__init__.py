@@ -1,0 +1,1 @@
+"""Base models: where the weights come from, their shapes without weights, loading with LoRA attached."""

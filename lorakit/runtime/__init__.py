@@ -1,0 +1,1 @@
+"""Process-level plumbing every command shares: atomic writes, library noise, ranks, the multi-GPU launcher."""

@@ -1,0 +1,1 @@
+"""Triton kernels behind the speed levers (imported only where Triton is installed)."""
