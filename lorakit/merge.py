@@ -9,7 +9,9 @@ straight into the output shard. Resident memory stays near the largest single te
     resident, so reading a whole shard through one handle costs a whole shard of RSS);
   * output shards are streamed: the safetensors header is computed up front from the base's shapes,
     then tensor bytes follow one by one (the format is an 8-byte length, a JSON header, raw bytes).
-The checkpoint is written into `OUT.tmp-XXXX` beside OUT and renamed when complete.
+The checkpoint is written into `OUT.tmp-XXXX` beside OUT and renamed when complete (`write_checkpoint`,
+which `lorakit unmerge` shares). A DoRA merge also writes its row norms ||W + s·B@A|| to
+lorakit-dora-norms.st, the one thing `lorakit unmerge` cannot recover from the merged weights.
 
 Tied embeddings: if the base ties lm_head to embed_tokens and the adapter changes either, both are
 written and `tie_word_embeddings` is turned off, so the merged model computes what base+adapter did.
@@ -49,6 +51,7 @@ PREFIX = "base_model.model."
 MAX_SHARD_BYTES = 5_000_000_000
 BNB_BLOCKSIZE = 64
 DTYPES = ("bf16", "fp16", "fp32")
+DORA_NORMS_FILE = "lorakit-dora-norms.st"  # safetensors, named so that loaders globbing *.safetensors skip it
 # Logit tolerance of verify: FP32_TOL plus ROUNDING_FACTOR times the logit change that rounding
 # base+adapter's own weights to the output dtype causes (0 for fp32). A merged bf16/fp16 checkpoint is
 # one such rounding of W + dW, so its difference is of that size; a wrong merge is far above it.
@@ -80,7 +83,7 @@ class Source:
     config: dict
 
 
-def _find_source(source: str | Path) -> Source:
+def find_source(source: str | Path) -> Source:
     """A run directory (adapter/ + recipe.yaml) or an adapter directory."""
     src = Path(source).expanduser()
     if not src.is_dir():
@@ -118,7 +121,7 @@ def _read_recipe(run_dir: Path | None) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _resolve_base(base: str | None, src: Source) -> tuple[Path, str]:
+def resolve_base(base: str | None, src: Source) -> tuple[Path, str]:
     """The base directory and the name the user knows it by."""
     name = base or (src.recipe or {}).get("base_model") or src.config.get("base_model_name_or_path")
     if not name:
@@ -178,7 +181,7 @@ def _scale(module: str, cfg: dict, r_shape: int) -> float:
     return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
-def _parse_adapter(src: Source) -> dict[str, Edit]:
+def parse_adapter(src: Source) -> dict[str, Edit]:
     """Module name (as in the base checkpoint) -> its Edit."""
     from safetensors.torch import load_file
 
@@ -211,7 +214,7 @@ class BaseTensor:
     dtype: str  # torch dtype name
 
 
-def _base_index(base_dir: Path) -> dict[str, BaseTensor]:
+def base_index(base_dir: Path) -> dict[str, BaseTensor]:
     """Every tensor of the base checkpoint, in shard order, from the safetensors headers only."""
     files = sorted(base_dir.glob("*.safetensors"))
     index = base_dir / "model.safetensors.index.json"
@@ -249,9 +252,10 @@ class Layout:
     output_embed: str | None
     linear: set[str]
     config: dict
+    modules: list[str] = field(default_factory=list)  # every module name, in the model's own order
 
 
-def _layout(base_dir: Path) -> Layout:
+def read_layout(base_dir: Path) -> Layout:
     """Module names from the model built on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -268,7 +272,8 @@ def _layout(base_dir: Path) -> Layout:
     names = {id(m): n for n, m in model.named_modules()}
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not outp}
-    return Layout(tied, names.get(id(inp)), names.get(id(outp)) if outp is not None else None, linear, config)
+    return Layout(tied, names.get(id(inp)), names.get(id(outp)) if outp is not None else None, linear, config,
+                  [n for n, _ in model.named_modules()])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,7 +289,8 @@ class OutTensor:
     dtype: str
 
 
-def _plan(base: dict[str, BaseTensor], edits: dict[str, Edit], layout: Layout, dtype: str) -> tuple[list[OutTensor], bool]:
+def plan_output(base: dict[str, BaseTensor], edits: dict[str, Edit], layout: Layout,
+                dtype: str) -> tuple[list[OutTensor], bool]:
     """The output tensors in order, and whether the embeddings get untied."""
     torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     emb, head = layout.input_embed, layout.output_embed
@@ -318,8 +324,11 @@ def _qdq(w, qcfg: dict):
     return bnbf.dequantize_4bit(packed, state)
 
 
-def _merge_one(w, o: OutTensor, edit: Edit | None, fan_in_fan_out: bool, qcfg: dict | None):
-    """The merged tensor for `o`, in its output dtype (fp32 arithmetic when anything changes)."""
+def merge_one(w, o: OutTensor, edit: Edit | None, fan_in_fan_out: bool, qcfg: dict | None, norms: dict | None = None):
+    """The merged tensor for `o`, in its output dtype (fp32 arithmetic when anything changes).
+
+    A DoRA module's row norms ||W + s·B@A|| go into `norms[module]`: the merged weight alone fixes each
+    row's direction and length but not that norm, which `lorakit unmerge` needs to take the delta off again."""
     import torch
 
     out_dtype = getattr(torch, o.dtype)
@@ -342,6 +351,8 @@ def _merge_one(w, o: OutTensor, edit: Edit | None, fan_in_fan_out: bool, qcfg: d
     w = w + edit.scale * delta
     if edit.magnitude is not None:  # DoRA, as peft's merge: m / ||W + s·B@A|| per output row (column for Embedding)
         norm = torch.linalg.norm(w, dim=0 if edit.embedding else 1)
+        if norms is not None:
+            norms[o.module] = norm.contiguous()
         factor = edit.magnitude.float() / norm
         w = w * (factor.view(1, -1) if edit.embedding else factor.view(-1, 1))
     if fan_in_fan_out and not edit.embedding:
@@ -361,7 +372,7 @@ def _shards(plan: list[OutTensor], cap: int) -> list[list[OutTensor]]:
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for o in plan:
-        n = _nbytes(o)
+        n = nbytes(o)
         if shards[-1] and size + n > cap:
             shards.append([])
             size = 0
@@ -375,7 +386,7 @@ _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def _nbytes(o: OutTensor) -> int:
+def nbytes(o: OutTensor) -> int:
     return math.prod(o.src.shape) * _ITEMSIZE[o.dtype]
 
 
@@ -386,7 +397,7 @@ def _write_shard(path: Path, tensors: list[OutTensor], produce: Callable[[OutTen
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for o in tensors:
-        n = _nbytes(o)
+        n = nbytes(o)
         header[o.name] = {"dtype": _ST_NAMES[o.dtype], "shape": list(o.src.shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -407,7 +418,7 @@ def _write_shard(path: Path, tensors: list[OutTensor], produce: Callable[[OutTen
     return offset
 
 
-def _read_tensor(t: BaseTensor):
+def read_tensor(t: BaseTensor):
     """One tensor through its own safe_open, so the file's mapping (and its resident pages) closes at once."""
     from safetensors import safe_open
 
@@ -425,17 +436,17 @@ def _read_ahead(tensors: list[OutTensor]) -> Iterator[tuple[str, Any]]:
     if not tensors:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-merge-read") as pool:
-        pending = pool.submit(_read_tensor, tensors[0].src)
+        pending = pool.submit(read_tensor, tensors[0].src)
         for i, o in enumerate(tensors):
             w = pending.result()
-            pending = pool.submit(_read_tensor, tensors[i + 1].src) if i + 1 < len(tensors) else None
+            pending = pool.submit(read_tensor, tensors[i + 1].src) if i + 1 < len(tensors) else None
             yield o.name, w
             del w
         if pending is not None:
             pending.result()
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak resident memory (Linux VmHWM: unlike ru_maxrss, not inherited across fork+exec)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -473,17 +484,17 @@ def _write_side_files(tmp: Path, base_dir: Path, base_name: str, src: Source, la
     atomic_write_json(tmp / "config.json", config)
     if len(shards) > 1:
         weight_map = {o.name: fname for fname, ts in shards for o in ts}
-        total = sum(_nbytes(o) for _, ts in shards for o in ts)
+        total = sum(nbytes(o) for _, ts in shards for o in ts)
         atomic_write_json(tmp / "model.safetensors.index.json",
                           {"metadata": {"total_size": total}, "weight_map": weight_map})
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
-    _copy_tokenizer(tmp, [d for d in (src.run_dir, src.run_dir and src.run_dir / "tokenizer", src.adapter_dir, base_dir)
+    copy_tokenizer(tmp, [d for d in (src.run_dir, src.run_dir and src.run_dir / "tokenizer", src.adapter_dir, base_dir)
                           if d is not None])
     atomic_write_text(tmp / "README.md", _model_card(base_name, src, dtype, from_quantized))
 
 
-def _copy_tokenizer(tmp: Path, candidates: list[Path]) -> None:
+def copy_tokenizer(tmp: Path, candidates: list[Path]) -> None:
     for d in candidates:
         if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
             for name in TOKENIZER_FILES:
@@ -594,53 +605,39 @@ def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = Non
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise LorakitError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    src = _find_source(source)
-    base_dir, base_name = _resolve_base(base, src)
-    if out.resolve() in (base_dir.resolve(), src.adapter_dir.resolve()) or (src.run_dir and out.resolve() == src.run_dir.resolve()):
+    src = find_source(source)
+    base_dir, base_name = resolve_base(base, src)
+    if out.resolve() in (base_dir.resolve(), src.adapter_dir.resolve(), (src.run_dir or base_dir).resolve()):
         raise LorakitError(f"{out}: the output directory must not be the base, run or adapter directory")
-    edits = _parse_adapter(src)
-    base_index = _base_index(base_dir)
-    layout = _layout(base_dir)
-    plan, untie = _plan(base_index, edits, layout, dtype)
+    edits = parse_adapter(src)
+    index = base_index(base_dir)
+    layout = read_layout(base_dir)
+    plan, untie = plan_output(index, edits, layout, dtype)
     _check_bias_edits(plan, edits)
-    qcfg = _quant_config(src, layout, base_index) if from_quantized else None
+    qcfg = _quant_config(src, layout, index) if from_quantized else None
     fan_in_fan_out = bool(src.config.get("fan_in_fan_out"))
 
-    groups = _shards(plan, max_shard_bytes)
-    named = [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors", g)
-             for i, g in enumerate(groups)]
-    total = sum(_nbytes(o) for o in plan)
-    done = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    reads = _read_ahead([o for _, g in named for o in g])
-    try:
-        for fname, tensors in named:
-            def produce(o: OutTensor) -> Any:
-                nonlocal done
-                name, w = next(reads)
-                assert name == o.name, (name, o.name)
-                t = _merge_one(w, o, edits.get(o.module), fan_in_fan_out, qcfg)
-                del w
-                done += _nbytes(o)
-                if progress:
-                    progress(done, total, o.name)
-                return t
+    norms: dict[str, Any] = {}  # DoRA modules' row norms ||W + s·B@A||, kept for `lorakit unmerge`
 
-            _write_shard(tmp / fname, tensors, produce)
+    def transform(w, o: OutTensor) -> Any:
+        return merge_one(w, o, edits.get(o.module), fan_in_fan_out, qcfg, norms)
+
+    def side_files(tmp: Path, named: list) -> None:
         _write_side_files(tmp, base_dir, base_name, src, layout, dtype, untie, from_quantized, named)
-        _replace_dir(tmp, out)
-    except BaseException:
-        reads.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if norms:
+            from safetensors.torch import save_file
+
+            save_file(norms, tmp / DORA_NORMS_FILE, metadata={"format": "pt"})
+
+    named = write_checkpoint(plan, out, transform, side_files, max_shard_bytes=max_shard_bytes, progress=progress)
+    total = sum(nbytes(o) for o in plan)
     report = {
         "base": base_name, "base_dir": str(base_dir), "adapter": str(src.adapter_dir), "out": str(out),
         "dtype": dtype, "from_quantized": from_quantized, "shards": len(named), "bytes": total,
         "tensors": len(plan), "modules_merged": sum(1 for e in edits.values() if e.A is not None),
         "modules_replaced": sum(1 for e in edits.values() if e.replace), "untied_embeddings": untie,
         "seconds": round(time.perf_counter() - start, 3),
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss(),
     }
     if verify:
         result = verify_merged(out, base_dir, src.adapter_dir, dtype, qcfg)
@@ -653,7 +650,51 @@ def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = Non
     return report
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def write_checkpoint(plan: list[OutTensor], out: Path, transform: Callable[[Any, OutTensor], Any],
+                     side_files: Callable[[Path, list], None], *, max_shard_bytes: int = MAX_SHARD_BYTES,
+                     progress: Callable[[int, int, str], None] | None = None) -> list[tuple[str, list[OutTensor]]]:
+    """Stream the checkpoint `plan` describes into `out`, tensor by tensor.
+
+    Each source tensor is read ahead on a worker thread, `transform(tensor, o)` gives the output tensor
+    (in `o.dtype`), shards of at most `max_shard_bytes` are written one by one into `OUT.tmp-XXXX`,
+    `side_files(tmp, shards)` adds the files beside the weights, and the directory is renamed into place
+    (removed on any failure). Shared by merge and unmerge.
+
+    Returns:
+        The shards as (file name, tensors).
+    """
+    groups = _shards(plan, max_shard_bytes)
+    named = [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors", g)
+             for i, g in enumerate(groups)]
+    total = sum(nbytes(o) for o in plan)
+    done = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    reads = _read_ahead([o for _, g in named for o in g])
+    try:
+        for fname, tensors in named:
+            def produce(o: OutTensor) -> Any:
+                nonlocal done
+                name, w = next(reads)
+                assert name == o.name, (name, o.name)
+                t = transform(w, o)
+                del w
+                done += nbytes(o)
+                if progress:
+                    progress(done, total, o.name)
+                return t
+
+            _write_shard(tmp / fname, tensors, produce)
+        side_files(tmp, named)
+        replace_dir(tmp, out)
+    except BaseException:
+        reads.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return named
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished checkpoint into place; an existing `out` (overwrite) is removed only afterwards."""
     old = None
     if out.exists():
