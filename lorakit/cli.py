@@ -216,11 +216,31 @@ def estimate(
     _run(body, json_mode=json_out)
 
 
+def _print_report(report: dict, done: str) -> None:
+    """The report's figures, one per line; per-module tables as their five worst entries."""
+    c = console()
+    for key, value in report.items():
+        if isinstance(value, dict):
+            worst = sorted(value.items(), key=lambda kv: kv[1], reverse=key == "relative_error")[:5]
+            shown = ", ".join(f"{m} {v:.4g}" for m, v in worst)
+            c.print(f"  {key} (worst 5 of {len(value)}): {shown}", highlight=False)
+        else:
+            c.print(f"  {key}: {value}", highlight=False)
+    c.print(done, highlight=False)
+
+
+AdapterOpt = Annotated[Optional[list[str]], typer.Option(
+    "--adapter", "-a", metavar="DIR[:WEIGHT]",
+    help="An adapter or run directory and its weight (default 1); repeatable.")]
+
+
 @app.command()
 def merge(
-    source: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: from the run or adapter).")] = None,
+    source: Annotated[Optional[Path], typer.Argument(
+        help="A run directory or an adapter directory (or give --adapter).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")] = ...,
+    adapter: AdapterOpt = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: from the adapter).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
     verify: Annotated[bool, typer.Option("--verify", help="Compare logits of merged vs base+adapter.")] = False,
     from_quantized: Annotated[bool, typer.Option(
@@ -228,36 +248,140 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fold an adapter into its base, shard by shard, and write a standard checkpoint."""
+    """Fold an adapter (or several, weighted) into its base, shard by shard, and write a standard checkpoint."""
 
     def body():
-        from lorakit.merge import merge_adapter
-
         if dtype not in ("bf16", "fp16", "fp32"):
             raise LorakitError(f"--dtype: expected bf16, fp16 or fp32 (got {dtype!r})")
-        report = merge_adapter(source, out, base=base, dtype=dtype, verify=verify,
-                               overwrite=overwrite, from_quantized=from_quantized)
+        kw = dict(base=base, dtype=dtype, verify=verify, overwrite=overwrite, from_quantized=from_quantized)
+        if adapter:
+            from lorakit.adapters.compose import merge_weighted, parse_weighted
+
+            specs = ([(str(source), 1.0)] if source else []) + [parse_weighted(a) for a in adapter]
+            report = merge_weighted(specs, out, **kw)
+        elif source is None:
+            raise LorakitError("merge: give a run or adapter directory, or --adapter DIR[:WEIGHT]")
+        else:
+            from lorakit.merge import merge_adapter
+
+            report = merge_adapter(source, out, **kw)
         if json_out:
             _print_json({"ok": True, **report})
             return
-        c = console()
-        for key, value in report.items():
-            c.print(f"  {key}: {value}", highlight=False)
-        c.print(f"merged checkpoint written to {out}", highlight=False)
+        _print_report(report, f"merged checkpoint written to {out}")
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def compose(
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter or run directories of one base.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the new adapter.")],
+    weights: Annotated[Optional[str], typer.Option(
+        "--weights", help="One weight per adapter, e.g. 0.7,0.3 (default 1 each).")] = None,
+    method: Annotated[str, typer.Option("--method", help="cat (exact sum), svd, linear, ties or dare_ties.")] = "cat",
+    rank: Annotated[Optional[int], typer.Option("--rank", help="svd: the rank kept (default: the inputs' largest).")] \
+        = None,
+    density: Annotated[Optional[float], typer.Option(
+        "--density", help="ties, dare_ties: the fraction of entries kept.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="dare_ties: the seed of the random masks.")] = 0,
+    base: Annotated[Optional[str], typer.Option("--base", help="The base (dare_ties draws in its module order).")] \
+        = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Combine adapters of the same base into one peft adapter (peft's add_weighted_adapter methods)."""
+
+    def body():
+        from lorakit.adapters.compose import compose as run_compose
+        from lorakit.adapters.compose import parse_weights
+
+        report = run_compose(adapters, out, weights=parse_weights(weights, len(adapters)), method=method, rank=rank,
+                             density=density, seed=seed, base=base, overwrite=overwrite)
+        if json_out:
+            _print_json({"ok": True, **report})
+            return
+        _print_report(report, f"adapter written to {out}")
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def unmerge(
+    merged: Annotated[Path, typer.Argument(help="A merged checkpoint directory.", show_default=False)],
+    adapter: AdapterOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the base checkpoint.")] = ...,
+    base: Annotated[Optional[Path], typer.Option(
+        "--base", help="The real base: for --verify, and for tensors the adapter replaced (modules_to_save).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare every tensor with --base.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Take merged adapters off a checkpoint again, shard by shard: the base back."""
+
+    def body():
+        from lorakit.adapters.compose import parse_weighted
+        from lorakit.adapters.unmerge import unmerge_weighted
+
+        if not adapter:
+            raise LorakitError("--adapter: name the adapter that was merged (DIR[:WEIGHT], repeatable)")
+        report = unmerge_weighted(merged, [parse_weighted(a) for a in adapter], out, base=base, verify=verify,
+                                  overwrite=overwrite)
+        if json_out:
+            _print_json({"ok": True, **report})
+            return
+        _print_report(report, f"unmerged checkpoint written to {out}")
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
+def extract(
+    base: Annotated[Path, typer.Option("--base", help="The base model directory.")],
+    tuned: Annotated[Path, typer.Option("--tuned", help="The fine-tuned model directory.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="The adapter's rank.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the adapter.")],
+    targets: Annotated[Optional[list[str]], typer.Option(
+        "--targets", help="Linear module names, comma-separated or repeated (default: all-linear).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare logits of base+adapter with --tuned.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """A LoRA adapter approximating tuned - base by truncated SVD, module by module."""
+
+    def body():
+        from lorakit.adapters.extract import extract as run_extract
+
+        names = [t for item in targets or [] for t in item.split(",") if t]
+        report = run_extract(base, tuned, out, rank=rank, targets=names or None, verify=verify, overwrite=overwrite)
+        if json_out:
+            _print_json({"ok": True, **report})
+            return
+        _print_report(report, f"adapter written to {out}")
 
     _run(body, json_mode=json_out)
 
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `lorakit train`.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(
+        help="A run directory written by `lorakit train`; with --adapter also a base model.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],
     base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model, without the adapter.")] = False,
+    adapter: Annotated[Optional[list[Path]], typer.Option(
+        "--adapter", "-a", help="Answer with each adapter in turn, the base loaded once (repeatable).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
 ) -> None:
     """Answer a prompt with the trained adapter (or the base alone) to see what training changed."""
 
     def body():
+        if adapter:
+            from lorakit.generate import generate_many
+
+            for label, text in generate_many(run_dir, adapter, prompt, base_only=base_only,
+                                             max_new_tokens=max_new_tokens):
+                typer.echo(f"== {label} ==\n{text}")
+            return
         from lorakit.generate import generate as run_generate
 
         typer.echo(run_generate(run_dir, prompt, base_only=base_only, max_new_tokens=max_new_tokens))

@@ -41,3 +41,58 @@ def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_n
                                trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     chat = [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
     return generate_batch(model, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
+
+
+def generate_many(base_or_run: str | Path, adapters: list[str | Path], prompt: str, *, base_only: bool = False,
+                  max_new_tokens: int = 128) -> list[tuple[str, str]]:
+    """One base loaded once; each adapter's greedy answer in turn (peft load_adapter / set_adapter).
+
+    Args:
+        base_or_run: a run directory (its recipe names the base) or a base model (directory, alias or hub id).
+        adapters: adapter or run directories of that base.
+        prompt: the user message (chat-templated when the tokenizer has a template).
+        base_only: also answer with the base alone (first, with the adapters disabled).
+        max_new_tokens: the answers' length limit.
+
+    Returns:
+        (label, answer) pairs: "base" first with base_only, then each adapter's path.
+    """
+    from peft import PeftModel
+
+    from lorakit.evaluate import generate_batch
+    from lorakit.merge import find_source
+    from lorakit.models import load_for_inference, load_tokenizer, resolve_base_dir
+    from lorakit.quiet import quiet_libraries
+
+    quiet_libraries()
+    path = Path(base_or_run).expanduser()
+    trust, pickle = False, False
+    if (path / "recipe.yaml").is_file():
+        recipe = _run_recipe(path)
+        m = recipe.model
+        trust, pickle = m.trust_remote_code, m.allow_pickle
+        base_dir = resolve_base_dir(recipe.base_model, revision=m.revision, allow_pickle=pickle)
+    else:
+        base_dir = resolve_base_dir(str(base_or_run))
+    dirs = [find_source(a).adapter_dir for a in adapters]
+    tok_dir = next((d for d in dirs if (d / "tokenizer_config.json").is_file()), base_dir)
+    tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust)
+    model = load_for_inference(base_dir, adapter_dir=None, trust_remote_code=trust, allow_pickle=pickle)
+    names = [f"adapter{i}" for i in range(len(dirs))]
+    model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
+    for name, d in zip(names[1:], dirs[1:]):
+        model.load_adapter(str(d), adapter_name=name)
+    model.eval()
+    chat = [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
+
+    def answer() -> str:
+        return generate_batch(model, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
+
+    answers = []
+    if base_only:
+        with model.disable_adapter():
+            answers.append(("base", answer()))
+    for name, a in zip(names, adapters):
+        model.set_adapter(name)
+        answers.append((str(a), answer()))
+    return answers

@@ -71,7 +71,8 @@ def peft_weighted(base_dir, adapters, weights, method, seed=0, **kw) -> dict[str
 
     LoraModel.inject_adapter = inject_then_seed
     try:
-        model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], weights, "mix", combination_type=method, **kw)
+        names = [f"a{i}" for i in range(len(adapters))]
+        model.add_weighted_adapter(names, weights, "mix", combination_type=method, **kw)
     finally:
         LoraModel.inject_adapter = inject
     return {n.removeprefix("base_model.model."): (m.lora_A["mix"].weight.detach(), m.lora_B["mix"].weight.detach())
@@ -80,7 +81,7 @@ def peft_weighted(base_dir, adapters, weights, method, seed=0, **kw) -> dict[str
 
 def ours(out: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     t = load_file(out / "adapter_model.safetensors")
-    mods = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in t if k.endswith("lora_A.weight")}
+    mods = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in t if "lora_A" in k}
     return {m: (t[f"base_model.model.{m}.lora_A.weight"], t[f"base_model.model.{m}.lora_B.weight"]) for m in mods}
 
 
@@ -178,10 +179,21 @@ def test_compose_refusals(two, tiny_model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _cli(*args: str) -> tuple[int, str]:
+    """The real CLI in a subprocess: (exit code, stderr)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CI="true")
+    r = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=env, timeout=300)
+    return r.returncode, r.stderr
+
+
+def _in_process(*args: str) -> tuple[int, str]:
+    """The same CLI app in this process (typer's runner): the error paths without an interpreter start each."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stderr + r.stdout
 
 
 def test_cli_errors_exit_2(two, tiny_model_dir, tmp_path):
@@ -190,23 +202,162 @@ def test_cli_errors_exit_2(two, tiny_model_dir, tmp_path):
     cfg = json.loads((two[1] / "adapter_config.json").read_text())
     (other_base / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path="org/other")))
     (other_base / "adapter_model.safetensors").write_bytes((two[1] / "adapter_model.safetensors").read_bytes())
+    o = str(tmp_path / "o")
     cases = [
-        (["compose", str(two[0]), str(other_base), "--out", str(tmp_path / "o")], "different bases"),
-        (["compose", str(two[0]), str(two[1]), "--weights", "0.5", "--out", str(tmp_path / "o")], "--weights"),
-        (["compose", str(two[0]), str(two[1]), "--method", "magic", "--out", str(tmp_path / "o")], "--method"),
-        (["compose", str(two[0]), str(two[1]), "--method", "dare_ties", "--density", "1.5",
-          "--out", str(tmp_path / "o")], "--density"),
-        (["merge", "--adapter", f"{two[0]}:0.5", "--adapter", f"{other_base}:0.5", "--out", str(tmp_path / "o")],
-         "different bases"),
-        (["unmerge", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-         "no such directory"),
-        (["extract", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--rank", "0",
-          "--out", str(tmp_path / "o")], "--rank"),
+        (["compose", str(two[0]), str(other_base), "--out", o], "different bases"),
+        (["merge", "--adapter", f"{two[0]}:0.5", "--adapter", f"{other_base}:0.5", "--out", o], "different bases"),
+        (["compose", str(two[0]), str(two[1]), "--weights", "0.5", "--out", o], "--weights"),
+        (["compose", str(two[0]), str(two[1]), "--method", "magic", "--out", o], "--method"),
+        (["compose", str(two[0]), str(two[1]), "--method", "dare_ties", "--density", "1.5", "--out", o], "--density"),
+        (["compose", str(two[0]), str(two[1]), "--method", "linear", "--rank", "2", "--out", o], "--rank"),
+        (["unmerge", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--out", o], "no such directory"),
+        (["unmerge", str(tiny_model_dir), "--adapter", str(two[0]), "--out", o, "--verify"], "--base"),
+        (["extract", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--rank", "0", "--out", o],
+         "--rank"),
         (["extract", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--rank", "2",
-          "--targets", "nope_proj", "--out", str(tmp_path / "o")], "nope_proj"),
+          "--targets", "nope_proj", "--out", o], "nope_proj"),
     ]
-    for args, needle in cases:
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    for i, (args, needle) in enumerate(cases):
+        code, err = (_cli if i == 1 else _in_process)(*args)  # one through a real interpreter start (seconds)
+        assert code == 2, (args, err)
+        assert needle in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# unmerge
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,kw", [("fp32", {}), ("bf16", {}), ("bf16", {"use_dora": True}),
+                                      ("fp32", {"modules_to_save": ["lm_head"]})])
+def test_unmerge_of_merge_is_the_base(dtype, kw, tiny_model_dir, tmp_path):
+    from lorakit.adapters.unmerge import unmerge
+    from lorakit.merge import merge_adapter
+
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=5, **kw)
+    merge_adapter(a, tmp_path / "merged", dtype=dtype)
+    report = unmerge(tmp_path / "merged", a, tmp_path / "base", base=tiny_model_dir, verify=True)
+    assert report["worst_bound_ratio"] <= 1
+    base, got = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    low = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    for k, w in base.items():
+        assert got[k].dtype == low
+        err = (got[k].float() - w).abs().max()
+        assert err <= torch.finfo(low).eps * 4 * (w.abs().max() + merged[k].float().abs().max()), k
+        if dtype == "fp32" and k.endswith("q_proj.weight"):  # the delta came off: far closer than before
+            assert err < 1e-3 * (merged[k] - w).abs().max()
+
+
+def test_unmerge_with_the_wrong_adapter_fails_verify(two, tiny_model_dir, tmp_path):
+    from lorakit.adapters.unmerge import unmerge
+    from lorakit.merge import merge_adapter
+
+    merge_adapter(two[0], tmp_path / "merged", dtype="bf16")
+    with pytest.raises(LorakitError, match="more than rounding") as e:
+        unmerge(tmp_path / "merged", two[1], tmp_path / "base", base=tiny_model_dir, verify=True)
+    assert e.value.exit_code == 1
+
+
+def test_unmerge_of_a_two_adapter_merge(two, tiny_model_dir, tmp_path):
+    from lorakit.adapters.unmerge import unmerge_weighted
+
+    spec = [(two[0], 0.7), (two[1], -0.2)]
+    merge_weighted(spec, tmp_path / "merged", dtype="fp32")
+    report = unmerge_weighted(tmp_path / "merged", spec, tmp_path / "base", base=tiny_model_dir, verify=True)
+    assert report["worst_bound_ratio"] <= 1 and report["max_abs_diff"] < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# extract
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with every Linear (and one norm) changed by a full-rank perturbation."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tuned")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "proj" in n or n == "model.norm.weight":
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(path)
+    return path
+
+
+def test_extract_full_rank_reproduces_the_delta(tiny_model_dir, tuned, tmp_path):
+    from lorakit.adapters.extract import extract
+
+    report = extract(tiny_model_dir, tuned, tmp_path / "x", rank=128, verify=True)
+    assert report["modules"] == 14 and report["max_relative_error"] < 1e-5
+    assert report["not_extracted"] == ["model.norm.weight"]
+    b, t = load_file(tiny_model_dir / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for m, d in deltas(tmp_path / "x").items():
+        torch.testing.assert_close(d, t[f"{m}.weight"] - b[f"{m}.weight"], rtol=1e-4, atol=1e-6)
+    # what is left is the norm's change, which no LoRA holds
+    assert report["max_logit_diff"] < 0.2 * report["base_vs_tuned_logit_diff"]
+    sub = extract(tiny_model_dir, tuned, tmp_path / "q", rank=128, targets=["q_proj"], verify=True)
+    assert sub["modules"] == 2 and set(deltas(tmp_path / "q")) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+
+
+def test_extract_low_rank_is_eckart_young(tiny_model_dir, tuned, tmp_path):
+    from lorakit.adapters.extract import extract
+
+    report = extract(tiny_model_dir, tuned, tmp_path / "x", rank=5)
+    b, t = load_file(tiny_model_dir / "model.safetensors"), load_file(tuned / "model.safetensors")
+    got = deltas(tmp_path / "x")
+    assert len(got) == 14
+    for m, d in got.items():
+        D = t[f"{m}.weight"] - b[f"{m}.weight"]
+        s = torch.linalg.svdvals(D.double())
+        best = float((s[5:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+        err = float((D - d).norm() / D.norm())
+        assert err == pytest.approx(best, rel=1e-3) and report["relative_error"][m] == pytest.approx(best, rel=1e-3)
+        assert report["energy_kept"][m] == pytest.approx(1 - best ** 2, rel=1e-3)
+
+
+def test_extract_randomized_matches_eckart_young(monkeypatch, tiny_model_dir, tuned, tmp_path):
+    """The randomized SVD (used above EXACT_MAX_SIDE) on a delta of decaying spectrum, as fine-tuning deltas have."""
+    from lorakit.adapters import extract as ex
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g))
+    s = 0.8 ** torch.arange(200.0)
+    D = U[:, :200] @ torch.diag(s) @ V.T
+    monkeypatch.setattr(ex, "EXACT_MAX_SIDE", 64)
+    A, B, err, kept = ex.low_rank(D, 8)
+    best = float((s[8:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    assert err == pytest.approx(best, rel=1e-3)
+    assert float((D - B @ A).norm() / D.norm()) == pytest.approx(best, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate with several adapters
+# ------------------------------------------------------------------------------------------------
+
+def test_generate_many_answers_as_each_adapter_alone(tiny_model_dir, tmp_path):
+    from lorakit.evaluate import generate_batch
+    from lorakit.generate import generate_many
+    from lorakit.models import load_for_inference, load_tokenizer
+
+    adapters = []
+    for i in range(2):  # large random factors: each adapter changes the greedy answer
+        a = make_adapter(tiny_model_dir, tmp_path / f"a{i}", seed=10 + i, target_modules=["q_proj", "v_proj", "o_proj"])
+        t = load_file(a / "adapter_model.safetensors")
+        g = torch.Generator().manual_seed(i)
+        from safetensors.torch import save_file
+
+        save_file({k: torch.randn(v.shape, generator=g) for k, v in t.items()}, a / "adapter_model.safetensors")
+        adapters.append(a)
+    got = generate_many(tiny_model_dir, adapters, "What is the capital of France?", base_only=True, max_new_tokens=8)
+    assert [label for label, _ in got] == ["base", str(adapters[0]), str(adapters[1])]
+    tok = load_tokenizer(tiny_model_dir)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    for (label, text), a in zip(got, [None, *adapters]):
+        model = load_for_inference(tiny_model_dir, adapter_dir=a)
+        assert text == generate_batch(model, tok, [chat], max_new_tokens=8, batch_size=1)[0], label
+    assert len({text for _, text in got}) == 3
