@@ -174,6 +174,9 @@ def test_json_shape_and_ints():
     r16 = estimate(_recipe(quantization__bits="none"))
     assert r16["artifacts"]["adapter_bytes"] == r16["params"]["trainable"] * 4
     assert r["artifacts"]["merged_bytes"] == 8_030_261_248 * 2
+    assert r["artifacts"]["unmerged_bytes"] == r["artifacts"]["merged_bytes"]
+    # extract and compose write fp32 LoRA weights: twice the bf16 adapter a 4-bit run saves
+    assert r["artifacts"]["extracted_adapter_bytes"] == 2 * r["artifacts"]["adapter_bytes"]
     m = r["memory"]  # the breakdown adds up to the peak
     assert m["peak_bytes"] == sum(m[k] for k in ("weights_bytes", "adapter_bytes", "gradients_bytes", "optimizer_bytes",
                                                  "activations_bytes", "logits_bytes", "overhead_bytes"))

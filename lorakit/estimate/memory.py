@@ -533,10 +533,12 @@ def _liger_installed() -> bool:
 
 def artifacts(shape: ModelShape, params: dict, merged_dtype: str, adapter_param_bytes: int = 4) -> dict:
     """Adapter file (safetensors, the trained weights in their training dtype: bf16 for a 4/8-bit base under
-    TRL, else fp32) and merged checkpoint sizes."""
+    TRL, else fp32) and merged checkpoint sizes; `lorakit unmerge` writes the merged size again, `lorakit
+    extract` at this rank (and `compose --method cat`, per input adapter) writes the LoRA weights in fp32."""
     adapter = (params["lora"] + params["modules_to_save"] + params["biases"]) * adapter_param_bytes
     merged = shape.total_params * _DTYPE_BYTES[merged_dtype]
-    return {"adapter_bytes": int(adapter), "merged_bytes": int(merged)}
+    return {"adapter_bytes": int(adapter), "merged_bytes": int(merged), "unmerged_bytes": int(merged),
+            "extracted_adapter_bytes": int(params["lora"] * 4)}
 
 
 def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:

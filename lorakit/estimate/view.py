@@ -91,7 +91,9 @@ def _memory_table(result: dict) -> Table:
               f"{human(m['allocated_peak_bytes'])}", style="bold")
     a = result["artifacts"]
     t.add_row("adapter file", human(a["adapter_bytes"]), "")
-    t.add_row("merged checkpoint", human(a["merged_bytes"]), "")
+    t.add_row("merged checkpoint", human(a["merged_bytes"]), "and `lorakit unmerge`'s output")
+    t.add_row("extracted / composed adapter", human(a["extracted_adapter_bytes"]),
+              "fp32 at this rank; compose --method cat: this per input adapter")
     return t
 
 
