@@ -223,7 +223,7 @@ def _print_report(report: dict, done: str) -> None:
         if isinstance(value, dict):
             worst = sorted(value.items(), key=lambda kv: kv[1], reverse=key == "relative_error")[:5]
             shown = ", ".join(f"{m} {v:.4g}" for m, v in worst)
-            c.print(f"  {key} (worst 5 of {len(value)}): {shown}", highlight=False)
+            c.print(f"  {key} (worst {len(worst)} of {len(value)}): {shown}", highlight=False)
         else:
             c.print(f"  {key}: {value}", highlight=False)
     c.print(done, highlight=False)
