@@ -59,10 +59,10 @@ def generate_many(base_or_run: str | Path, adapters: list[str | Path], prompt: s
     """
     from peft import PeftModel
 
-    from lorakit.evaluate import generate_batch
+    from lorakit.train.evaluate import generate_batch
     from lorakit.merge import find_source
-    from lorakit.models import load_for_inference, load_tokenizer, resolve_base_dir
-    from lorakit.quiet import quiet_libraries
+    from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
+    from lorakit.runtime.quiet import quiet_libraries
 
     quiet_libraries()
     path = Path(base_or_run).expanduser()

@@ -340,9 +340,9 @@ def test_extract_randomized_matches_eckart_young(monkeypatch, tiny_model_dir, tu
 # ------------------------------------------------------------------------------------------------
 
 def test_generate_many_answers_as_each_adapter_alone(tiny_model_dir, tmp_path):
-    from lorakit.evaluate import generate_batch
+    from lorakit.train.evaluate import generate_batch
     from lorakit.generate import generate_many
-    from lorakit.models import load_for_inference, load_tokenizer
+    from lorakit.model.load import load_for_inference, load_tokenizer
 
     adapters = []
     for i in range(2):  # large random factors: each adapter changes the greedy answer

@@ -154,7 +154,7 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, base: s
         return u
 
     def side_files(tmp: Path, named: list) -> None:
-        from lorakit.atomic import atomic_write_json
+        from lorakit.runtime.atomic import atomic_write_json
 
         for name in _COPIED:
             if (merged / name).is_file():
