@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import registry, varlen_attention
+from lorakit.bnb_cpu import keep_4bit_layers_trainable
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 
 log = logging.getLogger("lorakit")
@@ -430,6 +431,8 @@ def load_training_model(recipe, device: str, base_dir: Path, tokenizer, levers: 
     """(peft model, info): the base from `base_dir` with the recipe's adapter and the run's levers."""
     bits = recipe.quantization.resolved_bits(device)
     model = load_base(recipe, device, base_dir, bits, levers)
+    if bits == 4:  # an eval pass on a CPU would otherwise make the 4-bit layers inference-only (bnb_cpu)
+        keep_4bit_layers_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, info = attach_adapter(recipe, model, device, bits, levers)

@@ -262,12 +262,14 @@ def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str)
 
 def _callbacks(recipe, run: RunDir, out: _Out):
     from lorakit.guards import CheckpointMarker, GracefulStop, NonFiniteGuard
+    from lorakit.learning_guard import LearningGuard
     from lorakit.progress import ProgressCallback
 
     progress = ProgressCallback(run.metrics_file, console=out.console)
     stopper = GracefulStop()
     guard = NonFiniteGuard(recipe.train.nan_policy)
-    return progress, stopper, guard, [progress, stopper, guard, CheckpointMarker()]
+    learning = LearningGuard(early=recipe.method == "sft")  # before NonFiniteGuard: it sees the gradients first
+    return progress, stopper, guard, learning, [progress, stopper, learning, guard, CheckpointMarker()]
 
 
 def _remove_printer(trainer) -> None:
@@ -615,7 +617,10 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
                     checkpoint, t_start) -> dict:
     has_eval = recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0
     common = training_args(recipe, run, device, has_eval=has_eval)
-    progress, stopper, guard, callbacks = _callbacks(recipe, run, out)
+    progress, stopper, guard, learning, callbacks = _callbacks(recipe, run, out)
+    from lorakit.learning_guard import check_trainable
+
+    check_trainable(model)
     trainer = _build_trainer(recipe, model, tokenizer, prepared, common, callbacks)
     padder = _pad_to_graph_length(trainer, info)
     _remove_printer(trainer)
@@ -657,6 +662,9 @@ def _train_and_save(recipe, run: RunDir, device, model, tokenizer, info, prepare
             msg + (f"; the last good checkpoint is {ckpt}" if ckpt else ""), exit_code=EXIT_RUNTIME,
             hint="lower train.lr, use bf16 instead of fp16, check the data for broken rows, "
                  "or set train.nan_policy: skip")
+    if learning.error() is not None:  # the adapter did not move: nothing is saved as if it had learned
+        run.set_state(FAILED, error=learning.problem, step=state.global_step)
+        raise learning.error()
 
     after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after")
     _save_adapter(model, tokenizer, run, trainer)
