@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lorakit import __version__
+from lorakit.cli_argv import normalize as normalize_argv
 from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError, signal_exit_code
 
 app = typer.Typer(
@@ -139,8 +140,9 @@ def train(
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume", flag_value="latest", metavar="[RUN_DIR]",
-        help="Continue from the latest complete checkpoint (of RUN_DIR, or of the recipe's output dir).")] = None,
+        "--resume", metavar="[RUN_DIR]",
+        help="Continue from the latest complete checkpoint (of RUN_DIR, or of the recipe's output dir); "
+             "a finished run continues when the recipe asks for more steps.")] = None,
     gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Launch on N GPUs through accelerate.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -320,13 +322,14 @@ def recipes(json_out: JsonOpt = False) -> None:
     _run(body, json_mode=json_out)
 
 
-def main() -> None:
-    """Console-script entry point (also `python -m lorakit`)."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (also `python -m lorakit`); `argv` defaults to the process's arguments."""
+    args = normalize_argv(sys.argv[1:] if argv is None else argv)  # --resume's optional value (cli_argv)
     if ci_mode():  # before any library imports tqdm, which reads its switch then
         from lorakit.quiet import progress_bars_off
 
         progress_bars_off()
-    app()
+    app(args=args)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class LearningGuard(TrainerCallback):
         self._lr = 0.0
         self._nonzero = False
         self._steps = 0  # optimizer steps of this process (a resumed run counts from its checkpoint)
+        self.lr_steps = 0  # of them, taken at a non-zero learning rate
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch
@@ -73,6 +74,8 @@ class LearningGuard(TrainerCallback):
             return bool(torch.stack(diff).any())
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._lr = max((g.get("lr", 0.0) for g in optimizer.param_groups), default=0.0) if optimizer else 0.0
+        self.lr_steps += self._lr > 0
         if self.moved or self._steps >= EARLY_STEPS or not self.early:
             return control
         import torch
@@ -81,7 +84,6 @@ class LearningGuard(TrainerCallback):
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.grad_seen |= norm is not None and bool(norm != 0)  # NaN counts as seen: NonFiniteGuard's case
         self._nonzero = norm is not None and bool(torch.isfinite(norm) & (norm > 0))
-        self._lr = max((g.get("lr", 0.0) for g in optimizer.param_groups), default=0.0) if optimizer else 0.0
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -106,7 +108,10 @@ class LearningGuard(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.problem is None and not self.moved and self._steps > 0 and self._start is not None:
             self.moved = self._changed()
-            if not self.moved:
+            if not self.moved and not self.lr_steps:
+                self.problem = f"the learning rate was 0 at every one of the {self._steps} step(s)" + (
+                    " (a run of one step spends it warming up: set train.warmup_ratio: 0)" if self._steps == 1 else "")
+            elif not self.moved:
                 self.problem = f"training ran {self._steps} step(s) and the adapter's weights did not change"
         self._start = None
         return control

@@ -450,11 +450,17 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     if resuming:
         from lorakit.guards import latest_complete_checkpoint
 
-        run.check_resumable()
+        if overwrite:
+            raise LorakitError("--resume continues the run, --overwrite replaces it: pass one of them")
+        run.check_resumable(finished_ok=True)
         checkpoint = latest_complete_checkpoint(run.checkpoints_dir)
         if checkpoint is None:
             raise LorakitError(f"--resume: {run.path} has no complete checkpoint to resume from",
                                hint="set train.save_steps to save checkpoints, or start over with --overwrite")
+        from lorakit.resume import check_resume
+
+        with located(recipe):  # the recipe changes a resumed run may not make, with their lines
+            check_resume(run, checkpoint, recipe)
     else:
         run.check_new(overwrite=overwrite)
     with located(recipe):

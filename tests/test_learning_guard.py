@@ -30,7 +30,7 @@ def test_learning_rate_zero_for_the_whole_run_fails(workdir, tiny_model_dir):
     recipe = make_recipe(workdir, tiny_model_dir, evaluate={"metrics": []})
     recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": 0.0})})  # past validation
     e = _fails(recipe)
-    assert e.message == "the run learned nothing: training ran 3 step(s) and the adapter's weights did not change"
+    assert e.message == "the run learned nothing: the learning rate was 0 at every one of the 3 step(s)"
 
 
 def test_every_label_masked_fails_after_the_first_steps(workdir, tiny_model_dir, monkeypatch):
