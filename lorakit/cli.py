@@ -20,6 +20,7 @@ import typer
 from lorakit import __version__
 from lorakit.cli_argv import normalize as normalize_argv
 from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError, signal_exit_code
+from lorakit.quiet import quiet_from_start
 
 app = typer.Typer(
     name="lorakit",
@@ -325,6 +326,8 @@ def recipes(json_out: JsonOpt = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also `python -m lorakit`); `argv` defaults to the process's arguments."""
     args = normalize_argv(sys.argv[1:] if argv is None else argv)  # --resume's optional value (cli_argv)
+    if "--debug" not in args[: args.index("--") if "--" in args else len(args)]:
+        quiet_from_start()
     if ci_mode():  # before any library imports tqdm, which reads its switch then
         from lorakit.quiet import progress_bars_off
 
