@@ -294,6 +294,8 @@ def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Writ
         from lorakit.recipe import json_schema
 
         text = json.dumps(json_schema(), indent=2) + "\n"
+        if out and out.is_dir():
+            raise LorakitError(f"--out {out}: is a directory; give the name of the file to write")
         if out:
             atomic_write_text(out, text)
         else:

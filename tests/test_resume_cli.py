@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import chat_rows, write_jsonl
 from safetensors.torch import load_file
+from test_quiet_cli import noise
 
 from lorakit.recipe import load_recipe
 from lorakit.run_dir import INTERRUPTED, RunDir
@@ -79,8 +80,10 @@ def _copy(src: Path, dst: Path, *, interrupted: bool = False) -> Path:
 
 
 def _cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=folder, env=ENV, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=folder, env=ENV, capture_output=True,
                           text=True, timeout=300)
+    assert not noise(done.stderr), noise(done.stderr)  # no library's log line, resumed or refused
+    return done
 
 
 # ---- the forms, parsed ------------------------------------------------------------------------------------
