@@ -7,7 +7,8 @@ every forward, training's included, calls the `gemv_4bit` op directly instead of
 op has no backward: the gradient stops at each quantized layer (torch warns "an autograd kernel was not
 registered"), so every LoRA layer upstream of one (all of them, through o_proj / down_proj) gets a zero gradient
 and the run trains nothing. Turning the repacking off keeps the layers on the differentiable path; eval runs on
-bitsandbytes' ordinary CPU kernel instead.
+bitsandbytes' ordinary CPU kernel instead. Every 4-bit base models.load_base loads gets the switch, so an adapter
+reloaded on one gives the logits of the trained model (the repacked kernel's bf16 scales differ by ~1e-3).
 """
 
 from __future__ import annotations

@@ -397,10 +397,13 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None, levers: dic
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        return AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise LorakitError(f"base_model {recipe.base_model}: cannot load the model from {base_dir}: "
                            f"{str(e).splitlines()[0][:300]}", field="base_model") from None
+    if bits == 4:  # an eval pass on a CPU would otherwise make the 4-bit layers inference-only (bnb_cpu)
+        keep_4bit_layers_trainable(model)
+    return model
 
 
 def load_for_training(recipe, device: str, levers: dict | None = None):
@@ -431,8 +434,6 @@ def load_training_model(recipe, device: str, base_dir: Path, tokenizer, levers: 
     """(peft model, info): the base from `base_dir` with the recipe's adapter and the run's levers."""
     bits = recipe.quantization.resolved_bits(device)
     model = load_base(recipe, device, base_dir, bits, levers)
-    if bits == 4:  # an eval pass on a CPU would otherwise make the 4-bit layers inference-only (bnb_cpu)
-        keep_4bit_layers_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, info = attach_adapter(recipe, model, device, bits, levers)
