@@ -18,7 +18,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lorakit import __version__
+from lorakit.cli_argv import normalize as normalize_argv
 from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError, signal_exit_code
+from lorakit.runtime.quiet import quiet_from_start
 
 app = typer.Typer(
     name="lorakit",
@@ -139,8 +141,9 @@ def train(
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume", flag_value="latest", metavar="[RUN_DIR]",
-        help="Continue from the latest complete checkpoint (of RUN_DIR, or of the recipe's output dir).")] = None,
+        "--resume", metavar="[RUN_DIR]",
+        help="Continue from the latest complete checkpoint (of RUN_DIR, or of the recipe's output dir); "
+             "a finished run continues when the recipe asks for more steps.")] = None,
     gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Launch on N GPUs through accelerate.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -415,6 +418,8 @@ def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Writ
         from lorakit.runtime.atomic import atomic_write_text
 
         text = json.dumps(json_schema(), indent=2) + "\n"
+        if out and out.is_dir():
+            raise LorakitError(f"--out {out}: is a directory; give the name of the file to write")
         if out:
             atomic_write_text(out, text)
         else:
@@ -444,13 +449,16 @@ def recipes(json_out: JsonOpt = False) -> None:
     _run(body, json_mode=json_out)
 
 
-def main() -> None:
-    """Console-script entry point (also `python -m lorakit`)."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (also `python -m lorakit`); `argv` defaults to the process's arguments."""
+    args = normalize_argv(sys.argv[1:] if argv is None else argv)  # --resume's optional value (cli_argv)
+    if "--debug" not in args[: args.index("--") if "--" in args else len(args)]:
+        quiet_from_start()
     if ci_mode():  # before any library imports tqdm, which reads its switch then
         from lorakit.runtime.quiet import progress_bars_off
 
         progress_bars_off()
-    app()
+    app(args=args)
 
 
 if __name__ == "__main__":

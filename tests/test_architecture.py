@@ -24,6 +24,7 @@ LAYERS = [
     {"adapters", "export"},
     {"train"},
     {"generate", "validate"},
+    {"cli_argv"},
     {"cli"},
     {"__main__"},
 ]

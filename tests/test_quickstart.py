@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_quiet_cli import noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,7 @@ def test_quickstart_teaches_the_demo_model(tmp_path):
          "--set", f"output.dir={tmp_path / 'runs' / 'quickstart'}"],
         capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not noise(proc.stderr), noise(proc.stderr)  # no library's log line or warning (issue 24)
     summary = json.loads(proc.stdout)
     assert summary["ok"] and summary["state"] == "finished"
 

@@ -19,7 +19,7 @@ def make_recipe(dir_: Path, base: Path, name: str = "tiny", **sections):
         "quantization": {"bits": "none"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
         "data": {"path": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
-        "train": {"max_steps": 3, "lr": 1e-3, "batch_size": 4, "logging_steps": 1, "seed": 0},
+        "train": {"max_steps": 3, "lr": 1e-3, "warmup_ratio": 0.0, "batch_size": 4, "logging_steps": 1, "seed": 0},
         "evaluate": {"metrics": [{"fn": "json_match"}], "samples": 4, "max_new_tokens": 8},
         "output": {"dir": f"runs/{name}"},
     }

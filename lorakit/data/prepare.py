@@ -699,7 +699,7 @@ def _encode_all(source: Source, idx: list[int], fmt: str, enc: Encoder, max_leng
         except _RowError as e:
             raise LorakitError(f"{source.where(i)}: {e}", field="data.path",
                                hint="fix or remove the row (every row needs the same shape)") from None
-        if not any(mask):
+        if not any(mask[1:]):  # the first token is never a label (each token predicts the next)
             dropped["no_target"] += 1
             continue
         if len(ids) > max_length:
@@ -707,7 +707,7 @@ def _encode_all(source: Source, idx: list[int], fmt: str, enc: Encoder, max_leng
                 dropped["too_long"] += 1
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
-            if not any(mask):
+            if not any(mask[1:]):
                 dropped["completion_cut"] += 1
                 continue
             truncated += 1
@@ -746,8 +746,9 @@ def prepare_sft(recipe, tokenizer) -> Prepared:
                            hint="add a completion column (prompt + completion), or use method: grpo")
     enc = Encoder(tokenizer, completion_only=d.completion_only)
     res = _encode_all(train, train_idx, fmt, enc, d.max_length, d.too_long)
-    if not res["input_ids"]:
-        raise _all_dropped(res, train, d.max_length, d.too_long, "data.max_length")
+    if not res["input_ids"]:  # every label would be -100: the data, not the length, when no row was too long
+        cut = res["dropped"]["too_long"] or res["dropped"]["completion_cut"]
+        raise _all_dropped(res, train, d.max_length, d.too_long, "data.max_length" if cut else "data.path")
     train_ds = Dataset.from_dict({"input_ids": res["input_ids"], "completion_mask": res["completion_mask"]})
     eval_ds, examples, ev_res = None, [], None
     if ev is not None:

@@ -26,6 +26,7 @@ from typing import Any
 from lorakit import speed
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 from lorakit.model import registry
+from lorakit.model.bnb_cpu import keep_4bit_layers_trainable
 from lorakit.runtime.device import compute_dtype_name, torch_dtype, weights_dtype_name
 from lorakit.speed import varlen_attention
 
@@ -373,10 +374,13 @@ def load_base(recipe, device: str, base_dir: Path, bits: int | None, plan: speed
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        return AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise LorakitError(f"base_model {recipe.base_model}: cannot load the model from {base_dir}: "
                            f"{str(e).splitlines()[0][:300]}", field="base_model") from None
+    if bits == 4:  # an eval pass on a CPU would otherwise make the 4-bit layers inference-only (bnb_cpu)
+        keep_4bit_layers_trainable(model)
+    return model
 
 
 def load_for_training(recipe, device: str, plan: speed.Plan | None = None):

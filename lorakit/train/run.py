@@ -40,6 +40,8 @@ from lorakit.speed.varlen_attention import calls
 from lorakit.train import grpo
 from lorakit.train.args import run_options, sft_config, training_args
 from lorakit.train.evaluate import task_metrics
+from lorakit.train.learning_guard import LearningGuard, check_trainable
+from lorakit.train.resume import check_resume
 from lorakit.train.guards import (
     CheckpointMarker,
     GracefulStop,
@@ -154,7 +156,8 @@ def _callbacks(recipe, run: RunDir, out: _Out):
     progress = ProgressCallback(run.metrics_file, console=out.console)
     stopper = GracefulStop()
     guard = NonFiniteGuard(recipe.train.nan_policy)
-    return progress, stopper, guard, [progress, stopper, guard, CheckpointMarker()]
+    learning = LearningGuard(early=recipe.method == "sft")  # before NonFiniteGuard: it sees the gradients first
+    return progress, stopper, guard, learning, [progress, stopper, learning, guard, CheckpointMarker()]
 
 
 def _remove_printer(trainer) -> None:
@@ -199,11 +202,15 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
     run = _run_dir_for(recipe, resume)
     checkpoint = None
     if resuming:
-        run.check_resumable()
+        if overwrite:
+            raise LorakitError("--resume continues the run, --overwrite replaces it: pass one of them")
+        run.check_resumable(finished_ok=True)
         checkpoint = latest_complete_checkpoint(run.checkpoints_dir)
         if checkpoint is None:
             raise LorakitError(f"--resume: {run.path} has no complete checkpoint to resume from",
                                hint="set train.save_steps to save checkpoints, or start over with --overwrite")
+        with located(recipe):  # the recipe changes a resumed run may not make, with their lines
+            check_resume(run, checkpoint, recipe)
     else:
         run.check_new(overwrite=overwrite)
     with located(recipe):
@@ -302,7 +309,8 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
                     report, out: _Out, checkpoint, t_start) -> dict:
     has_eval = recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0
     common = training_args(recipe, run, device, plan, options, has_eval=has_eval)
-    progress, stopper, guard, callbacks = _callbacks(recipe, run, out)
+    progress, stopper, guard, learning, callbacks = _callbacks(recipe, run, out)
+    check_trainable(model)
     trainer = _build_trainer(recipe, model, tokenizer, prepared, common, callbacks, plan)
     padder = _pad_to_graph_length(trainer, plan)
     _remove_printer(trainer)
@@ -336,6 +344,9 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
             msg + (f"; the last good checkpoint is {ckpt}" if ckpt else ""), exit_code=EXIT_RUNTIME,
             hint="lower train.lr, use bf16 instead of fp16, check the data for broken rows, "
                  "or set train.nan_policy: skip")
+    if learning.error() is not None:  # the adapter did not move: nothing is saved as if it had learned
+        run.set_state(FAILED, error=learning.problem, step=state.global_step)
+        raise learning.error()
 
     after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after")
     _save_adapter(model, tokenizer, run, trainer)

@@ -172,13 +172,14 @@ class RunDir:
         raise LorakitError(f"{self.path} already holds {what}; it is never overwritten by default",
                            field="output.dir", hint=hint)
 
-    def check_resumable(self) -> None:
+    def check_resumable(self, *, finished_ok: bool = False) -> None:
+        """Raise unless the run here may be resumed (`finished_ok`: a finished one too, to train it further)."""
         if not self.path.is_dir():
             raise LorakitError(f"--resume: {self.path} does not exist", hint="train without --resume first")
         doc = self.read_state()
         if doc is None:
             raise LorakitError(f"--resume: {self.path} is not a lorakit run directory (no state.json)")
-        if doc.get("state") == FINISHED:
+        if doc.get("state") == FINISHED and not finished_ok:
             raise LorakitError(f"--resume: the run in {self.path} already finished",
                                hint="use --overwrite to train it again")
         if self._running_elsewhere(doc):
