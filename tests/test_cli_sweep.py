@@ -111,7 +111,7 @@ CASES = [
     (["merge", "no-such-run", "-o", "m", "--verify", "--from-quantized", "--overwrite", "--json"], 2, '"ok": false'),
     (["merge", "RUN", "-o", "m", "--base"], 2, "--base"),
     (["merge", "RUN", "-o", "RUN"], 2, "RUN"),
-    (["merge", "-o", "m"], 2, "SOURCE"),
+    (["merge", "-o", "m"], 2, "--adapter"),  # neither a run nor --adapter
     # generate
     (["generate", "RUN"], 2, "--prompt"),
     (["generate", "RUN", "-p"], 2, "-p"),
