@@ -6,7 +6,7 @@ from __future__ import annotations
 from lorakit import speed
 from lorakit.errors import LorakitError
 from lorakit.recipe.schema import fsdp_optimizer_problem, resolved_optimizer
-from lorakit.runtime.device import auto_dtype_name
+from lorakit.runtime import device as machine
 from lorakit.runtime.distributed import strategy
 from lorakit.speed.checkpointing import checkpointing_arg_names
 from lorakit.speed.planning import sft_config_kwargs
@@ -24,7 +24,7 @@ def run_options(recipe, device: str) -> dict:
         {"precision": "bf16" | "fp16" | "fp32", "optimizer": a TrainingArguments `optim` name}.
     """
     t = recipe.train
-    precision = auto_dtype_name(device) if t.precision == "auto" else t.precision
+    precision = machine.auto_dtype_name(device) if t.precision == "auto" else t.precision
     if precision == "fp16" and device != "cuda":
         raise LorakitError("train.precision: fp16 mixed precision needs a CUDA GPU (this machine has none)",
                            field="train.precision", hint="use fp32 (or auto) on CPU")
