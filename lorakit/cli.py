@@ -366,6 +366,40 @@ def extract(
 
 
 @app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="A run, adapter or merged checkpoint directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write (a Modelfile goes beside it).")],
+    format_: Annotated[str, typer.Option("--format", help="Output format: gguf.")] = "gguf",
+    quant: Annotated[str, typer.Option("--quant", help="f16, bf16, q8_0 or q4_0.")] = "q8_0",
+    base: Annotated[Optional[str], typer.Option("--base", help="An adapter's base (default: the run's).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Load it back and compare logits and token ids.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a model for llama.cpp / Ollama (GGUF), merging the adapter on the fly; nothing to compile."""
+
+    def body():
+        from lorakit.export import FORMATS, QUANTS
+
+        if format_ not in FORMATS:
+            raise LorakitError(f"--format: expected one of {', '.join(FORMATS)} (got {format_!r})")
+        if quant not in QUANTS:
+            raise LorakitError(f"--quant: expected one of {', '.join(QUANTS)} (got {quant!r})")
+        from lorakit.export.gguf_writer import export_gguf  # torch, transformers: only for this command
+
+        report = export_gguf(source, out, quant=quant, base=base, verify=verify, overwrite=overwrite)
+        if json_out:
+            _print_json({"ok": True, **report})
+            return
+        c = console()
+        for key, value in report.items():
+            c.print(f"  {key}: {value}", highlight=False)
+        c.print(f"GGUF written to {out}; run it with: ollama create NAME -f {report['modelfile']}", highlight=False)
+
+    _run(body, json_mode=json_out)
+
+
+@app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(
         help="A run directory written by `lorakit train`; with --adapter also a base model.", show_default=False)],

@@ -290,16 +290,19 @@ class OutTensor:
 
 
 def plan_output(base: dict[str, BaseTensor], edits: dict[str, Edit], layout: Layout,
-                dtype: str) -> tuple[list[OutTensor], bool]:
-    """The output tensors in order, and whether the embeddings get untied."""
-    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+                dtype: str | None) -> tuple[list[OutTensor], bool]:
+    """The output tensors in order, and whether the embeddings get untied. dtype None: float tensors keep
+    the base's dtype, those of modules the adapter changes come in fp32 (for a caller that rounds them itself)."""
+    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: None}[dtype]
     emb, head = layout.input_embed, layout.output_embed
     untie = bool(layout.tied and emb and head and (emb in edits or head in edits))
     head_missing = head is not None and f"{head}.weight" not in base
     plan = []
     for t in base.values():
         module, _, param = t.name.rpartition(".")
-        out_dtype = torch_dtype if t.dtype in ("float32", "float16", "bfloat16", "float64") else t.dtype
+        out_dtype = t.dtype
+        if t.dtype in ("float32", "float16", "bfloat16", "float64"):
+            out_dtype = torch_dtype or ("float32" if module in edits else t.dtype)
         plan.append(OutTensor(t.name, t, module, param, out_dtype))
         if untie and head_missing and module == emb and param == "weight":
             plan.append(OutTensor(f"{head}.weight", t, head, "weight", out_dtype))
@@ -489,18 +492,30 @@ def _write_side_files(tmp: Path, base_dir: Path, base_name: str, src: Source, la
                           {"metadata": {"total_size": total}, "weight_map": weight_map})
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
-    copy_tokenizer(tmp, [d for d in (src.run_dir, src.run_dir and src.run_dir / "tokenizer", src.adapter_dir, base_dir)
-                          if d is not None])
+    copy_tokenizer(tmp, _tokenizer_candidates(src, base_dir))
     atomic_write_text(tmp / "README.md", _model_card(base_name, src, dtype, from_quantized))
 
 
+def _tokenizer_candidates(src: Source | None, base_dir: Path) -> list[Path]:
+    """Where a merged model's tokenizer comes from, first match wins: the run (it may override the chat
+    template), its adapter, else the base."""
+    if src is None:
+        return [base_dir]
+    return [d for d in (src.run_dir, src.run_dir and src.run_dir / "tokenizer", src.adapter_dir, base_dir) if d]
+
+
+def find_tokenizer(candidates: list[Path]) -> Path | None:
+    """The first directory of `candidates` that holds a tokenizer, or None."""
+    return next((d for d in candidates if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()),
+                None)
+
+
 def copy_tokenizer(tmp: Path, candidates: list[Path]) -> None:
-    for d in candidates:
-        if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
-            for name in TOKENIZER_FILES:
-                if (d / name).is_file():
-                    shutil.copy2(d / name, tmp / name)
-            return
+    """Copy the tokenizer files of the first of `candidates` that has a tokenizer into `tmp`."""
+    if (d := find_tokenizer(candidates)) is not None:
+        for name in TOKENIZER_FILES:
+            if (d / name).is_file():
+                shutil.copy2(d / name, tmp / name)
 
 
 def _model_card(base_name: str, src: Source, dtype: str, from_quantized: bool) -> str:
@@ -589,6 +604,84 @@ def verify_merged(out_dir: Path, base_dir: Path, adapter_dir: Path, dtype: str, 
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class MergePlan:
+    """A merge worked out from the headers and the adapter, before any base weight is read."""
+
+    src: Source | None  # None: a plain checkpoint, nothing to merge
+    base_dir: Path
+    base_name: str
+    layout: Layout
+    tensors: list[OutTensor]  # the output tensors, in order
+    untie: bool  # the base ties its embeddings and the adapter changes them: both are written
+    edits: dict[str, Edit]
+    qcfg: dict | None = None  # from_quantized: how the base was quantized in training
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output ties lm_head to the input embeddings (and stores only the latter)."""
+        return self.layout.tied and not self.untie
+
+
+def plan_merge(source: str | Path, *, base: str | None = None, dtype: str | None = "bf16",
+               from_quantized: bool = False) -> MergePlan:
+    """Plan folding the adapter of `source` (run dir or adapter dir) into its base.
+
+    Args:
+        source: a run directory (adapter/ + recipe.yaml) or a peft adapter directory.
+        base: the base model (default: the run's or the adapter's).
+        dtype: bf16/fp16/fp32 for every float tensor, or None: as the base, fp32 where the adapter changes it.
+        from_quantized: merge into the 4-bit-rounded base weights the adapter was trained on.
+
+    Returns:
+        The plan; `merged_tensors(plan)` produces its tensors.
+    """
+    src = find_source(source)
+    base_dir, base_name = resolve_base(base, src)
+    edits = parse_adapter(src)
+    index = base_index(base_dir)
+    layout = read_layout(base_dir)
+    tensors, untie = plan_output(index, edits, layout, dtype)
+    _check_bias_edits(tensors, edits)
+    qcfg = _quant_config(src, layout, index) if from_quantized else None
+    return MergePlan(src, base_dir, base_name, layout, tensors, untie, edits, qcfg)
+
+
+def plan_checkpoint(path: str | Path, *, dtype: str | None = None) -> MergePlan:
+    """The same plan for a plain (already merged) checkpoint directory: its tensors as they are."""
+    path = Path(path).expanduser()
+    tensors, _ = plan_output(base_index(path), {}, layout := read_layout(path), dtype)
+    return MergePlan(None, path, path.name, layout, tensors, False, {})
+
+
+def _merge_fn(plan: MergePlan, norms: dict | None = None) -> Callable[[Any, OutTensor], Any]:
+    """transform(base tensor, o) -> the merged tensor, for `write_checkpoint` and `merged_tensors`."""
+    fan_in_fan_out = bool(plan.src and plan.src.config.get("fan_in_fan_out"))
+    return lambda w, o: merge_one(w, o, plan.edits.get(o.module), fan_in_fan_out, plan.qcfg, norms)
+
+
+def merged_tensors(plan: MergePlan) -> Iterator[tuple[OutTensor, Any]]:
+    """Yield (output tensor, merged torch tensor) in plan order; the next base tensor is read meanwhile.
+
+    Resident memory: the tensor yielded, the one being read and the arithmetic of one merge."""
+    transform = _merge_fn(plan)
+    reads = _read_ahead(plan.tensors)
+    try:
+        for o in plan.tensors:
+            name, w = next(reads)
+            assert name == o.name, (name, o.name)
+            t = transform(w, o)
+            del w
+            yield o, t
+    finally:
+        reads.close()
+
+
+def tokenizer_dir(plan: MergePlan) -> Path | None:
+    """Where the output's tokenizer comes from: the run (it may override the chat template), else the base."""
+    return find_tokenizer(_tokenizer_candidates(plan.src, plan.base_dir))
+
+
 def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "bf16",
                   verify: bool = False, overwrite: bool = False, from_quantized: bool = False,
                   progress: Callable[[int, int, str], None] | None = None,
@@ -605,31 +698,22 @@ def merge_adapter(source: str | Path, out: str | Path, *, base: str | None = Non
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise LorakitError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    src = find_source(source)
-    base_dir, base_name = resolve_base(base, src)
+    mp = plan_merge(source, base=base, dtype=dtype, from_quantized=from_quantized)
+    src, base_dir, base_name, plan, edits, untie, qcfg = (mp.src, mp.base_dir, mp.base_name, mp.tensors, mp.edits,
+                                                          mp.untie, mp.qcfg)
     if out.resolve() in (base_dir.resolve(), src.adapter_dir.resolve(), (src.run_dir or base_dir).resolve()):
         raise LorakitError(f"{out}: the output directory must not be the base, run or adapter directory")
-    edits = parse_adapter(src)
-    index = base_index(base_dir)
-    layout = read_layout(base_dir)
-    plan, untie = plan_output(index, edits, layout, dtype)
-    _check_bias_edits(plan, edits)
-    qcfg = _quant_config(src, layout, index) if from_quantized else None
-    fan_in_fan_out = bool(src.config.get("fan_in_fan_out"))
-
     norms: dict[str, Any] = {}  # DoRA modules' row norms ||W + s·B@A||, kept for `lorakit unmerge`
 
-    def transform(w, o: OutTensor) -> Any:
-        return merge_one(w, o, edits.get(o.module), fan_in_fan_out, qcfg, norms)
-
     def side_files(tmp: Path, named: list) -> None:
-        _write_side_files(tmp, base_dir, base_name, src, layout, dtype, untie, from_quantized, named)
+        _write_side_files(tmp, base_dir, base_name, src, mp.layout, dtype, untie, from_quantized, named)
         if norms:
             from safetensors.torch import save_file
 
             save_file(norms, tmp / DORA_NORMS_FILE, metadata={"format": "pt"})
 
-    named = write_checkpoint(plan, out, transform, side_files, max_shard_bytes=max_shard_bytes, progress=progress)
+    named = write_checkpoint(plan, out, _merge_fn(mp, norms), side_files, max_shard_bytes=max_shard_bytes,
+                             progress=progress)
     total = sum(nbytes(o) for o in plan)
     report = {
         "base": base_name, "base_dir": str(base_dir), "adapter": str(src.adapter_dir), "out": str(out),

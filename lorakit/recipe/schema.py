@@ -344,8 +344,11 @@ class OutputSection(Section):
 
     dir: str = "runs/{name}"
     """Run directory; {name} is the recipe's name."""
-    save: Literal["adapter", "merged", "both"] = "adapter"
+    save: Literal["adapter", "merged", "both", "gguf"] = "adapter"
+    """gguf: also write RUN/gguf/model.gguf and its Ollama Modelfile (lorakit export)."""
     merged_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gguf_quant: Literal["f16", "bf16", "q8_0", "q4_0"] = "q8_0"
+    """The GGUF's type with save: gguf (q8_0: near-lossless at about half the size of f16)."""
 
 
 # bitsandbytes' optimizers update plain tensors; FSDP2 shards parameters as DTensors, which they reject

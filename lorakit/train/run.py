@@ -415,6 +415,13 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
     if recipe.output.save in ("merged", "both") and run.main:
         summary["merge"] = _merge(recipe, run, out)
         summary["artifacts"]["merged"] = str(run.merged_dir)
+    if recipe.output.save == "gguf" and run.main:
+        from lorakit.export.gguf_writer import export_gguf  # the merge and the gguf package: only when asked
+
+        out.print(f"writing the GGUF -> {run.path / 'gguf' / 'model.gguf'}")
+        summary["gguf"] = export_gguf(run.path, run.path / "gguf" / "model.gguf", quant=recipe.output.gguf_quant,
+                                      overwrite=True)
+        summary["artifacts"]["gguf"] = summary["gguf"]["out"]
     summary["wall_seconds"] = round(time.time() - t_start, 2)
     run.write_json("summary.json", summary)
     run.set_state(FINISHED, step=state.global_step)

@@ -9,6 +9,7 @@
       summary.json      the run's outcome
       loss.png          loss curve (train and eval)
       merged/           merged checkpoint (output.save: merged | both)
+      gguf/             model.gguf + Ollama Modelfile (output.save: gguf)
 
 Every file is written to a temporary name and renamed; directories (the adapter) are written to
 NAME.tmp and renamed, so a crash never leaves something that looks complete. A finished or existing
