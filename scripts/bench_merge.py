@@ -175,13 +175,14 @@ def _evict(path: Path) -> None:
             os.close(fd)
 
 
-def measure(kind: str, ckpt: Path, adapter: Path, out: Path) -> dict:
-    """Run one merge in a fresh interpreter; peak RSS = the child's VmHWM (also polled with psutil)."""
+def measure(kind: str, ckpt: Path, adapter: Path, out: Path, script: str = __file__) -> dict:
+    """Run one merge (`script --child kind ...`) in a fresh interpreter; peak RSS = the child's VmHWM (also
+    polled with psutil). scripts/bench_export.py measures its exports with it too."""
     import psutil
 
     os.sync()
     _evict(ckpt)
-    cmd = [sys.executable, __file__, "--child", kind, str(ckpt), str(adapter), str(out)]
+    cmd = [sys.executable, script, "--child", kind, str(ckpt), str(adapter), str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     polled = {"max": 0}
