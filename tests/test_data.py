@@ -1,4 +1,4 @@
-"""lorakit.data.prepare: loading, format detection, tokenization and completion-only masks, splits, and every
+"""lorakit.data: loading, format detection, tokenization and completion-only masks, splits, and every
 bad-input case (one LorakitError naming the file, line or field; never an uncaught exception)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from helpers import build_tokenizer, write_jsonl
 
 from lorakit.data import prepare as data
+from lorakit.data import sources
 from lorakit.errors import EXIT_INPUT, EXIT_RUNTIME, LorakitError
 from lorakit.recipe.schema import validate_data
 
@@ -282,7 +283,7 @@ def test_json_csv_and_parquet_files(tmp_path, tok):
 
 def test_csv_cells_stay_text_and_empty_cells_are_missing(tmp_path, tok):
     (tmp_path / "a.csv").write_text("instruction,input,output\nAdd 2 and 3,,5\nSay NA,x,NA\n")
-    source = data.load_source(make_recipe(tmp_path, path="a.csv"), str(tmp_path / "a.csv"))
+    source = sources.load_source(make_recipe(tmp_path, path="a.csv"), str(tmp_path / "a.csv"))
     assert source.rows[0] == {"instruction": "Add 2 and 3", "input": None, "output": "5"}
     assert source.rows[1]["output"] == "NA" and source.where(1).endswith("a.csv:3")
     p = data.prepare_sft(make_recipe(tmp_path, path="a.csv"), tok)
@@ -518,10 +519,10 @@ def test_hub_dataset_rows_flow_like_local_ones(tmp_path, tok, monkeypatch):
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
-    code = ("from lorakit.data import prepare as data; from lorakit.recipe.schema import validate_data\n"
+    code = ("from lorakit.data import sources; from lorakit.recipe.schema import validate_data\n"
             "from lorakit.errors import LorakitError\n"
             "r = validate_data({'base_model': 'x', 'data': {'path': 'someone/some-dataset'}})\n"
-            "try:\n    data.load_source(r, 'someone/some-dataset')\n"
+            "try:\n    sources.load_source(r, 'someone/some-dataset')\n"
             "except LorakitError as e:\n    print('FIELD', e.field); print('MSG', e.message); print('HINT', e.hint)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
@@ -568,7 +569,7 @@ def test_fuzzed_file_bytes_give_success_or_a_clean_error(tmp_path, tok):
                         st.binary(max_size=4))
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(payload=st.one_of(st.binary(max_size=40), mutated), suffix=st.sampled_from(data.SUFFIXES))
+    @given(payload=st.one_of(st.binary(max_size=40), mutated), suffix=st.sampled_from(sources.SUFFIXES))
     def check(payload, suffix):
         (tmp_path / f"f{suffix}").write_bytes(payload)
         try:
