@@ -93,7 +93,7 @@ def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
 
 
 def _load(recipe_path: Path, overrides: list[str] | None):
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     return load_recipe(recipe_path, overrides or [])
 
@@ -448,7 +448,7 @@ def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Writ
     """Print the recipe's JSON Schema (for editors' YAML language servers)."""
 
     def body():
-        from lorakit.recipe.schema import json_schema
+        from lorakit.recipe.loader import json_schema
         from lorakit.runtime.atomic import atomic_write_text
 
         text = json.dumps(json_schema(), indent=2) + "\n"

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.recipe.loader import load_recipe
 
 
 def _run_recipe(run_dir: Path):
-    from lorakit.recipe.schema import load_recipe
-
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise LorakitError(f"{run_dir}: no recipe.yaml; is this a run directory written by `lorakit train`?")

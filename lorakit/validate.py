@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import Recipe, located, recipe_dir, resolve_path
+from lorakit.recipe.loader import located, recipe_dir, resolve_path
+from lorakit.recipe.schema import Recipe
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -77,7 +77,7 @@ HELD_OUT = set(CONFIRM)
 def recipe_for(name: str, out_dir: str = "unused-run", tiny_dir: str | None = None, liger: bool | None = None):
     """The recipe of a config, as a user would write it: lorakit's defaults for everything not named.
     Rows are full-length, so padding-free is off (what `lorakit train` settles for such data)."""
-    from lorakit.recipe.schema import validate_data
+    from lorakit.recipe.loader import validate_data
 
     model, bits, r, seq, batch, gc, extra = MATRIX[name]
     data = {

@@ -330,9 +330,12 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
     import yaml
 
     try:
-        from lorakit.recipe.schema import load_recipe
-    except ImportError:  # --prev-code from before the subpackage layout
-        from lorakit.recipe import load_recipe
+        from lorakit.recipe.loader import load_recipe
+    except ImportError:  # --prev-code from before recipe/loader.py
+        try:
+            from lorakit.recipe.schema import load_recipe
+        except ImportError:  # --prev-code from before the subpackage layout
+            from lorakit.recipe import load_recipe
 
     cuda = device == "cuda"
     tag, run = run.replace("@", "-"), run.split("@")[0]  # X@prev: variant X (run with older code)

@@ -213,7 +213,7 @@ def test_workflow_commands_exist_with_their_options():
 
 
 def test_workflow_smoke_recipe_trains_two_steps_on_cpu_from_the_generated_data():
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     steps = _steps()
     (train,) = [w for w in _commands(steps["two-step smoke training on CPU"]) if w[:2] == ["lorakit", "train"]]

@@ -52,7 +52,7 @@ def test_a_torch_without_the_setting_keeps_its_allocator(settings, monkeypatch):
 
 def test_the_recipe_field_defaults_on_and_names_itself_when_wrong():
     from lorakit.errors import RecipeError
-    from lorakit.recipe.schema import validate_data
+    from lorakit.recipe.loader import validate_data
 
     doc = {"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl"}}
     assert validate_data(doc).train.expandable_segments is True

@@ -15,7 +15,7 @@ from helpers import build_tokenizer, write_jsonl
 from lorakit.data import prepare as data
 from lorakit.data import sources
 from lorakit.errors import EXIT_INPUT, EXIT_RUNTIME, LorakitError
-from lorakit.recipe.schema import validate_data
+from lorakit.recipe.loader import validate_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris"}]
@@ -488,7 +488,7 @@ def test_eval_split_name_on_a_single_file(tmp_path, tok):
 
 
 def test_errors_gain_the_recipe_line(tmp_path, tok):
-    from lorakit.recipe.schema import load_recipe, located
+    from lorakit.recipe.loader import load_recipe, located
 
     (tmp_path / "r.yaml").write_text("base_model: x\ndata:\n  path: missing.jsonl\n")
     recipe = load_recipe(tmp_path / "r.yaml")
@@ -519,7 +519,7 @@ def test_hub_dataset_rows_flow_like_local_ones(tmp_path, tok, monkeypatch):
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
-    code = ("from lorakit.data import sources; from lorakit.recipe.schema import validate_data\n"
+    code = ("from lorakit.data import sources; from lorakit.recipe.loader import validate_data\n"
             "from lorakit.errors import LorakitError\n"
             "r = validate_data({'base_model': 'x', 'data': {'path': 'someone/some-dataset'}})\n"
             "try:\n    sources.load_source(r, 'someone/some-dataset')\n"

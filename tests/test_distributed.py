@@ -315,7 +315,7 @@ def test_a_failure_on_rank_1_fails_the_launch_and_names_the_rank(tmp_path, tiny_
 
 
 def _8b():
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     return load_recipe(ROOT / "recipes" / "qlora-llama-3.1-8b.yaml")
 

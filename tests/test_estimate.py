@@ -13,7 +13,8 @@ from lorakit.errors import LorakitError
 from lorakit.estimate.memory import CONSTANTS, Setup, bytes_4bit, count_params, estimate, gpu_bytes, memory, parse_bytes
 from lorakit.model.known_models import known_config
 from lorakit.model.shapes import check_modules_to_save, check_targets, shape_from_config
-from lorakit.recipe.schema import LoraSection, validate_data
+from lorakit.recipe.loader import validate_data
+from lorakit.recipe.schema import LoraSection
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
@@ -280,7 +281,7 @@ def test_parse_bytes_and_gpus():
 
 
 def test_unknown_target_raises_with_line(tmp_path):
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text("base_model: llama-3.2-1b\ndata: {path: x.jsonl}\nlora:\n  targets: [q_proj, wq]\n")

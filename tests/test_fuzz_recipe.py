@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lorakit.errors import RecipeError
-from lorakit.recipe.schema import Recipe, load_recipe
+from lorakit.recipe.loader import load_recipe
+from lorakit.recipe.schema import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "recipes").glob("*.yaml"))]

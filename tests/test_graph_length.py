@@ -153,7 +153,7 @@ def test_auto_pads_for_graphs_only_up_to_the_measured_model_size(bf16_gpu):
 def test_a_run_settles_the_graph_length_from_its_rows(bf16_gpu, tmp_path):
     import yaml
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import load_recipe
+from lorakit.recipe.loader import load_recipe
 
 RECORDER = textwrap.dedent("""
     CALLS = []

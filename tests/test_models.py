@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import load_recipe
+from lorakit.recipe.loader import load_recipe
 
 
 def make_recipe(tmp_path: Path, base: Path, **sections) -> object:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lorakit.errors import RecipeError
-from lorakit.recipe.schema import Recipe, json_schema, load_recipe, parse_override, to_resolved_yaml, validate_data
+from lorakit.recipe.loader import json_schema, load_recipe, parse_override, to_resolved_yaml, validate_data
+from lorakit.recipe.schema import Recipe
 
 MINIMAL = "base_model: smollm2-135m-instruct\ndata: {path: data/train.jsonl}\n"
 
@@ -156,7 +157,7 @@ CROSS = [
 def test_auto_optimizer_follows_device_and_strategy():
     """bitsandbytes' paged 8-bit AdamW on a GPU, except under FSDP, whose sharded (DTensor) parameters it
     cannot update (measured: `optimizer_update_8bit_blockwise got mixed torch.Tensor and DTensor` on 2 H200s)."""
-    from lorakit.recipe.schema import resolved_optimizer
+    from lorakit.recipe.rules import resolved_optimizer
 
     base = {"base_model": "x", "data": {"path": "d.jsonl"}}
     assert resolved_optimizer(validate_data(base), "cuda") == "paged_adamw_8bit"

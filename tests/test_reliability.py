@@ -620,7 +620,7 @@ def test_trust_remote_code_is_off_by_default_and_named_when_on(tmp_path, tiny_mo
 
 def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path):
     """A config with auto_map: validate names model.trust_remote_code; the repository's code never runs."""
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.validate import validate_recipe
 
     model = tmp_path / "custom"
@@ -730,7 +730,7 @@ def test_fuzzed_grpo_rows_give_success_or_a_clean_error(tmp_path, tiny_model_dir
     from transformers import AutoTokenizer
 
     from lorakit.data import prepare as data
-    from lorakit.recipe.schema import validate_data
+    from lorakit.recipe.loader import validate_data
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))

@@ -18,7 +18,7 @@ from helpers import chat_rows, write_jsonl
 from safetensors.torch import load_file
 from test_quiet_cli import noise
 
-from lorakit.recipe.schema import load_recipe
+from lorakit.recipe.loader import load_recipe
 from lorakit.train.run_dir import INTERRUPTED, RunDir
 
 ENV = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_lora
 
-from lorakit.recipe.schema import validate_data
+from lorakit.recipe.loader import validate_data
 from lorakit import speed
 from lorakit.speed import checkpointing, fused_lora, planning
 
@@ -366,7 +366,7 @@ def test_run_training_with_every_lever_on(tmp_path, monkeypatch, tiny_model_dir)
     import yaml
     from helpers import write_jsonl
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.train.run import run_training
 
     monkeypatch.chdir(tmp_path)
@@ -405,7 +405,7 @@ def test_padding_waste_and_the_auto_rule():
 def test_auto_padding_free_is_settled_by_the_data(tmp_path, bf16_gpu):
     import yaml
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"
@@ -507,7 +507,7 @@ def test_auto_cuda_graphs_are_settled_by_the_data(bf16_gpu, tmp_path):
     """Rows of one length make batches of one shape; rows of many lengths would need a graph per shape."""
     import yaml
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.train.run import _settled
 
     p = tmp_path / "r.yaml"
@@ -536,7 +536,7 @@ def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, t
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     doc = {"base_model": "llama-3.1-8b", "data": {"path": "d"}, "train": {"cuda_graphs": True, **train}, **extra}
     p = tmp_path / "r.yaml"
@@ -733,7 +733,7 @@ def test_data_of_one_length_settles_graphs_and_host_embeddings_on(bf16_gpu, tmp_
     batches have one shape, and the graphs (with the table in host memory) are settled on, said in the reason."""
     import yaml
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},

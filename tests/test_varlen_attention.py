@@ -6,7 +6,7 @@ varlen kernel."""
 import pytest
 import torch
 
-from lorakit.recipe.schema import validate_data
+from lorakit.recipe.loader import validate_data
 from lorakit import speed
 from lorakit.speed import varlen_attention as va
 
@@ -137,7 +137,7 @@ def test_recipe_refuses_varlen_without_flattened_sft_batches(tmp_path, sections)
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
 
     doc = {"base_model": "llama-3.1-8b", "model": {"attn_implementation": "varlen"}, **sections}
     p = tmp_path / "r.yaml"
@@ -239,7 +239,7 @@ def test_run_with_varlen_asked_for_keeps_padding_free_and_a_loadable_recipe(tmp_
     import yaml
     from helpers import write_jsonl
 
-    from lorakit.recipe.schema import load_recipe
+    from lorakit.recipe.loader import load_recipe
     from lorakit.train.run import run_training
 
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,7 @@ from datasets import Dataset, Features, Value
 from datasets.exceptions import DatasetNotFoundError
 
 from lorakit.errors import EXIT_RUNTIME, LorakitError
-from lorakit.recipe.schema import recipe_dir, resolve_path
+from lorakit.recipe.loader import recipe_dir, resolve_path
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _GLOB = re.compile(r"[*?\[]")

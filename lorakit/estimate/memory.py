@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from lorakit import speed
 from lorakit.errors import LorakitError
 from lorakit.model.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
-from lorakit.recipe.schema import located, resolved_optimizer
+from lorakit.recipe.loader import located
+from lorakit.recipe.rules import resolved_optimizer
 from lorakit.speed import Plan
 
 GiB = 1024 ** 3

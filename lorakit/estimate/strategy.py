@@ -22,7 +22,7 @@ GPUs with scripts/bench_train.py).
 from __future__ import annotations
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import fsdp_optimizer_problem
+from lorakit.recipe.rules import fsdp_optimizer_problem
 
 STRATEGIES = ("single", "ddp", "fsdp")
 

@@ -27,6 +27,7 @@ from lorakit import speed
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 from lorakit.model import registry
 from lorakit.model.bnb_cpu import keep_4bit_layers_trainable
+from lorakit.recipe.loader import recipe_dir
 from lorakit.runtime.device import compute_dtype_name, torch_dtype, weights_dtype_name
 from lorakit.speed import varlen_attention
 
@@ -405,8 +406,6 @@ def load_training_tokenizer(recipe):
     """(tokenizer, base_dir): what data preparation needs, before any weight is loaded."""
     m = recipe.model
     base_dir = resolve_base_dir(recipe.base_model, revision=m.revision, allow_pickle=m.allow_pickle)
-    from lorakit.recipe.schema import recipe_dir
-
     tokenizer = load_tokenizer(base_dir, trust_remote_code=m.trust_remote_code, chat_template=m.chat_template,
                                base_dir=recipe_dir(recipe))
     return tokenizer, base_dir

@@ -1,30 +1,17 @@
-"""The recipe: pydantic models of the YAML file, loading with line numbers, `extends`, `--set`.
+"""The recipe's sections as pydantic models: every key, its type, default and docstring.
 
-`load_recipe(path, overrides)` is the only way in: it reads the YAML (keeping the line and column
-of every key), follows `extends:` (deep merge, cycles detected), applies `--set key=value`
-overrides (values parsed as YAML), validates the result against `Recipe`, and raises one
-`RecipeError` listing every problem with its `file:line:col`.
-
-Only pydantic and pyyaml are imported here: validation must stay fast (no torch).
+The docstrings are what `lorakit schema` gives editors, so they state behaviour and reasons. Rules between
+fields live in lorakit.recipe.rules, reading the YAML in lorakit.recipe.loader. Only pydantic is imported
+here: validation must stay fast (no torch).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
-
-from lorakit.errors import LorakitError, Problem, RecipeError
-
-# ----------------------------------------------------------------------------------------------
-# Schema
-# ----------------------------------------------------------------------------------------------
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 TargetPreset = Literal["all-linear", "attention", "mlp", "qkv"]
@@ -173,9 +160,11 @@ class DataSection(Section):
     packing: bool = False
     """Pack several rows into each max_length sequence."""
     padding_free: bool | Literal["auto"] = "auto"
-    """Concatenate each batch into one row without padding (attention keeps the rows apart through
-    position_ids; same loss as padded batches). auto = on for SFT on a CUDA GPU when not packing and
-    batch_size > 1; off on CPU."""
+    """Concatenate each batch into one row without padding (attention keeps the rows apart through their
+    boundaries; same loss as padded batches). auto = on for SFT on a CUDA GPU with batch_size > 1 when not
+    packing, kept once the rows are read only where padded batches would waste at least 15% of their tokens
+    (on rows of similar length attention per row costs more than the little padding saved); off on CPU.
+    model.attn_implementation: varlen turns it on (it needs the rows' boundaries)."""
     max_rows: int | None = Field(None, gt=0)
     """Use at most this many training rows."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -237,22 +226,23 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, gt=0)
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     liger: bool | Literal["auto"] = "auto"
-    """Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): auto = on for CUDA when installed."""
+    """Liger's RMSNorm, SwiGLU and RoPE kernels (TRL's use_liger_kernel; the loss goes through TRL's chunked LM
+    head, which never builds the full logits). auto = on for CUDA when liger-kernel and Triton are installed."""
     cuda_graphs: bool | Literal["auto"] = "auto"
-    """Replay each checkpointed decoder layer as CUDA graphs (a few launches instead of ~250 a layer and step;
-    same kernels, same math). Costs memory: the graphs keep a layer's working set in their own pool (8B shape,
-    2x2048 tokens: +0.9 GiB allocated, +1.8 GiB reserved). auto = on CUDA, for SFT with the fused LoRA layer,
-    in one process: batches of one shape in budget mode (memory_budget_gb) when every layer stays
-    checkpointed and the graphs fit too, without a budget when, with the input embeddings in host memory
-    (offload_embeddings), the estimated peak allocated memory stays within the run without graphs;
-    padding-free batches on models of at most 9B parameters, each padded to one length (the 95th percentile of
-    the batch totals; rows of pad tokens that no loss reads; 8B, 8 chat-length rows: 12% faster for +1.8 GiB,
-    still 4.7 GiB under the plain stack, which pads each batch to its longest row). Other shapes and inputs fall
-    back to plain checkpointing."""
+    """Replay each checkpointed decoder layer as CUDA graphs: a few launches instead of hundreds a layer and
+    step, so the GPU stops waiting on the host; same kernels, same math. Costs memory: the graphs keep one
+    layer's working set in their own pool. auto = on CUDA, for SFT in one process, with every layer
+    checkpointed, the fused LoRA layer, LoRA dropout in its kernels (or none) and no torch_compile: batches of
+    one shape in budget mode (memory_budget_gb) when the graphs' estimated peak fits the budget, without a
+    budget when, with the input embeddings in host memory (offload_embeddings), the estimated peak allocated
+    memory stays within the run without graphs; padding-free batches on models of at most 9B parameters
+    (larger ones are bound more by the GPU, where the padding's compute would cost more than the launches
+    saved), each padded to one length (the 95th percentile of the batch totals, with rows of pad tokens that no
+    loss reads) and within the budget if one is set. Other shapes and inputs fall back to plain checkpointing."""
     offload_embeddings: bool | Literal["auto"] = "auto"
-    """Keep the input embedding table in host memory and copy each batch's rows to the GPU (8B: 1 GiB less GPU
-    memory; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = where it pays
-    for CUDA graphs (cuda_graphs)."""
+    """Keep the input embedding table in host memory and copy each batch's rows to the GPU (the table's GPU
+    memory freed; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = exactly
+    where the memory it frees pays for CUDA graphs (cuda_graphs)."""
     expandable_segments: bool = True
     """CUDA only: the caching allocator grows segments in place instead of caching blocks of fixed sizes (less
     reserved memory for the same tensors; PYTORCH_CUDA_ALLOC_CONF, when set, wins). lorakit.speed.cuda_memory."""
@@ -351,29 +341,6 @@ class OutputSection(Section):
     """The GGUF's type with save: gguf (q8_0: near-lossless at about half the size of f16)."""
 
 
-# bitsandbytes' optimizers update plain tensors; FSDP2 shards parameters as DTensors, which they reject
-BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-
-def fsdp_optimizer_problem(optimizer: str) -> str | None:
-    """Why `optimizer` cannot run under FSDP, or None (one message for the recipe rule, the launcher check in
-    train.py and estimate's --strategy fsdp warning)."""
-    if optimizer in BNB_OPTIMIZERS:
-        return f"{optimizer} (bitsandbytes) cannot update FSDP's sharded parameters; use adamw_torch or auto"
-    return None
-
-
-def resolved_optimizer(recipe: Recipe, device: str, strategy: str | None = None) -> str:
-    """train.optimizer with `auto` resolved: bitsandbytes' paged 8-bit AdamW on CUDA (the QLoRA paper's), except
-    under FSDP (see BNB_OPTIMIZERS), and torch's AdamW on CPU. `strategy` (the engine actually used, e.g. from
-    `estimate --strategy` or the launcher) overrides distributed.strategy."""
-    if recipe.train.optimizer != "auto":
-        return recipe.train.optimizer
-    if device != "cuda" or (strategy or recipe.distributed.strategy) == "fsdp":
-        return "adamw_torch"
-    return "paged_adamw_8bit"
-
-
 class DistributedSection(Section):
     """Multi-GPU strategy, used under accelerate/torchrun."""
 
@@ -408,395 +375,3 @@ class Recipe(Section):
         if not v.strip():
             raise ValueError("name an alias, a local directory or a hub id")
         return v.strip()
-
-
-def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    """Rules that involve several fields: (dotted field, message) for each broken one."""
-    problems: list[tuple[str, str]] = []
-    lora, bits = recipe.lora, recipe.quantization.bits
-    if recipe.method == "grpo" and recipe.grpo is None:
-        problems.append(("method", "method grpo needs a `grpo:` section with `rewards:`"))
-    if recipe.method == "sft" and recipe.grpo is not None:
-        problems.append(("grpo", "a `grpo:` section is only used with `method: grpo` (method is sft)"))
-    if lora.scale > 16:
-        limit = 16 * (math.sqrt(lora.r) if lora.rslora else lora.r)
-        problems.append(("lora.alpha", f"alpha {lora.resolved_alpha:g} with r {lora.r} scales the update by "
-                         f"{lora.scale:g}; above 16 training diverges (use alpha <= {limit:g})"))
-    if lora.init in ("pissa", "olora", "loftq") and bits in (4, 8):
-        problems.append(("lora.init", f"init {lora.init} needs the full-precision base weights; "
-                         "set quantization.bits: none (LoftQ quantizes by itself)"))
-    if lora.dora and bits == 8:
-        problems.append(("lora.dora", "peft's DoRA does not support 8-bit bitsandbytes layers; use bits 4 or none"))
-    if recipe.data.packing and recipe.data.padding_free is True:
-        problems.append(("data.padding_free", "packing and padding_free are alternatives; pick one"))
-    if recipe.model.attn_implementation == "varlen" and (
-            recipe.method != "sft" or (recipe.data.padding_free is False and not recipe.data.packing)):
-        problems.append(("model.attn_implementation", "varlen attention is for flattened SFT batches (padding-free "
-                         "or packed: it takes the rows' boundaries instead of a mask); use sdpa or auto"))
-    if recipe.train.fused_lora is True and lora.dora:
-        problems.append(("train.fused_lora", "the fused LoRA layer does not implement DoRA; "
-                         "set train.fused_lora: auto or false"))
-    if recipe.train.fused_lora is True and bits == 8:
-        problems.append(("train.fused_lora", "the fused LoRA layer supports 4-bit and 16/32-bit bases, not 8-bit; "
-                         "set train.fused_lora: auto or false"))
-    t = recipe.train
-    graphs_need = [  # (what rules CUDA graphs out, what they replay)
-        (t.fused_lora is False, "the fused LoRA layer (train.fused_lora is false)"),
-        (lora.dora, "the fused LoRA layer, which does not implement DoRA"),
-        (t.gradient_checkpointing is False or t.gradient_checkpointing == 0,
-         "checkpointed layers (train.gradient_checkpointing is off)"),
-        (t.torch_compile, "layers as they are, not with train.torch_compile (untested together)"),
-    ]
-    why = next((what for ruled_out, what in graphs_need if ruled_out), None)
-    if t.cuda_graphs is True and why:
-        problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
-    if t.offload_embeddings is True and recipe.method != "sft":
-        problems.append(("train.offload_embeddings", "host-memory embeddings are for SFT (generation would copy "
-                         "the rows of every new token); set train.offload_embeddings: auto or false"))
-    elif t.offload_embeddings is True and any("embed" in m for m in lora.modules_to_save):
-        problems.append(("train.offload_embeddings", "the input embeddings are trained (lora.modules_to_save); "
-                         "set train.offload_embeddings: auto or false"))
-    g = recipe.grpo
-    if recipe.method == "grpo" and g is not None and g.generation_batch_size is not None:
-        gen = g.generation_batch_size
-        if gen % g.num_generations:
-            problems.append(("grpo.generation_batch_size", f"{gen} must be a multiple of grpo.num_generations "
-                             f"{g.num_generations} (whole groups of completions per prompt)"))
-        elif gen % recipe.train.batch_size:
-            problems.append(("grpo.generation_batch_size", f"{gen} must be a multiple of train.batch_size "
-                             f"{recipe.train.batch_size} (completions per optimizer step)"))
-    if recipe.method == "grpo" and recipe.data.packing:
-        problems.append(("data.packing", "packing is for SFT; GRPO generates per prompt"))
-    if recipe.distributed.strategy == "fsdp" and fsdp_optimizer_problem(recipe.train.optimizer):
-        problems.append(("train.optimizer", fsdp_optimizer_problem(recipe.train.optimizer)))
-    if recipe.train.precision == "fp16" and recipe.quantization.compute_dtype == "bf16":
-        problems.append(("train.precision", "fp16 mixed precision with bf16 compute_dtype mixes formats; use bf16"))
-    return problems
-
-
-# ----------------------------------------------------------------------------------------------
-# YAML with positions
-# ----------------------------------------------------------------------------------------------
-
-Pos = tuple[str, int | None, int | None]  # file, line, column (1-based)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also accepts 1e-4 style floats (YAML 1.1 needs a dot)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _walk(node: yaml.Node, file: str, prefix: tuple, positions: dict[tuple, Pos]) -> Any:
-    """Construct Python data from a composed node while recording every key's position."""
-    if isinstance(node, yaml.MappingNode):
-        out: dict = {}
-        for k_node, v_node in node.value:
-            if not isinstance(k_node, yaml.ScalarNode):
-                raise _YamlProblem(file, k_node.start_mark, "keys must be plain names")
-            key = k_node.value
-            if key in out:
-                raise _YamlProblem(file, k_node.start_mark, f"duplicate key {key!r}")
-            path = prefix + (key,)
-            positions[path] = (file, k_node.start_mark.line + 1, k_node.start_mark.column + 1)
-            out[key] = _walk(v_node, file, path, positions)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            path = prefix + (i,)
-            positions[path] = (file, item.start_mark.line + 1, item.start_mark.column + 1)
-            items.append(_walk(item, file, path, positions))
-        return items
-    loader = _Loader("")
-    return loader.construct_object(node, deep=True)
-
-
-class _YamlProblem(Exception):
-    def __init__(self, file: str, mark: Any, message: str):
-        self.problem = Problem("", message, file, mark.line + 1 if mark else None, mark.column + 1 if mark else None)
-
-
-def _read_yaml(path: Path) -> tuple[dict, dict[tuple, Pos]]:
-    shown = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError([Problem("", f"recipe file not found: {shown}")]) from None
-    except IsADirectoryError:
-        raise RecipeError([Problem("", f"{shown} is a directory, not a recipe file")]) from None
-    except UnicodeDecodeError as e:
-        raise RecipeError([Problem("", f"not UTF-8 text (byte {e.start})", shown)]) from None
-    except OSError as e:
-        raise RecipeError([Problem("", f"cannot read {shown}: {e.strerror}")]) from None
-    positions: dict[tuple, Pos] = {}
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        if node is None:
-            raise RecipeError([Problem("", "the recipe file is empty (start from `lorakit init`)", shown)])
-        data = _walk(node, shown, (), positions)
-    except _YamlProblem as e:
-        raise RecipeError([e.problem]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        what = getattr(e, "problem", None) or str(e)
-        raise RecipeError([Problem("", f"YAML syntax error: {what}", shown,
-                                   mark.line + 1 if mark else None, mark.column + 1 if mark else None)]) from None
-    if not isinstance(data, dict):
-        raise RecipeError([Problem("", f"a recipe is a mapping of sections (got {type(data).__name__})", shown, 1, 1)])
-    return data, positions
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[tuple, Pos]]:
-    data, positions = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data, positions
-    f, line, col = positions[("extends",)]
-    if not isinstance(parent, str) or not parent.strip():
-        raise RecipeError([Problem("extends", f"expected a recipe file path (got {parent!r})", f, line, col)])
-    parent_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
-    if not parent_path.is_file():
-        raise RecipeError([Problem("extends", f"file not found: {parent_path}", f, line, col)])
-    chain = (*chain, path.resolve())
-    if parent_path.resolve() in chain:
-        cycle = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
-        raise RecipeError([Problem("extends", f"`extends` forms a cycle: {cycle}", f, line, col)])
-    pdata, ppos = _load_with_extends(parent_path, chain)
-    merged_pos = dict(ppos)
-    merged_pos.update({k: v for k, v in positions.items() if k != ("extends",)})
-    return _deep_merge(pdata, data), merged_pos
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`lora.r=32` -> (["lora", "r"], 32); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError([Problem("--set", f"expected KEY=VALUE with a dotted key, e.g. lora.r=32 (got {text!r})")])
-    try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise RecipeError([Problem(key, f"--set value is not valid YAML: {getattr(e, 'problem', e)}", "--set")]) from None
-    return key.split("."), value
-
-
-def _apply_override(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
-            node[k] = {}
-        node = node[k]
-    node[keys[-1]] = value
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation errors -> problems with positions
-# ----------------------------------------------------------------------------------------------
-
-
-def _position(positions: dict[tuple, Pos], loc: tuple, default_file: str) -> Pos:
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in positions:
-            return positions[loc[:n]]
-    return (default_file, None, None)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the last key of `loc`."""
-    model: Any = Recipe
-    for key in loc[:-1]:
-        if isinstance(key, int):
-            continue
-        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = None
-        for c in candidates:
-            for cc in [c, *getattr(c, "__args__", ())]:
-                if isinstance(cc, type) and issubclass(cc, BaseModel):
-                    nxt = cc
-        if nxt is None:
-            return None
-        model = nxt
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-# Names other tools (peft, TRL, transformers, Axolotl) use for our keys: suggested on unknown keys.
-SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-    "use_rslora": "rslora", "use_dora": "dora", "init_lora_weights": "init", "layers_to_transform": "layers",
-    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "lr_scheduler_type": "scheduler",
-    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "optim": "optimizer", "max_seq_length": "max_length",
-    "sequence_len": "max_length", "load_in_4bit": "bits", "load_in_8bit": "bits", "bnb_4bit_quant_type": "quant_type",
-    "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype", "output_dir": "dir",
-    "model_name_or_path": "base_model", "base_model_id": "base_model", "dataset": "data", "datasets": "data",
-    "training": "train", "peft": "lora", "bnb": "quantization",
-}
-
-
-def _describe(err: dict) -> str:
-    kind = err["type"]
-    loc = tuple(err["loc"])
-    given = err.get("input")
-    if kind == "extra_forbidden" and loc:
-        model = _model_at(loc)
-        names = list(model.model_fields) if model else []
-        hint = [SYNONYMS[str(loc[-1])]] if SYNONYMS.get(str(loc[-1])) in names else \
-            difflib.get_close_matches(str(loc[-1]), names, n=1)
-        msg = f"unknown key {loc[-1]!r}"
-        if hint:
-            msg += f" (did you mean {hint[0]!r}?)"
-        elif names:
-            msg += f" (allowed: {', '.join(names)})"
-        return msg
-    if kind == "missing":
-        return "required, but not given"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if given is not None and not isinstance(given, (dict, list)) and "(got" not in msg:
-        msg += f" (got {given!r})"
-    return msg
-
-
-_UNION_TAG = re.compile(r"^(?:[a-z-]+\[.*\]|str|int|float|bool|none|list|literal)$")
-
-
-def _user_loc(loc: tuple, keep_last: bool) -> tuple:
-    """Drop pydantic's union-branch tags (e.g. 'list[str]') from an error location; keep user keys."""
-    head, tail = (loc[:-1], loc[-1:]) if keep_last and loc else (loc, ())
-    return tuple(x for x in head if not (isinstance(x, str) and _UNION_TAG.match(x))) + tail
-
-
-def _problems_from(error: ValidationError, positions: dict[tuple, Pos], default_file: str) -> list[Problem]:
-    problems: list[Problem] = []
-    seen: set[tuple[str, str]] = set()
-    # a union of alternatives (e.g. targets: preset | list) reports one error per branch:
-    # keep one message per field, the first is the most specific after our ordering.
-    for err in error.errors():
-        loc = _user_loc(tuple(err["loc"]), keep_last=err["type"] == "extra_forbidden")
-        dotted = ".".join(str(x) for x in loc)
-        if any(dotted == d for d, _ in seen):
-            continue
-        msg = _describe({**err, "loc": loc})
-        seen.add((dotted, msg))
-        f, line, col = _position(positions, loc, default_file)
-        problems.append(Problem(dotted, msg, f, line, col))
-    return problems
-
-
-def validate_data(data: dict, positions: dict[tuple, Pos] | None = None, source: str = "<recipe>") -> Recipe:
-    """Validate an already-parsed recipe mapping."""
-    positions = positions or {}
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(_problems_from(e, positions, source), source=source) from None
-    cross = cross_field_problems(recipe)
-    if cross:
-        raise RecipeError([Problem(fld, text, *_position(positions, tuple(fld.split(".")), source))
-                           for fld, text in cross], source=source)
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge, override and validate a recipe file. Raises RecipeError with every problem."""
-    path = Path(path)
-    data, positions = _load_with_extends(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(data, keys, value)
-        positions[tuple(keys)] = (f"--set {text}", None, None)
-    recipe = validate_data(data, positions, str(path))
-    recipe._source_dir = path.resolve().parent
-    recipe._positions = positions
-    recipe._source = str(path)
-    _locate_base_model(recipe)
-    return recipe
-
-
-def _locate_base_model(recipe: Recipe) -> None:
-    """A relative `base_model` directory resolves like a data path (working dir first, then beside the
-    recipe); one found beside the recipe is written absolute, so the run's recipe.yaml finds it from
-    anywhere. Aliases and hub ids name no such path and stay as written."""
-    given = Path(recipe.base_model).expanduser()
-    try:
-        found = resolve_path(recipe, recipe.base_model)
-    except OSError:  # a name no file system takes (too long): the loaders report it
-        return
-    if found != given:
-        recipe.base_model = str(found)
-
-
-@contextmanager
-def located(recipe: Recipe):
-    """Add the recipe file and line to a LorakitError raised about one of its fields.
-
-    Code that checks a recipe beyond its schema (files, model shape, targets) raises
-    `LorakitError(..., field="lora.targets")`; inside this block the error gains `file:line:col`.
-    """
-    try:
-        yield
-    except LorakitError as e:
-        if e.field and not e.problems:
-            loc = tuple(int(k) if k.isdigit() else k for k in e.field.split("."))
-            f, line, col = _position(recipe._positions or {}, loc, recipe._source or "<recipe>")
-            e.problems = [Problem(e.field, e.message, f, line, col)]
-            e.message = f"{recipe._source or 'recipe'}: problem in the recipe"
-        raise
-
-
-def recipe_dir(recipe: Recipe) -> Path:
-    """Directory of the recipe file (relative data paths and a relative base_model directory resolve
-    against the working dir first, then this)."""
-    return recipe._source_dir or Path.cwd()
-
-
-def resolve_path(recipe: Recipe, p: str) -> Path:
-    """A path named in the recipe: as given if it exists from the working dir, else relative to the recipe."""
-    cand = Path(p).expanduser()
-    if cand.is_absolute() or cand.exists():
-        return cand
-    beside = recipe_dir(recipe) / cand
-    return beside if beside.exists() else cand
-
-
-def output_dir(recipe: Recipe) -> Path:
-    return Path(recipe.output.dir.replace("{name}", recipe.name))
-
-
-def to_resolved_yaml(recipe: Recipe) -> str:
-    """The recipe with every default written out, as YAML (saved in the run directory)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def json_schema() -> dict:
-    """JSON Schema of the recipe, for editors' YAML language servers."""
-    schema = Recipe.model_json_schema()
-    schema["properties"]["extends"] = {"type": "string", "description": "Another recipe file to start from (deep merge)."}
-    schema["title"] = "lorakit recipe"
-    return schema
-
-
-__all__ = [
-    "Recipe", "ModelSection", "QuantizationSection", "LoraSection", "DataSection", "TrainSection",
-    "GrpoSection", "RewardSpec", "EvaluateSection", "OutputSection", "DistributedSection",
-    "load_recipe", "validate_data", "cross_field_problems", "parse_override", "output_dir", "resolve_path", "to_resolved_yaml",
-    "json_schema", "located",
-]

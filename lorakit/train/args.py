@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lorakit import speed
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import fsdp_optimizer_problem, resolved_optimizer
+from lorakit.recipe.rules import fsdp_optimizer_problem, resolved_optimizer
 from lorakit.runtime import device as machine
 from lorakit.runtime.distributed import strategy
 from lorakit.speed.checkpointing import checkpointing_arg_names

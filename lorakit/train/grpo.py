@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import recipe_dir
+from lorakit.recipe.loader import recipe_dir
 from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
 
 log = logging.getLogger(__name__)
@@ -325,8 +325,6 @@ def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32)
     Completions get `evaluate.max_new_tokens` tokens; prompts longer than grpo.max_prompt_length are
     left out as in training. None when there are no held-out prompts.
     """
-    from lorakit.recipe.schema import recipe_dir
-
     if eval_ds is None or len(eval_ds) == 0:
         return None
     g = recipe.grpo

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import to_resolved_yaml
+from lorakit.recipe.loader import to_resolved_yaml
 from lorakit.train.run_dir import FINISHED, RunDir
 
 # sections (whole) and fields that must not change on resume; everything else may

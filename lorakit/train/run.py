@@ -28,7 +28,7 @@ from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError
 from lorakit.estimate.memory import run_plan
 from lorakit.merge import merge_adapter
 from lorakit.model.load import describe_params, load_training_model, load_training_tokenizer
-from lorakit.recipe.schema import located, output_dir, recipe_dir, to_resolved_yaml
+from lorakit.recipe.loader import located, output_dir, recipe_dir, to_resolved_yaml
 from lorakit.runtime.device import cpu_threads, pick_device
 from lorakit.runtime.distributed import is_main_process, wait_for_everyone, world_size
 from lorakit.runtime.quiet import quiet_libraries
