@@ -10,7 +10,8 @@ import time
 import pytest
 
 from lorakit.errors import LorakitError
-from lorakit.estimate.memory import CONSTANTS, Setup, bytes_4bit, count_params, estimate, gpu_bytes, memory, parse_bytes
+from lorakit.estimate.memory import CONSTANTS, Setup, estimate, gpu_bytes, memory, parse_bytes
+from lorakit.estimate.params import bytes_4bit, count_params
 from lorakit.model.known_models import known_config
 from lorakit.model.shapes import check_modules_to_save, check_targets, shape_from_config
 from lorakit.recipe.loader import validate_data

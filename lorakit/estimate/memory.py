@@ -1,18 +1,15 @@
-"""`lorakit estimate`: exact parameter counts and a memory forecast for a recipe, without weights.
-
-Parameters are counted from the model's shape (shapes.py) the way peft counts them: LoRA adds
-r*(in+out) per adapted module, DoRA a magnitude vector of out_features, `modules_to_save` a full
-trainable copy of the module, `bias: all|lora_only` unfreezes biases.
+"""`lorakit estimate`: a memory forecast for a recipe without its weights, and `run_plan`, the Plan a run
+trains with.
 
 Memory is a model of one training step of the run `lorakit train` does on that device (the levers
 lorakit.speed.planning.plan picks: frozen dtype, fused LoRA, Liger, checkpointing; TRL's chunked LM head and
 bf16 QLoRA adapters), term by term: weights in their storage format, adapter, gradients, optimizer
-states, activations saved for backward, loss buffers, runtime overhead; for GRPO also the generation
-phase. The activation term follows what autograd saves in a transformers decoder layer under bf16
-autocast. `CONSTANTS` holds the few numbers fitted on a GPU run (scripts/bench_estimate.py,
-bench/estimate.md); change them there, nowhere else.
+states (these three from estimate.params), activations saved for backward, loss buffers, runtime overhead;
+for GRPO also the generation phase. The activation term follows what autograd saves in a transformers
+decoder layer under bf16 autocast. `CONSTANTS` holds the few numbers fitted on a GPU run
+(scripts/bench_estimate.py, bench/estimate.md); change them there, nowhere else.
 
-Only pydantic-free stdlib code here: no torch, so the answer comes in milliseconds.
+No torch here: no model is loaded, only its config.
 """
 
 from __future__ import annotations
@@ -22,6 +19,14 @@ from dataclasses import asdict, dataclass
 
 from lorakit import speed
 from lorakit.errors import LorakitError
+from lorakit.estimate.params import (
+    DTYPE_BYTES,
+    artifacts,
+    count_params,
+    optimizer_bytes,
+    trainable_tensors,
+    weight_storage,
+)
 from lorakit.model.shapes import ModelShape, check_checkpoint_layers, check_modules_to_save, check_targets, load_shape
 from lorakit.recipe.loader import located
 from lorakit.recipe.rules import resolved_optimizer
@@ -33,22 +38,22 @@ MiB = 1024 ** 2
 
 @dataclass(frozen=True)
 class Constants:
-    """Calibratable constants of the memory model (fitted with scripts/bench_estimate.py)."""
+    """Calibratable constants of the memory model, fitted with scripts/bench_estimate.py (source: bench/estimate.md)."""
 
     context_bytes: int = 768 * MiB
     """CUDA context + kernels loaded by torch/cuBLAS/bitsandbytes: device memory outside torch's allocator
-    (measured 767 MiB on an H100 with torch 2.11 + CUDA 13)."""
+    (measured, bench/estimate.md)."""
     workspace_bytes: int = 64 * MiB
     """cuBLAS/cuBLASLt workspaces and small buffers taken through torch's allocator."""
     fragmentation: float = 0.02
     """Reserved / allocated - 1 at the peak: the caching allocator's rounding and fragmentation."""
     logits_cached_bytes_per_elem: float = 3.0
     """Reserved but unallocated at the peak per (token x vocab): the caching allocator keeps the block of
-    a freed fp32 logits-sized tensor that the loss's backward cannot reuse (fitted on 14 configs: 3.0; single configs 2.4 to 5.6)."""
+    a freed fp32 logits-sized tensor that the loss's backward cannot reuse (fitted, bench/estimate.md)."""
     activation_factor: float = 1.0
-    """Multiplier on the analytic activation bytes (saved tensors) per layer (fitted: 1.0)."""
+    """Multiplier on the analytic activation bytes (saved tensors) per layer (fitted, bench/estimate.md)."""
     backward_factor: float = 1.0
-    """Multiplier on the backward pass's transient gradient buffers of one layer (1.0; not yet the peak in bench)."""
+    """Multiplier on the backward pass's transient gradient buffers of one layer."""
     logits_bytes_per_elem: float = 12.0
     """Bytes per (token x vocab) at the loss: fp32 log-softmax saved + its gradient + the input grad."""
     liger_logits_bytes_per_hidden: float = 16.0
@@ -92,107 +97,6 @@ def gpu_bytes(name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameters (exact, as peft counts them)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _adapted_layers(shape: ModelShape, layers: list[int] | None) -> int:
-    return len(set(layers)) if layers else shape.num_layers
-
-
-def count_params(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str]) -> dict:
-    """Base, trainable and added parameters; a row per adapted module (peft's counting)."""
-    r = lora.r
-    n_layers = _adapted_layers(shape, lora.layers)
-    rows, lora_params, added = [], 0, 0
-    for name in targets:
-        if name in shape.linears:
-            i, o, _ = shape.linears[name]
-            count = n_layers
-        elif name == "lm_head":
-            i, o, count = shape.hidden, shape.vocab, 0 if lora.layers else 1
-        elif name == "embed_tokens":
-            i, o, count = shape.vocab, shape.hidden, 0 if lora.layers else 1
-        else:
-            continue
-        per = r * (i + o) + (o if lora.dora and name != "embed_tokens" else 0)
-        rows.append({"module": name, "in_features": i, "out_features": o, "layers": count,
-                     "params_per_layer": per, "count": per * count})
-        lora_params += per * count
-    added = lora_params
-    bias_params = 0
-    if lora.bias == "all":
-        bias_params = shape.num_layers * shape.layer_biases
-    elif lora.bias == "lora_only":
-        bias_params = sum(shape.linears[t][1] * n_layers for t in targets if t in shape.linears and shape.linears[t][2])
-    save_params = 0
-    for name in modules_to_save:
-        p = shape.module_params(name) * shape.module_count(name)
-        save_params += p
-        rows.append({"module": f"{name} (modules_to_save)", "in_features": None, "out_features": None,
-                     "layers": shape.module_count(name), "params_per_layer": shape.module_params(name), "count": p})
-    added += save_params
-    trainable = lora_params + save_params + bias_params
-    if bias_params:
-        rows.append({"module": f"biases ({lora.bias})", "in_features": None, "out_features": None, "layers": None,
-                     "params_per_layer": None, "count": bias_params})
-    total = shape.total_params
-    with_adapter = total + added
-    return {"total": total, "trainable": trainable, "trainable_percent": round(100.0 * trainable / with_adapter, 6),
-            "total_with_adapter": with_adapter, "lora": lora_params, "modules_to_save": save_params,
-            "biases": bias_params, "by_module": rows}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Storage of the base weights
-# ---------------------------------------------------------------------------------------------------
-
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def bytes_4bit(n: int, double_quant: bool, blocksize: int = 64) -> int:
-    """bitsandbytes Params4bit: packed nibbles + absmax per block (double quant: 8-bit absmax per block,
-    fp32 absmax per 256 of those, a 256-entry fp32 code and an offset), + the 16-value 4-bit code."""
-    blocks = -(-n // blocksize)
-    packed = (n + 1) // 2
-    if double_quant:
-        absmax = blocks + 4 * (-(-blocks // 256)) + 256 * 4 + 4
-    else:
-        absmax = 4 * blocks
-    return packed + absmax + 16 * 4
-
-
-def bytes_8bit(i: int, o: int) -> int:
-    """LLM.int8 Int8Params: int8 weight + one fp32 scale per output row."""
-    return i * o + 4 * o
-
-
-def weight_storage(shape: ModelShape, bits: int | None, *, dtype_bytes: int, unquantized_bytes: int,
-                   double_quant: bool = True) -> dict:
-    """Bytes of the base weights as stored on the device, and which tensors stay unquantized."""
-    quantized = 0
-    n = shape.num_layers
-    for i, o, _ in shape.linears.values():
-        w = i * o
-        if bits == 4:
-            quantized += n * bytes_4bit(w, double_quant)
-        elif bits == 8:
-            quantized += n * bytes_8bit(i, o)
-    if bits in (4, 8):
-        unq_params = shape.total_params - n * shape.layer_linear_weights
-        unq = unq_params * unquantized_bytes
-        kept = ["embed_tokens", "norms"] + ([] if shape.tie_word_embeddings else ["lm_head"])
-        if shape.layer_biases:
-            kept.append("biases")
-        return {"quantized_bytes": quantized, "unquantized_bytes": unq, "unquantized_params": unq_params,
-                "unquantized_dtype": {4: "fp32", 2: "bf16"}.get(unquantized_bytes, "fp32"),
-                "unquantized": kept, "total_bytes": quantized + unq}
-    return {"quantized_bytes": 0, "unquantized_bytes": shape.total_params * dtype_bytes,
-            "unquantized_params": shape.total_params, "unquantized_dtype": {4: "fp32", 2: "bf16"}[dtype_bytes],
-            "unquantized": ["all"], "total_bytes": shape.total_params * dtype_bytes}
-
-
-# ---------------------------------------------------------------------------------------------------
 # Memory of one training step
 # ---------------------------------------------------------------------------------------------------
 
@@ -232,43 +136,6 @@ class Setup:
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
     offload_embeddings: bool = False
     """The input embeddings live in host memory (lorakit.speed.host_embedding; untied embeddings only)."""
-
-
-def optimizer_bytes(trainable_tensors: list[int], optimizer: str, param_bytes: int = 4) -> int:
-    """State bytes for the given trainable tensor sizes (torch's AdamW keeps its two states in the
-    parameters' dtype; bitsandbytes' 32-bit states are fp32)."""
-    total = 0
-    for n in trainable_tensors:
-        if optimizer in ("adamw_torch", "adamw_torch_fused"):
-            total += 2 * param_bytes * n
-        elif optimizer == "paged_adamw_32bit":
-            total += 8 * n
-        elif optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-            # bitsandbytes keeps tensors under 4096 elements in 32-bit; 8-bit states carry an fp32 absmax per 256
-            total += 8 * n if n < 4096 else 2 * n + 2 * 4 * (-(-n // 256))
-        elif optimizer == "adafactor":
-            total += 4 * n  # factored second moment is smaller for matrices; bound by one fp32 state
-        elif optimizer == "sgd":
-            total += 0
-    return total
-
-
-def _trainable_tensors(shape: ModelShape, lora, targets: list[str], modules_to_save: list[str]) -> list[int]:
-    n_layers = _adapted_layers(shape, lora.layers)
-    out: list[int] = []
-    for name in targets:
-        if name in shape.linears:
-            i, o, _ = shape.linears[name]
-            k = n_layers
-        else:
-            i, o = (shape.hidden, shape.vocab) if name == "lm_head" else (shape.vocab, shape.hidden)
-            k = 0 if lora.layers else 1
-        out += [lora.r * i, lora.r * o] * k
-        if lora.dora:
-            out += [o] * k
-    for name in modules_to_save:
-        out += [shape.module_params(name)] * shape.module_count(name)
-    return out
 
 
 def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> dict:
@@ -372,7 +239,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     lora_bytes = params["lora"] * tb
     adapter = lora_bytes + save_bytes + (params["biases"] * 0)
     gradients = lora_bytes + save_bytes + params["biases"] * (tb if kbit else unq_bytes)
-    opt = optimizer_bytes(_trainable_tensors(shape, lora, targets, modules_to_save), s.optimizer, tb)
+    opt = optimizer_bytes(trainable_tensors(shape, lora, targets, modules_to_save), s.optimizer, tb)
     if params["biases"]:
         opt += optimizer_bytes([params["biases"]], s.optimizer, tb)
     paged = s.optimizer.startswith("paged_")
@@ -407,7 +274,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     full_logits = not (s.liger or s.fused_lm_head)
     cached = tokens * shape.vocab * c.logits_cached_bytes_per_elem if full_logits else 0
     # with graphs the regular pool still caches the working set of the eager warm-up steps beside the graphs'
-    # pool (measured, 8B at 2x2048, H200: 9.33 GiB reserved with graphs against 7.54 without, bench/train.md)
+    # pool
     reserved = int(allocated * (1 + c.fragmentation) + cached + graphs)
     overhead = c.context_bytes + c.workspace_bytes + (reserved - allocated)
     peak = reserved + c.context_bytes + (opt if paged else 0)
@@ -482,12 +349,12 @@ def _setup(recipe, device: str, levers: Plan) -> Setup:
     prec = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
     if bits:
         cdt = q.compute_dtype if q.compute_dtype != "auto" else ("bf16" if cuda else "fp32")
-        act = _DTYPE_BYTES[cdt] if prec == "fp32" else _DTYPE_BYTES[prec]
+        act = DTYPE_BYTES[cdt] if prec == "fp32" else DTYPE_BYTES[prec]
     else:
-        act = _DTYPE_BYTES[prec]
+        act = DTYPE_BYTES[prec]
     opt = resolved_optimizer(recipe, device)
     attn = levers.attn_implementation
-    return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=_DTYPE_BYTES[wdt], act_bytes=act,
+    return Setup(bits=bits, double_quant=q.double_quant, weight_bytes=DTYPE_BYTES[wdt], act_bytes=act,
                  optimizer=opt, attn=attn, liger=levers.liger, dropout=recipe.lora.dropout,
                  batch=t.batch_size, seq=_seq_len(recipe),
                  checkpointing=levers.gradient_checkpointing, device=device,
@@ -530,16 +397,6 @@ def _liger_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("liger_kernel") is not None
-
-
-def artifacts(shape: ModelShape, params: dict, merged_dtype: str, adapter_param_bytes: int = 4) -> dict:
-    """Adapter file (safetensors, the trained weights in their training dtype: bf16 for a 4/8-bit base under
-    TRL, else fp32) and merged checkpoint sizes; `lorakit unmerge` writes the merged size again, `lorakit
-    extract` at this rank (and `compose --method cat`, per input adapter) writes the LoRA weights in fp32."""
-    adapter = (params["lora"] + params["modules_to_save"] + params["biases"]) * adapter_param_bytes
-    merged = shape.total_params * _DTYPE_BYTES[merged_dtype]
-    return {"adapter_bytes": int(adapter), "merged_bytes": int(merged), "unmerged_bytes": int(merged),
-            "extracted_adapter_bytes": int(params["lora"] * 4)}
 
 
 def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:
@@ -643,14 +500,9 @@ __all__ = [
     "GPUS",
     "Constants",
     "Setup",
-    "artifacts",
-    "bytes_4bit",
-    "bytes_8bit",
-    "count_params",
     "estimate",
     "gpu_bytes",
     "memory",
     "parse_bytes",
     "run_plan",
-    "weight_storage",
 ]

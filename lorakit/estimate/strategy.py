@@ -22,6 +22,7 @@ GPUs with scripts/bench_train.py).
 from __future__ import annotations
 
 from lorakit.errors import LorakitError
+from lorakit.estimate.memory import CONSTANTS, estimate, gpu_bytes
 from lorakit.recipe.rules import fsdp_optimizer_problem
 
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -29,8 +30,6 @@ STRATEGIES = ("single", "ddp", "fsdp")
 
 def strategy_terms(result: dict, strategy: str, gpus: int) -> dict:
     """Per-GPU memory terms of `strategy` over `gpus` GPUs, from a single-device estimate result."""
-    from lorakit.estimate.memory import CONSTANTS
-
     m, model = result["memory"], result["model"]
     n = max(1, int(gpus))
     weights, adapter, grads, opt = (m["weights_bytes"], m["adapter_bytes"], m["gradients_bytes"],
@@ -119,8 +118,6 @@ def estimate_with_strategy(recipe, *, device: str = "cuda", budget_bytes: int | 
 
     The strategy defaults to the recipe's `distributed.strategy` once more than one GPU is asked for.
     """
-    from lorakit.estimate.memory import estimate, gpu_bytes
-
     if strategy is not None and strategy not in ("ddp", "fsdp"):
         raise LorakitError(f"--strategy: expected ddp or fsdp (got {strategy!r})")
     if gpus is not None and gpus < 1:
