@@ -58,10 +58,10 @@ def generate_many(base_or_run: str | Path, adapters: list[str | Path], prompt: s
     """
     from peft import PeftModel
 
-    from lorakit.train.evaluate import generate_batch
-    from lorakit.merge import find_source
+    from lorakit.checkpoints.adapter import find_source
     from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
     from lorakit.runtime.quiet import quiet_libraries
+    from lorakit.train.evaluate import generate_batch
 
     quiet_libraries()
     path = Path(base_or_run).expanduser()

@@ -47,7 +47,7 @@ def two(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 def deltas(adapter: Path) -> dict[str, torch.Tensor]:
     """module -> its scaled delta s·B@A (fp32), from the files alone."""
-    from lorakit.merge import find_source, parse_adapter
+    from lorakit.checkpoints.adapter import find_source, parse_adapter
 
     return {m: e.scale * (e.B.float() @ e.A.float()) for m, e in parse_adapter(find_source(adapter)).items()
             if e.A is not None}
@@ -340,9 +340,9 @@ def test_extract_randomized_matches_eckart_young(monkeypatch, tiny_model_dir, tu
 # ------------------------------------------------------------------------------------------------
 
 def test_generate_many_answers_as_each_adapter_alone(tiny_model_dir, tmp_path):
-    from lorakit.train.evaluate import generate_batch
     from lorakit.generate import generate_many
     from lorakit.model.load import load_for_inference, load_tokenizer
+    from lorakit.train.evaluate import generate_batch
 
     adapters = []
     for i in range(2):  # large random factors: each adapter changes the greedy answer

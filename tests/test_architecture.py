@@ -19,7 +19,7 @@ LAYERS = [
     {"recipe"},
     {"speed"},
     {"model", "data"},
-    {"estimate"},
+    {"estimate", "checkpoints"},
     {"merge"},
     {"adapters", "export"},
     {"train"},

@@ -28,18 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.checkpoints.adapter import PREFIX, Edit, Source, find_source, parse_adapter, resolve_base
+from lorakit.checkpoints.layout import read_layout
+from lorakit.checkpoints.streaming import copy_tokenizer, replace_dir
 from lorakit.errors import LorakitError
-from lorakit.merge import (
-    PREFIX,
-    Edit,
-    Source,
-    copy_tokenizer,
-    find_source,
-    parse_adapter,
-    read_layout,
-    replace_dir,
-    resolve_base,
-)
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_ties")
 _FACTOR_METHODS = ("linear", "ties", "dare_ties")  # mix A's and B's elementwise: same modules and ranks

@@ -18,18 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorakit.checkpoints.adapter import PREFIX
+from lorakit.checkpoints.layout import base_index, read_layout
+from lorakit.checkpoints.streaming import copy_tokenizer, peak_rss, read_tensor, replace_dir
 from lorakit.errors import LorakitError
-from lorakit.merge import (
-    PREFIX,
-    _logits,
-    _prompt_ids,
-    base_index,
-    copy_tokenizer,
-    peak_rss,
-    read_layout,
-    read_tensor,
-    replace_dir,
-)
+from lorakit.merge import _logits, _prompt_ids
 
 EXACT_MAX_SIDE = 1024
 OVERSAMPLE = 16

@@ -21,21 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.checkpoints.adapter import Edit, find_source, parse_adapter
+from lorakit.checkpoints.layout import OutTensor, base_index, nbytes, read_layout
+from lorakit.checkpoints.streaming import TOKENIZER_FILES, peak_rss, read_tensor, write_checkpoint
 from lorakit.errors import EXIT_RUNTIME, LorakitError
-from lorakit.merge import (
-    DORA_NORMS_FILE,
-    TOKENIZER_FILES,
-    Edit,
-    OutTensor,
-    base_index,
-    find_source,
-    nbytes,
-    parse_adapter,
-    peak_rss,
-    read_layout,
-    read_tensor,
-    write_checkpoint,
-)
+from lorakit.merge import DORA_NORMS_FILE
 
 _COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 

@@ -34,13 +34,14 @@ from typing import Any
 import gguf
 import numpy as np
 
+from lorakit.checkpoints.streaming import peak_rss
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 from lorakit.export import ARCHITECTURES, QUANTS
 from lorakit.export.gguf_vocab import add_tokenizer
 from lorakit.export.modelfile import modelfile_path, render
 from lorakit.export.tensor_types import QT, tensor_type
 from lorakit.export.verify import verify_gguf
-from lorakit.merge import merged_tensors, peak_rss, plan_checkpoint, plan_merge, tokenizer_dir
+from lorakit.merge import merged_tensors, plan_checkpoint, plan_merge, tokenizer_dir
 
 GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 PERMUTE_QK = ("llama", "mistral")
