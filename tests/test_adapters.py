@@ -361,3 +361,21 @@ def test_generate_many_answers_as_each_adapter_alone(tiny_model_dir, tmp_path):
         model = load_for_inference(tiny_model_dir, adapter_dir=a)
         assert text == generate_batch(model, tok, [chat], max_new_tokens=8, batch_size=1)[0], label
     assert len({text for _, text in got}) == 3
+
+
+def test_tensors_equal_reads_blocks_and_finds_a_change_in_the_last(tmp_path):
+    """extract compares the tensors it does not factor (embeddings, norms) a block of rows at a time."""
+    from safetensors.torch import save_file
+
+    from lorakit.checkpoints.layout import base_index
+    from lorakit.checkpoints.streaming import tensors_equal
+
+    a = torch.randn(1000, 64).to(torch.bfloat16)
+    b = a.clone()
+    b[999, 3] += 1
+    for name, w in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file({"w": w, "s": torch.tensor(1.0)}, tmp_path / name / "model.safetensors")
+    ia, ib = base_index(tmp_path / "a"), base_index(tmp_path / "b")
+    assert not tensors_equal(ia["w"], ib["w"], chunk_bytes=4096)  # 16 rows a block: the change is in the last
+    assert tensors_equal(ia["w"], ia["w"], chunk_bytes=4096) and tensors_equal(ia["s"], ib["s"])

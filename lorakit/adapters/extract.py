@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lorakit.checkpoints.adapter import PREFIX
 from lorakit.checkpoints.layout import base_index, read_layout
-from lorakit.checkpoints.streaming import copy_tokenizer, peak_rss, read_tensor, replace_dir
+from lorakit.checkpoints.streaming import copy_tokenizer, peak_rss, read_tensor, replace_dir, tensors_equal
 from lorakit.errors import LorakitError
 from lorakit.merge import _logits, _prompt_ids
 
@@ -80,7 +80,6 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int, 
         (other tensors that differ), bytes, seconds, peak_rss and, with verify, max_logit_diff and
         base_vs_tuned_logit_diff.
     """
-    import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -109,7 +108,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int, 
         tensors[f"{PREFIX}{m}.lora_A.weight"], tensors[f"{PREFIX}{m}.lora_B.weight"] = A, B
     names = {f"{m}.weight" for m in modules}
     not_extracted = sorted(n for n in t_idx if n not in names and
-                           (n not in b_idx or not torch.equal(read_tensor(t_idx[n]), read_tensor(b_idx[n]))))
+                           (n not in b_idx or not tensors_equal(t_idx[n], b_idx[n])))
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
                         base_model_name_or_path=str(base), task_type="CAUSAL_LM")
     if targets and targets != ["all-linear"]:

@@ -11,6 +11,7 @@ failure leaves nothing half-written. Shared by merge, unmerge, extract and compo
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -131,6 +132,24 @@ def read_tensor(t: BaseTensor):
 
     with safe_open(t.file, framework="pt") as fh:
         return fh.get_tensor(t.name)
+
+
+def tensors_equal(a: BaseTensor, b: BaseTensor, chunk_bytes: int = 64 << 20) -> bool:
+    """Whether two checkpoint tensors hold the same values, read a block of rows at a time (`chunk_bytes` of each
+    resident at most), so comparing an embedding table costs no more memory than a block of it."""
+    from safetensors import safe_open
+
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    if not a.shape:
+        return bool((read_tensor(a) == read_tensor(b)).all())
+    step = max(1, chunk_bytes // (4 * math.prod(a.shape[1:])))  # rows per block (at most 4 bytes a value)
+    with safe_open(a.file, framework="pt") as fa, safe_open(b.file, framework="pt") as fb:
+        sa, sb = fa.get_slice(a.name), fb.get_slice(b.name)
+        for i in range(0, a.shape[0], step):
+            if not bool((sa[i:i + step] == sb[i:i + step]).all()):
+                return False
+    return True
 
 
 def read_ahead(tensors: list[OutTensor]) -> Iterator[tuple[str, Any]]:
