@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BARE = "latest"  # train.py's value for "the recipe's own output directory"
+BARE = "latest"  # lorakit.train.run's value for "the recipe's own output directory"
 _GLOBAL = ("--debug", "--version", "-h", "--help")
 
 

@@ -917,7 +917,7 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   (lorakit/speed/host_embedding.py: rows read from the pinned table by a GPU kernel), where the estimate says that stays
   within the run without graphs; the padding-free batches (the varied rows) replayed as CUDA graphs too, each
   padded to one length, the 95th percentile of the run's batch totals, with rows of pad tokens no loss reads and
-  the token count leaves out (lorakit/speed/graph_length.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
+  the token count leaves out (lorakit/speed/padding.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
   of whole 256-element blocks updated by one call (lorakit/speed/adamw8bit.py), and a Trainer step that does not read the GPU
   between backward and optimizer (lorakit/train/sft_trainer.py); in training the fused LoRA function holds the base
   matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed/planning.py), and the CUDA allocator

@@ -21,8 +21,7 @@ def cpu_threads() -> int:
     """Threads for CPU math: OMP_NUM_THREADS if set, else the cores not already busy (at least 1).
 
     On a CPU that other processes keep busy, OpenMP threads that wait for each other at every small
-    op make a step several times slower (measured: 2 threads 36 s vs 1 thread 9 s per step of the demo
-    model on a 2-core machine at load 5); using only the idle cores avoids that.
+    op make a step several times slower than one thread would; using only the idle cores avoids that.
     """
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))

@@ -1,19 +1,18 @@
 """bitsandbytes' 8-bit AdamW without a GPU synchronization after each tensor's update (SFT on CUDA).
 
 Why: bitsandbytes' `Optimizer8bit.step` calls `torch.cuda.synchronize()` after every parameter's update; a
-QLoRA adapter has hundreds of tensors (448 on Llama-3.1-8B all-linear), so each step the GPU drains its queue
-448 times and idles while Python prepares the next update: 38 ms of the 104 ms a CUDA-graphed step idled on the
-8B shape (bench/train_idle.md). The updates are kernels on one stream, ordered without the synchronizations.
-Measured (H200, 8B fixed rows with CUDA graphs, same call): +2.7%, 506 vs 519 ms a step
-(bench/train_adamw_nosync.md); what the optimizer still idles is its per-tensor launches from Python.
+QLoRA adapter has hundreds of tensors (one A and one B per adapted linear of every layer), so each step the GPU
+drains its queue once per tensor and idles while Python prepares the next update. The updates are kernels on one
+stream, ordered without the synchronizations; what the optimizer still idles is its per-tensor launches from
+Python (measurements: docs/speed.md).
 
 Same optimizer, same kernels, same math: a subclass of the optimizer class the Trainer would build for
 `paged_adamw_8bit` / `adamw_8bit` whose `step` runs bitsandbytes' own per-tensor steps (init_state,
 prefetch_state, update_step) and keeps the one synchronization paged states need at the end.
 
-One update for many tensors: even without the synchronizations the 448 updates are 448 launches from Python
-(~40 us of host time each against ~6 us of GPU time), and the GPU waits for them (12 ms of a 440 ms step on the
-8B shape with CUDA graphs, bench/train_recompute_tail.md). bitsandbytes' blockwise 8-bit update works on blocks
+One update for many tensors: even without the synchronizations each tensor's update is a launch from Python
+that costs more host time than the small kernel takes on the GPU, and the GPU waits for them. bitsandbytes'
+blockwise 8-bit update works on blocks
 of 256 elements, each with its own scale, so tensors whose sizes are multiples of 256 can be updated as one:
 their 8-bit states live in shared buffers (each tensor's state a view into them, so `state_dict` keeps
 bitsandbytes' per-tensor format), and one call updates the concatenated parameters and gradients - the same

@@ -1,8 +1,8 @@
 """The CUDA caching allocator's expandable segments for a training run (train.expandable_segments).
 
 Why: PyTorch's caching allocator keeps the blocks a step frees and carves later requests out of them; blocks of
-the wrong size pile up as reserved memory nobody uses (on the 8B shape with CUDA graphs, 2x2048 tokens: 8.58 GiB
-reserved for a 7.11 GiB allocated peak, bench/train_keep_weights.md). Expandable segments map memory into
+the wrong size pile up as reserved memory nobody uses, well above the allocated peak (docs/speed.md). Expandable
+segments map memory into
 segments that grow in place instead, which PyTorch documents as the remedy for fragmentation (the
 `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` setting; Unsloth turns it on by default too). Same math: only
 where tensors live changes.

@@ -29,7 +29,7 @@ def lora_linear(base: Any, x: Any, a_w: Any, b_w: Any, p: float, scale: float, t
     matmuls add onto them (cuBLAS reads them in its epilogue, inside a compute-bound GEMM) instead of a separate
     memory-bound pass over the output in forward and over the input gradient in backward. The backward
     dequantizes a 4-bit weight again, as bitsandbytes' own does: keeping the forward's copy inside a graphed
-    recompute saved 1% of the 8B step for 0.31 GiB of pool (bench/train_keep_weights.md, call 7).
+    recompute saves little time for a weight-sized share of the graphs' pool (docs/speed.md).
     `skip`: the output is not computed at all (a recompute that nothing reads: lorakit.speed.recompute_tail); its
     backward is the same."""
     return _fns()[1].apply(x, a_w, b_w, base, float(p) if training else 0.0, float(scale), bool(skip))

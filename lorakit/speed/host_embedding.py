@@ -1,15 +1,15 @@
 """Input embeddings kept in host memory (train.offload_embeddings).
 
-Why: on Llama-3.1-8B the input embedding table is 1 GiB of bf16 (128256 x 4096), 13% of a QLoRA run's GPU
-memory, and training only reads the rows of the batch's tokens from it: 32 MiB for 2 x 2048 tokens. Kept in host
-memory, the gigabyte pays for CUDA graphs' memory pool (lorakit.speed.layer_graphs), so that the graphs run within the
-eager run's memory.
+Why: with a large vocabulary the input embedding table (vocab x hidden in bf16) is a sizeable share of a QLoRA
+run's GPU memory, and training only reads the rows of the batch's tokens from it. Kept in host memory, the table
+pays for CUDA graphs' memory pool (lorakit.speed.layer_graphs), so that the graphs run within the eager run's
+memory.
 
 How the rows get to the GPU: on CUDA with Triton the table is pinned and a kernel reads the batch's rows from it
 over the host link (lorakit.speed.kernels.host_rows), ids and output on the GPU, so the step never waits for the GPU.
 Otherwise the ids are copied to the host, the rows gathered there and copied back: that copy waits for the GPU to
-finish the work queued before it, and the host's gather then leaves the GPU idle (~12 ms a step on the 8B shape,
-bench/train_idle.md). A probe at set-up checks the kernel against the host gather and falls back to it.
+finish the work queued before it, and the host's gather then leaves the GPU idle every step. A probe at set-up
+checks the kernel against the host gather and falls back to it.
 
 Same math: the same rows of the same table. Only for a frozen, plain `nn.Embedding` that the output layer does
 not share (tied embeddings stay: the lm_head reads the whole table every step), in one process (DDP and FSDP

@@ -1,11 +1,10 @@
 """CUDA graphs for checkpointed decoder layers (train.cuda_graphs).
 
-Why: on the 8B shape a lorakit step launches ~7,800 kernels from Python (transformers' layers, peft,
-bitsandbytes, autograd) and the GPU idles about a third of the step waiting for them
-(bench/train_profile_lorakit.txt). Under gradient checkpointing a decoder layer runs twice a step - a forward
-that keeps only its input, then in backward a recompute and the layer's backward - and for batches of one shape
-both are the same kernels every step. So each is captured once as a CUDA graph and replayed: a layer's ~250
-launches a step become ~10.
+Why: a lorakit step launches thousands of kernels from Python (transformers' layers, peft, bitsandbytes,
+autograd), and the GPU idles a large part of the step waiting for them (docs/speed.md). Under gradient
+checkpointing a decoder layer runs twice a step - a forward that keeps only its input, then in backward a
+recompute and the layer's backward - and for batches of one shape both are the same kernels every step. So each
+is captured once as a CUDA graph and replayed: a layer's hundreds of launches a step become a few replays.
 
 How: transformers checkpoints a layer by calling its `_gradient_checkpointing_func(run, *args)`;
 `GraphedCheckpoint` is that function. The first WARMUP_CALLS calls of a layer with a given input signature run

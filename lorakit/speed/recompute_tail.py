@@ -2,9 +2,9 @@
 
 Why: under gradient checkpointing the backward pass runs each decoder layer's forward again to rebuild what
 its backward needs. The layer's last linear (mlp.down_proj in Llama-style layers) feeds only the residual add,
-whose backward needs no values: the recompute computes that matmul - on the 8B shape 2 x 4096 x 14336 x 4096
-FLOPs a layer, ~0.7 ms on an H200, ~24 ms of a ~470 ms step - and nobody reads the result. Its backward needs
-only the weight (grad_x = grad @ W), which the placeholder below keeps.
+whose backward needs no values: the recompute computes that matmul - 2 x tokens x intermediate x hidden FLOPs a
+layer, a few percent of a step - and nobody reads the result. Its backward needs only the weight
+(grad_x = grad @ W), which the placeholder below keeps.
 
 How: lorakit.speed.layer_graphs captures a layer's recompute-and-backward graph inside `skipping(module)`; there the
 fused LoRA layer (lorakit.speed.planning) calls `unread_output` instead of its base layer: an autograd function whose

@@ -3,9 +3,8 @@
 Why: a padding-free (or packed) batch is one flattened row of several sequences. SDPA needs a per-row
 (block-diagonal) mask for it and then cannot use its flash kernel; flex attention skips the masked blocks but
 builds a block mask every step and runs a generic kernel. `torch.nn.attention.varlen.varlen_attn` takes the
-rows' cumulative lengths instead of a mask and runs the flash kernel on each row. 8B shape, 8 rows of varied
-length a step, H200 (bench/train_varlen.md): 5269 tok/s against 3044 for the padded baseline in one call; in
-another, 1.65x flex attention's speed (5254 vs 3176 tok/s, with the grouped key/value heads then repeated).
+rows' cumulative lengths instead of a mask and runs the flash kernel on each row: faster than both the padded
+batch and flex attention on rows of varied length (docs/speed.md).
 
 TRL's padding-free collator computes the boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`); transformers
 passes them through the model to the attention function. Registered under NAME through transformers' own
@@ -27,7 +26,7 @@ NAME = "lorakit_varlen"
 # model types whose attention is plain causal softmax attention (no sliding window in use, no logit softcapping,
 # no attention sinks): what this function computes. Others keep flex attention or sdpa.
 PLAIN_CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "granite", "smollm3"}
-# how many calls ran which path in this process (train.py reports the training's share in the run's summary)
+# how many calls ran which path in this process (lorakit.train.run reports the training's share in the run's summary)
 calls: Counter = Counter()
 
 
@@ -73,7 +72,7 @@ def mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-# attention variants this function does not compute: a model passing them must not get here (models.py checks
+# attention variants this function does not compute: a model passing them must not get here (lorakit.model.load checks
 # `fits` before loading with NAME); a call with them fails loudly instead of attending differently
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
 

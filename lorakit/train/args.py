@@ -98,7 +98,7 @@ def training_args(recipe, run: RunDir, device: str, plan: speed.Plan, options: d
 
 def sft_config(recipe, common: dict, train_columns: list[str], plan: speed.Plan):
     """TRL SFTConfig: the shared options (`training_args`) plus data handling (packing, masks, length)."""
-    from trl import SFTConfig  # trl takes ~12 s to import: only when a run builds its trainer
+    from trl import SFTConfig  # trl is slow to import: only when a run builds its trainer
 
     d = recipe.data
     # Our rows are tokenized already (input_ids + completion_mask): TRL only builds labels from the mask,

@@ -110,8 +110,8 @@ class NonFiniteGuard(TrainerCallback):
         params = [p for p in self._model.parameters() if p.grad is not None] if self._model is not None else []
         if not params:
             return control
-        # one fused norm over every gradient (a per-tensor isfinite().all() would read each of the ~900 LoRA
-        # tensors of an 8B all-linear adapter back from the GPU)
+        # one fused norm over every gradient (a per-tensor isfinite().all() would read each of the hundreds of
+        # LoRA tensors back from the GPU)
         finite = torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
         if self.policy == "stop":
             # read at the step's end, after the optimizer's work is queued: reading it here would make the host

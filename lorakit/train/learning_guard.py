@@ -10,7 +10,7 @@ trainable weights at the end (their copy from the start is dropped as soon as th
   gradient at a non-zero learning rate changed the weights; else the run stops there. GRPO skips this check:
   groups whose rewards are all equal give a zero gradient, legitimately, early in a run.
 - the end of training: the trainable weights differ from those at the start.
-`problem` names what went wrong and the likely causes; train.py turns it into an error (exit 1).
+`problem` names what went wrong and the likely causes; lorakit.train.run turns it into an error (exit 1).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Progress bar with step/total, loss, lr, tokens/s and ETA; otherwise it prints on
 Every log event is also appended to metrics.jsonl as one JSON object (with step, epoch and wall time).
 In a multi-process run (torchrun / accelerate launch) only the global rank 0 prints and writes
 metrics.jsonl; the other ranks keep the numbers (last loss, tokens/s) but stay silent.
-Tokens/s counts non-padding tokens: the Trainer's own `num_input_tokens_seen` (train.py sets
+Tokens/s counts non-padding tokens: the Trainer's own `num_input_tokens_seen` (lorakit.train.args sets
 `include_num_input_tokens_seen: non_padding`), which a resumed run restores from its checkpoint.
 """
 

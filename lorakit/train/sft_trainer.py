@@ -1,12 +1,12 @@
 """TRL's SFTTrainer whose step does not wait for the GPU between the backward pass and the optimizer (and whose
-training batches may have a collator of their own: `train_collator`, lorakit.speed.graph_length).
+training batches may have a collator of their own: `train_collator`, lorakit.speed.padding).
 
 Why: the Trainer reads two numbers back from the GPU right after each backward pass - the loss, to filter a
-NaN out of the logged average (`logging_nan_inf_filter`, which train.py turns off: a NaN loss is logged as NaN
+NaN out of the logged average (`logging_nan_inf_filter`, which lorakit.train.args turns off: a NaN loss is logged as NaN
 and NonFiniteGuard stops the run), and the step's token count (`include_num_input_tokens_seen`). Each read
 waits for the whole backward pass; the host then runs the gradient-norm clip and the optimizer's per-tensor
-updates (448 on the 8B shape) while the GPU idles: ~35 ms of a ~505 ms step with CUDA graphs
-(bench/train_idle.md). Without the reads the host queues that work while the GPU is still in the backward pass.
+updates (one per LoRA tensor) while the GPU idles. Without the reads the host queues that work while the GPU is
+still in the backward pass.
 
 Same numbers: the token count is computed as the Trainer computes it, kept on the device and added to
 `state.num_input_tokens_seen` when the Trainer logs or saves a checkpoint (where it reads the GPU anyway), so
@@ -25,7 +25,7 @@ def trainer_class() -> type:
 
     class LorakitSFTTrainer(SFTTrainer):
         _pending_tokens: Any = None
-        train_collator: Any = None  # a collator for the training batches only (lorakit.speed.graph_length)
+        train_collator: Any = None  # a collator for the training batches only (lorakit.speed.padding)
 
         def get_train_dataloader(self):
             if self.train_collator is None:

@@ -2,12 +2,11 @@
 
 Why: with torch ops, LoRA dropout writes a dropped copy of x and a mask for every adapted linear, reads both
 back for the matmul and again in backward (rebuilding the copy, dropping the gradient, adding it to the base
-layer's), and under gradient checkpointing does the forward half twice. On the 8B shape (2x2048 tokens, every
-layer checkpointed, H200, one call) `lora.dropout: 0.05` ran at 6242 tok/s against 7186 with `0.0`; with these
-kernels 6824, and 0.26 GiB less peak memory (bench/train.md). These kernels draw the dropout mask inside the
-matmul from a 32-bit integer hash of (seed, row, column) (lorakit/speed/kernels/_lora_dropout_triton.py; Philox per element, as
-tl.rand draws, bounded the kernels: bench/train_dropout_hash.md), so nothing but x is read and no mask is
-stored: the backward draws the same mask again.
+layer's), and under gradient checkpointing does the forward half twice, so a non-zero `lora.dropout` makes
+a step markedly slower and its peak memory higher than `0.0` (docs/speed.md). These kernels draw the dropout mask
+inside the matmul from a 32-bit integer hash of (seed, row, column) (lorakit/speed/kernels/_lora_dropout_triton.py;
+Philox per element, as tl.rand draws, made the random numbers the kernels' bottleneck), so nothing but x is read and no mask
+is stored: the backward draws the same mask again.
 
 Same distribution as torch's dropout (each element kept with probability 1 - p, scaled by 1 / (1 - p),
 independently per layer, element and step), not the same random numbers. Used by lorakit.speed.planning's fused LoRA
@@ -110,7 +109,7 @@ def down_forward(x2: Any, a: Any, p: float, seed: Any) -> Any:
     R = a.shape[0]
     a = a.contiguous()
     h = torch.empty((M, R), device=x2.device, dtype=a.dtype)
-    # tiles: 16 (32) rows x 256 columns a program; backward 32 x 128, ~1024 programs (bench/lora_kernel_tiles.md)
+    # tiles: 16 (32 for many rows) rows x 256 columns a program; backward 32 x 128: the sizes that ran fastest
     BM = 32 if M >= 8192 else 16
     with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
         s, s_ptr, from_ptr = _seed_args(seed, x2)
