@@ -22,7 +22,17 @@ def _run_recipe(run_dir: Path):
 
 
 def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_new_tokens: int = 128) -> str:
-    """The greedy answer to `prompt` (a user message) from the run's adapter, or from the base alone."""
+    """The greedy answer to `prompt` (a user message) from the run's adapter, or from the base alone.
+
+    Args:
+        run_dir: a run directory written by `lorakit train` (its recipe.yaml names the base).
+        prompt: the user message (chat-templated when the tokenizer has a template).
+        base_only: answer with the base model alone, without the adapter.
+        max_new_tokens: the answer's length limit.
+
+    Returns:
+        The decoded answer.
+    """
     from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
     from lorakit.runtime.quiet import quiet_libraries
     from lorakit.train.evaluate import generate_batch

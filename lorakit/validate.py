@@ -74,7 +74,15 @@ def warnings_for(recipe: Recipe) -> list[str]:
 
 
 def validate_recipe(recipe: Recipe) -> dict:
-    """Run every offline check; raise LorakitError (with the recipe line) on the first failure."""
+    """Run every offline check; raise LorakitError (with the recipe line) on the first failure.
+
+    Args:
+        recipe: a loaded lorakit.recipe.schema.Recipe (its schema is already checked).
+
+    Returns:
+        {"ok": True, "recipe", "base_model", "targets" (the resolved target modules), "checks" (one line per
+        check passed), "warnings" (legal but suspicious settings)}.
+    """
     from lorakit.model import shapes
 
     checks: list[str] = []

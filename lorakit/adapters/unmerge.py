@@ -170,7 +170,17 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, base: s
 
 
 def unmerge_weighted(merged: str | Path, adapters: list[tuple[str | Path, float]], out: str | Path, **kw) -> dict:
-    """unmerge for `lorakit merge --adapter A:w --adapter B:v`: several adapters come off as their cat composition."""
+    """unmerge for `lorakit merge --adapter A:w --adapter B:v`: several adapters come off as their cat composition.
+
+    Args:
+        merged: the merged checkpoint directory.
+        adapters: (adapter or run directory, weight) pairs, as they were merged.
+        out: the output directory.
+        kw: as `unmerge` (base, verify, overwrite).
+
+    Returns:
+        unmerge's report, with adapters and weights.
+    """
     if len(adapters) == 1:
         return unmerge(merged, adapters[0][0], out, weight=adapters[0][1], **kw)
     from lorakit.adapters.compose import compose

@@ -194,7 +194,22 @@ def _print_world(recipe, device: str, out: _Out) -> None:
 
 def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None = None, console=None,
                  json_mode: bool = False) -> dict:
-    """Train the recipe's adapter into its run directory; return the summary (also in summary.json)."""
+    """Train the recipe's adapter into its run directory; return the summary (also in summary.json).
+
+    Args:
+        recipe: a loaded lorakit.recipe.schema.Recipe.
+        overwrite: replace an existing run directory (only once the inputs are checked and the model loaded).
+        resume: continue from the latest complete checkpoint: True / "latest" for the recipe's own output
+            directory, or a run directory's path.
+        console: the rich Console for progress lines (default: stderr).
+        json_mode: progress lines go to stderr, so that stdout carries only the caller's JSON document.
+
+    Returns:
+        The run's summary: run_dir, state, steps, loss, eval_loss, task_metrics, tokens_per_s, peak_memory,
+        options (the speed plan as applied), artifacts, ...
+
+    Raises LorakitError on bad input or a failed run and Interrupted on SIGINT/SIGTERM (after a checkpoint).
+    """
     t_start = time.time()
     out = _Out(console, json_mode)
     device = pick_device()
