@@ -1,7 +1,8 @@
 """The `lorakit` command line: parse arguments, call one function per command, render the result.
 
-Nothing here knows how a model is built or trained. Heavy libraries are imported by the functions
-that the commands call, so `lorakit --help` and `lorakit validate` on a schema problem stay fast.
+Nothing here knows how a model is built or trained. Each command imports its module inside its own function
+(heavy libraries come with those modules), so `lorakit --help` and `lorakit validate` stay fast
+(tests/test_cli.py); what sits at the top is what typer's help loads anyway (rich) or the standard library.
 Every `LorakitError` becomes one message and its exit code (2 bad input, 1 runtime failure); other
 exceptions print one line unless `--debug` is given.
 """
@@ -16,11 +17,18 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from lorakit import __version__
 from lorakit.cli_argv import normalize as normalize_argv
 from lorakit.errors import EXIT_RUNTIME, Interrupted, LorakitError, signal_exit_code
-from lorakit.runtime.quiet import quiet_from_start
+from lorakit.export import FORMATS, QUANTS
+from lorakit.runtime.atomic import atomic_write_text
+from lorakit.runtime.distributed import is_main_process, launched, rank_label
+from lorakit.runtime.launch import relaunch
+from lorakit.runtime.quiet import progress_bars_off, quiet_from_start
 
 app = typer.Typer(
     name="lorakit",
@@ -45,8 +53,6 @@ def ci_mode() -> bool:
 
 
 def console(stderr: bool = False):
-    from rich.console import Console
-
     plain = ci_mode()
     return Console(stderr=stderr, no_color=plain, highlight=not plain, soft_wrap=plain,
                    force_terminal=False if plain else None, width=120 if plain else None)
@@ -58,9 +64,8 @@ def _print_json(doc: Any) -> None:
 
 
 def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
-    """Run a command body; turn errors into a message and an exit code."""
-    from rich.markup import escape  # messages may hold brackets (paths, gloo's "[/.../pair.cc:553]")
-
+    """Run a command body; turn errors into a message and an exit code. Messages are escaped: they may hold
+    brackets that rich would read as markup (paths, gloo's "[/.../pair.cc:553]")."""
     try:
         return fn()
     except LorakitError as e:
@@ -93,7 +98,7 @@ def _run(fn: Callable[[], Any], *, json_mode: bool = False) -> Any:
 
 
 def _load(recipe_path: Path, overrides: list[str] | None):
-    from lorakit.recipe.loader import load_recipe
+    from lorakit.recipe.loader import load_recipe  # pydantic and yaml: not for `lorakit --help`
 
     return load_recipe(recipe_path, overrides or [])
 
@@ -148,13 +153,9 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train an adapter (SFT or GRPO) from a recipe and write the run directory."""
-    from lorakit.runtime.distributed import is_main_process, launched, rank_label
-
     if gpus and gpus > 1 and not launched():
 
         def relaunch_body() -> int:
-            from lorakit.runtime.launch import relaunch
-
             r = _load(recipe, set_)  # a bad recipe is reported once, before any process starts
             return relaunch(gpus, list(sys.argv[1:]), strategy=r.distributed.strategy)
 
@@ -174,8 +175,6 @@ def train(
                 raise
             text = f"{type(e).__name__}: {e}"
             if not json_out:  # _run prints with rich markup: library messages carry [/path:line] tags
-                from rich.markup import escape
-
                 text = escape(text)
             raise LorakitError(f"{rank_label()}: {text}", exit_code=EXIT_RUNTIME,
                                hint="run with --debug for the traceback") from e
@@ -379,8 +378,6 @@ def export(
     """Write a model for llama.cpp / Ollama (GGUF), merging the adapter on the fly; nothing to compile."""
 
     def body():
-        from lorakit.export import FORMATS, QUANTS
-
         if format_ not in FORMATS:
             raise LorakitError(f"--format: expected one of {', '.join(FORMATS)} (got {format_!r})")
         if quant not in QUANTS:
@@ -449,7 +446,6 @@ def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Writ
 
     def body():
         from lorakit.recipe.loader import json_schema
-        from lorakit.runtime.atomic import atomic_write_text
 
         text = json.dumps(json_schema(), indent=2) + "\n"
         if out and out.is_dir():
@@ -473,8 +469,6 @@ def recipes(json_out: JsonOpt = False) -> None:
         if json_out:
             _print_json([{"name": n, "path": str(p), "description": d} for n, p, d in items])
             return
-        from rich.table import Table
-
         table = Table("recipe", "description", box=None, show_edge=False)
         for name, _, description in items:
             table.add_row(name, description)
@@ -489,8 +483,6 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" not in args[: args.index("--") if "--" in args else len(args)]:
         quiet_from_start()
     if ci_mode():  # before any library imports tqdm, which reads its switch then
-        from lorakit.runtime.quiet import progress_bars_off
-
         progress_bars_off()
     app(args=args)
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
+
+from lorakit.checkpoints.adapter import find_source
 from lorakit.errors import LorakitError
+from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
 from lorakit.recipe.loader import load_recipe
+from lorakit.runtime.quiet import quiet_libraries
+from lorakit.train.evaluate import generate_batch
+from lorakit.train.run_dir import find_run_dir
 
 
 def _run_recipe(run_dir: Path):
@@ -33,11 +40,6 @@ def generate(run_dir: str | Path, prompt: str, *, base_only: bool = False, max_n
     Returns:
         The decoded answer.
     """
-    from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
-    from lorakit.runtime.quiet import quiet_libraries
-    from lorakit.train.evaluate import generate_batch
-    from lorakit.train.run_dir import find_run_dir
-
     quiet_libraries()
     run = find_run_dir(run_dir)
     recipe = _run_recipe(run.path)
@@ -66,13 +68,6 @@ def generate_many(base_or_run: str | Path, adapters: list[str | Path], prompt: s
     Returns:
         (label, answer) pairs: "base" first with base_only, then each adapter's path.
     """
-    from peft import PeftModel
-
-    from lorakit.checkpoints.adapter import find_source
-    from lorakit.model.load import load_for_inference, load_tokenizer, resolve_base_dir
-    from lorakit.runtime.quiet import quiet_libraries
-    from lorakit.train.evaluate import generate_batch
-
     quiet_libraries()
     path = Path(base_or_run).expanduser()
     trust, pickle = False, False

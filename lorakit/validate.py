@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.model import shapes
 from lorakit.recipe.loader import located, recipe_dir, resolve_path
 from lorakit.recipe.schema import Recipe
+from lorakit.train.rewards import load_reward
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,8 +43,6 @@ def _check_data_path(recipe: Recipe, value: str, field: str) -> str:
 
 
 def _check_functions(recipe: Recipe) -> list[str]:
-    from lorakit.train.rewards import load_reward
-
     found = []
     specs = []
     if recipe.grpo:
@@ -83,8 +83,6 @@ def validate_recipe(recipe: Recipe) -> dict:
         {"ok": True, "recipe", "base_model", "targets" (the resolved target modules), "checks" (one line per
         check passed), "warnings" (legal but suspicious settings)}.
     """
-    from lorakit.model import shapes
-
     checks: list[str] = []
     with located(recipe):
         checks.append(_check_data_path(recipe, recipe.data.path, "data.path"))

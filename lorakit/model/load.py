@@ -23,6 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from filelock import FileLock
+from huggingface_hub import snapshot_download
+from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
 from lorakit import speed
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 from lorakit.model import registry
@@ -30,6 +37,8 @@ from lorakit.model.bnb_cpu import keep_4bit_layers_trainable
 from lorakit.recipe.loader import recipe_dir
 from lorakit.runtime.device import compute_dtype_name, torch_dtype, weights_dtype_name
 from lorakit.speed import varlen_attention
+from lorakit.speed.checkpointing import apply_to_model
+from lorakit.speed.fused_lora import customize_lora_config
 
 log = logging.getLogger("lorakit")
 
@@ -99,8 +108,6 @@ def ensure_demo_model() -> Path:
     target = demo_model_dir()
     if (target / "config.json").is_file():
         return target
-    from filelock import FileLock
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{_DEMO_DIRNAME}.lock")):
         if (target / "config.json").is_file():  # another process converted it while we waited
@@ -118,8 +125,6 @@ def ensure_demo_model() -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into an ordinary safetensors checkpoint + tokenizer at `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.time()
     log.warning("converting the demo model %s once into %s (about 40 s)", gguf.name, out.parent)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -138,8 +143,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def _hub_dir(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     """A hub model through the local HF cache first, then a download (users with network)."""
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
     if allow_pickle:
         patterns += [f"*{s}" for s in _PICKLE_SUFFIXES]
@@ -195,8 +198,6 @@ def resolve_base_dir(base_model: str, *, revision: str | None = None, allow_pick
 def _quantization_config(recipe, device: str, bits: int | None):
     if bits is None:
         return None
-    from transformers import BitsAndBytesConfig
-
     q = recipe.quantization
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -215,8 +216,6 @@ def _device_map(device: str):
 def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False, chat_template: str | None = None,
                    base_dir: Path | None = None):
     """The tokenizer of `path`, with a pad token and an optional chat-template override."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = read_chat_template(chat_template, base_dir)
@@ -240,8 +239,6 @@ def read_chat_template(value: str, base_dir: Path | None = None) -> str:
 
 def linear_module_names(model) -> list[str]:
     """Short names of the linear layers inside the model (what `lora.targets` may name)."""
-    import torch
-
     names = set()
     for full, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt", "Conv1D"}:
@@ -297,8 +294,6 @@ _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "ol
 
 def lora_config(recipe, model):
     """peft LoraConfig with every recipe option."""
-    from peft import LoftQConfig, LoraConfig
-
     lora = recipe.lora
     kwargs: dict[str, Any] = {}
     if lora.init == "loftq":
@@ -341,8 +336,6 @@ def attn_implementation(recipe, base_dir: Path, plan: speed.Plan | None = None) 
 
 def _config(base_dir: Path):
     """The checkpoint's config without running remote code (None: remote code or an unreadable config)."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
     except (KeyError, OSError, ValueError):
@@ -351,8 +344,6 @@ def _config(base_dir: Path):
 
 def _supports_flex(config) -> bool:
     """The transformers class for this config implements flex attention."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:  # no config or an unknown architecture
@@ -362,8 +353,6 @@ def _supports_flex(config) -> bool:
 
 def load_base(recipe, device: str, base_dir: Path, bits: int | None, plan: speed.Plan | None = None):
     """The base model (quantized per `bits`) on `device`, not yet wrapped by peft."""
-    from transformers import AutoModelForCausalLM
-
     m = recipe.model
     if m.trust_remote_code:
         log.warning("trust_remote_code is on: running the Python code of %s", recipe.base_model)
@@ -426,11 +415,6 @@ def load_training_model(recipe, device: str, base_dir: Path, tokenizer, plan: sp
 def attach_adapter(recipe, model, device: str, bits: int | None, plan: speed.Plan):
     """(peft model, info): the recipe's LoRA on a loaded base, with the speed levers of `plan` (fused LoRA
     layers, frozen dtype, partial checkpointing). scripts/bench_estimate.py calls it on in-memory models."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from lorakit.speed.checkpointing import apply_to_model
-    from lorakit.speed.fused_lora import customize_lora_config
-
     _check_layers(recipe, model)
     _check_modules_to_save(recipe, model)
     config = customize_lora_config(lora_config(recipe, model), plan, bits)
@@ -460,17 +444,12 @@ def load_for_inference(base_dir: Path, *, adapter_dir: Path | None = None, dtype
                        trust_remote_code: bool = False, allow_pickle: bool = False):
     """Base (+ adapter via peft) in eval mode on the CPU or the first GPU. Safetensors weights only,
     unless `allow_pickle` (the recipe's model.allow_pickle), as for training."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     _check_local_dir(Path(base_dir), allow_pickle)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype(dtype),
                                                  trust_remote_code=trust_remote_code,
                                                  use_safetensors=None if allow_pickle else True).to(device)
     if adapter_dir is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.model import registry
+from lorakit.model.known_models import known_config
 
 # Linear modules of a decoder block, in the order a printout shows them; and their parent module.
 ATTN_PARENT = "self_attn"
@@ -190,7 +191,7 @@ def shape_from_config(cfg: dict, source: str = "") -> ModelShape:
 def _shape_from_meta(cfg: dict, source: str) -> ModelShape:
     """Any other architecture: build it on the meta device (no weights) and read its modules."""
     mt = cfg.get("model_type")
-    try:
+    try:  # torch-free at import: the estimate and validate read this module; only this fallback needs them
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -289,8 +290,6 @@ def _looks_like_path(name: str) -> bool:
 
 def load_config(base_model: str, *, revision: str | None = None) -> tuple[dict, str]:
     """(config dict, where it came from) for an alias, a local directory or a hub id. Never downloads."""
-    from lorakit.model.known_models import known_config
-
     local = Path(base_model).expanduser()
     if local.is_dir():
         cfg = local / "config.json"

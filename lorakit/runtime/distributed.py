@@ -25,7 +25,7 @@ def _group():
     if "torch" not in sys.modules:
         return None
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch is loaded already (checked above): a lookup, not a load
 
         return dist if dist.is_available() and dist.is_initialized() else None
     except Exception:  # noqa: BLE001 - a broken torch install must not break printing
@@ -68,7 +68,7 @@ def _accelerate_type() -> str | None:
     if "accelerate" not in sys.modules:
         return None
     try:
-        from accelerate.state import AcceleratorState
+        from accelerate.state import AcceleratorState  # loaded already (checked above): a lookup
 
         if not AcceleratorState._shared_state:
             return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 
 def progress_bars_off() -> None:
@@ -22,9 +24,6 @@ def quiet_from_start() -> None:
     is missing ("Failed to load CPU gemm_4bit_forward from kernels-community"); torch, transformers, peft and
     TRL raise UserWarnings / FutureWarnings about their own internals. lorakit's own warnings still show;
     transformers / datasets log errors only (their verbosity variables, read on import)."""
-    import logging
-    import warnings
-
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -35,10 +34,7 @@ def quiet_from_start() -> None:
 
 def quiet_libraries() -> None:
     """Keep transformers/TRL/datasets to errors, no progress bars of their own, no deprecation noise."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # torch-free at import: the CLI imports this module
 
     # bitsandbytes' CPU backend warns on import when the optional `kernels` package (a faster CPU 4-bit gemm
     # from the hub) is missing, and falls back on its own kernel; liger-kernel logs each optional backend it
@@ -50,7 +46,7 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    try:
+    try:  # inside for the same reason; datasets may be absent
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()

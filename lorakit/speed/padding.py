@@ -69,7 +69,7 @@ def pad_batch(batch: dict, length: int, max_row: int, pad_id: int) -> dict:
     """A padding-free batch (input_ids (1, T), labels, position_ids, cu_seq_lens_*, max_length_*, seq_idx)
     padded to `length` with `pad_rows` rows of pad tokens, each of 1 to `max_row` tokens; unchanged if too long
     for that (over `length` minus one token a pad row) or not flattened."""
-    import torch
+    import torch  # torch-free at import: the planner and the estimate read this module
 
     ids = batch.get("input_ids")
     pos = batch.get("position_ids")

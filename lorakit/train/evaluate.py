@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from lorakit.train.rewards import load_rewards
+
 
 def render_prompt(tokenizer, prompt: Any) -> str:
     """The text the model sees: the chat template with a generation prompt, or the string as is."""
@@ -29,8 +33,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def generate_batch(model, tokenizer, prompts: list, *, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
     """Greedy completions (text after the prompt, special tokens removed) for each prompt."""
-    import torch
-
     texts = [render_prompt(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
     was_training = model.training
@@ -44,7 +46,8 @@ def generate_batch(model, tokenizer, prompts: list, *, max_new_tokens: int = 64,
             for i in range(0, len(texts), batch_size):
                 chunk = texts[i:i + batch_size]
                 # the chat template already carries its special tokens
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[i], str))
+                enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                                add_special_tokens=isinstance(prompts[i], str))
                 enc = {k: v.to(device) for k, v in enc.items()}
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
@@ -61,8 +64,6 @@ def generate_batch(model, tokenizer, prompts: list, *, max_new_tokens: int = 64,
 def task_metrics(model, tokenizer, examples: list[dict], metric_specs: list, base_dir, *,
                  max_new_tokens: int = 64, n_samples: int = 3, batch_size: int = 16) -> dict:
     """{"metrics": {name: mean}, "n": rows, "samples": [{prompt, reference, completion, scores}]}."""
-    from lorakit.train.rewards import load_rewards
-
     metrics = load_rewards(metric_specs, base_dir, field="evaluate.metrics")
     prompts = [ex["prompt"] for ex in examples]
     refs = [ex.get("reference") for ex in examples]

@@ -30,6 +30,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from transformers import TrainerCallback
+
 from lorakit.errors import LorakitError
 from lorakit.recipe.loader import recipe_dir
 from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
@@ -63,7 +66,7 @@ def grpo_config_kwargs(recipe, training_args: dict, *, world_size: int | None = 
     not set, the generation batch is the smallest multiple of the optimizer batch that holds whole
     groups of `num_generations` completions.
     """
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # trl is slow to import: only when a GRPO run builds its trainer
 
     g = recipe.grpo
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -175,8 +178,6 @@ def completion_log_callback(rewards: Sequence[Reward], k: int = 4):
     Put it before callbacks that read `logs` (the trainer's default printers run before it and never
     see the list; trainer_state.json's log_history does not keep it).
     """
-    from transformers import TrainerCallback
-
     class CompletionLogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or not any(key.startswith("rewards/") for key in logs):
@@ -204,7 +205,7 @@ def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, 
     `prepared.train` (and optional `prepared.eval`) hold a `prompt` column (text or chat messages)
     plus the columns the rewards read. `training_args` holds the common TrainingArguments options.
     """
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer  # trl is slow to import: only when a GRPO run builds its trainer
 
     rewards = check_rewards(recipe)
     g = recipe.grpo
@@ -266,8 +267,6 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
 
     Returns {"n", "reward" (mean weighted total), "rewards": {name: mean}, "samples": [...]}.
     """
-    import torch
-
     rows = [dict(r) for r in rows]
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
     side = tokenizer.padding_side

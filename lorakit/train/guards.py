@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from lorakit.errors import Stopped, signal_exit_code
+from lorakit.runtime.atomic import atomic_write_text, disk_error
 
 COMPLETE_MARKER = "lorakit-complete"
 
@@ -105,8 +108,6 @@ class NonFiniteGuard(TrainerCallback):
         self._model = model
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        import torch
-
         params = [p for p in self._model.parameters() if p.grad is not None] if self._model is not None else []
         if not params:
             return control
@@ -161,8 +162,6 @@ class CheckpointMarker(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                from lorakit.runtime.atomic import atomic_write_text
-
                 atomic_write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
         return control
 
@@ -198,8 +197,6 @@ def incomplete_checkpoints(folder: str | Path) -> list[Path]:
 
 def remove_incomplete_checkpoints(folder: str | Path) -> list[Path]:
     """Delete the unmarked checkpoint-N directories under `folder`; return what was removed."""
-    import shutil
-
     gone = incomplete_checkpoints(folder)
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
@@ -213,8 +210,6 @@ def disk_failure(exc: BaseException, checkpoints_dir: str | Path, run_path: str 
     It names the checkpoint that was being written when there is a half-written one, and (with
     `cleanup`) removes it: it would never be resumed from, and removing it gives the space back.
     """
-    from lorakit.runtime.atomic import disk_error
-
     partial = sorted(incomplete_checkpoints(checkpoints_dir), key=lambda p: _step(p) or -1)
     err = disk_error(exc, partial[-1] if partial else run_path, check_free=True)
     if err is not None and cleanup:

@@ -15,6 +15,7 @@ trainable weights at the end (their copy from the start is dropped as soon as th
 
 from __future__ import annotations
 
+import torch
 from transformers import TrainerCallback
 
 from lorakit.errors import EXIT_RUNTIME, LorakitError
@@ -57,16 +58,12 @@ class LearningGuard(TrainerCallback):
         self.lr_steps = 0  # of them, taken at a non-zero learning rate
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        import torch
-
         self._params = _trainable(model) if model is not None else []
         with torch.no_grad():
             self._start = [_local(p.detach()).clone() for p in self._params]
         return control
 
     def _changed(self) -> bool:
-        import torch
-
         if not self._start:
             return False
         with torch.no_grad():
@@ -78,8 +75,6 @@ class LearningGuard(TrainerCallback):
         self.lr_steps += self._lr > 0
         if self.moved or self._steps >= EARLY_STEPS or not self.early:
             return control
-        import torch
-
         grads = [_local(p.grad) for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.grad_seen |= norm is not None and bool(norm != 0)  # NaN counts as seen: NonFiniteGuard's case

@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+from lorakit.runtime.distributed import is_main_process
 
 
 def plain_output(console=None) -> bool:
@@ -51,8 +54,6 @@ class ProgressCallback(TrainerCallback):
 
     def __init__(self, metrics_file: str | Path | None, *, console=None, plain: bool | None = None,
                  quiet: bool = False, main: bool | None = None):
-        from lorakit.runtime.distributed import is_main_process
-
         self.main = is_main_process() if main is None else main
         self.metrics_file = Path(metrics_file) if metrics_file and self.main else None
         self.console = console
@@ -102,8 +103,6 @@ class ProgressCallback(TrainerCallback):
         self._tokens0 = state.num_input_tokens_seen
         self._step0 = state.global_step
         if not self.plain and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)

@@ -63,13 +63,13 @@ def plot_losses(points: dict, path: Path, *, eval_before: float | None, eval_aft
     """
     if not is_main_process():  # only rank 0 writes the run directory
         return path
-    try:
+    try:  # optional: a run without matplotlib writes no plot
         import matplotlib
     except ImportError:  # a missing plot must not fail a finished run: metrics.jsonl holds the curves
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)", Path(path).name)
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     with_reward = bool(rewards and any(rewards.values())) or reward_before is not None or reward_after is not None
     if with_reward:

@@ -40,8 +40,6 @@ from lorakit.speed.varlen_attention import calls
 from lorakit.train import grpo
 from lorakit.train.args import run_options, sft_config, training_args
 from lorakit.train.evaluate import task_metrics
-from lorakit.train.learning_guard import LearningGuard, check_trainable
-from lorakit.train.resume import check_resume
 from lorakit.train.guards import (
     CheckpointMarker,
     GracefulStop,
@@ -50,6 +48,7 @@ from lorakit.train.guards import (
     latest_complete_checkpoint,
     release_signals,
 )
+from lorakit.train.learning_guard import LearningGuard, check_trainable
 from lorakit.train.progress import ProgressCallback, plain_output
 from lorakit.train.report import (
     distributed,
@@ -62,6 +61,7 @@ from lorakit.train.report import (
     print_summary,
     threads,
 )
+from lorakit.train.resume import check_resume
 from lorakit.train.run_dir import FAILED, FINISHED, INTERRUPTED, RunDir
 from lorakit.train.sft_trainer import trainer_class
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.runtime.atomic import atomic_write_json, atomic_write_text, disk_errors
+from lorakit.runtime.distributed import is_main_process
 
 RUNNING, INTERRUPTED, FAILED, FINISHED = "running", "interrupted", "failed", "finished"
 
@@ -58,8 +59,6 @@ class RunDir:
     """One run directory. Paths are attributes; state changes go through `set_state`."""
 
     def __init__(self, path: str | Path, *, main: bool | None = None):
-        from lorakit.runtime.distributed import is_main_process
-
         self.path = Path(path)
         self.main = is_main_process() if main is None else main  # only rank 0 writes
         self.state_file = self.path / "state.json"

@@ -21,7 +21,7 @@ from typing import Any
 
 def trainer_class() -> type:
     """SFTTrainer with the token count kept on the device between logs (imports TRL: call it when training)."""
-    from trl import SFTTrainer
+    from trl import SFTTrainer  # trl is slow to import: only when a run builds its trainer
 
     class LorakitSFTTrainer(SFTTrainer):
         _pending_tokens: Any = None

@@ -38,6 +38,7 @@ def available(device_type: str, dtype: Any, rank: int) -> bool:
 
 
 def _kernels():
+    # imported on first use: Triton may be absent, and the planner and the estimate read this module torch-free
     import triton
 
     from lorakit.speed.kernels import _lora_dropout_triton as k
@@ -63,7 +64,7 @@ class DeviceSeeds:
     its forward took. `refresh()` draws new seeds (one kernel) before each replay of the forward."""
 
     def __init__(self, n: int, device: Any):
-        import torch
+        import torch  # torch-free at import: the planner and the estimate read this module
 
         self.values = torch.zeros(n, dtype=torch.int64, device=device)
         self.used = 0
@@ -102,7 +103,7 @@ def active_seeds() -> DeviceSeeds | None:
 def down_forward(x2: Any, a: Any, p: float, seed: Any) -> Any:
     """h = dropout(x2) @ a^T with the mask of `seed` (an int, or a one-element int64 tensor on x2's device);
     x2: (M, K) with unit column stride, a: (R, K) in the compute dtype (h comes in it too)."""
-    import torch
+    import torch  # see DeviceSeeds
 
     triton, fwd, _, _ = _kernels()
     M, K = x2.shape
@@ -120,7 +121,7 @@ def down_forward(x2: Any, a: Any, p: float, seed: Any) -> Any:
 
 def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: Any, need_x: bool = True) -> tuple[Any, Any]:
     """(grad_x2 in x2's dtype or None, grad_a in fp32) for `down_forward(x2, a, p, seed)`."""
-    import torch
+    import torch  # see DeviceSeeds
 
     triton, _, bwd, _ = _kernels()
     M, K = x2.shape
@@ -144,7 +145,7 @@ def down_backward(x2: Any, a: Any, grad_h: Any, p: float, seed: Any, need_x: boo
 
 def dropout_mask(M: int, K: int, p: float, seed: Any, device: Any) -> Any:
     """The keep mask (M, K) the kernels use for `seed` (for tests and checks)."""
-    import torch
+    import torch  # see DeviceSeeds
 
     triton, _, _, kern = _kernels()
     out = torch.empty((M, K), device=device, dtype=torch.int8)
