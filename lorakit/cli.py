@@ -111,7 +111,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for unexpected errors.")] = False,
 ) -> None:
     """Fine-tune language models with LoRA and QLoRA from one YAML recipe."""
@@ -120,9 +121,10 @@ def _root(
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = False,
-             offline: Annotated[bool, typer.Option("--schema-only", help="Check the schema only (no files, no model).")] = False) -> None:
+             offline: Annotated[bool, typer.Option(
+                 "--schema-only", help="Check the schema only (no files, no model).")] = False) -> None:
     """Check a recipe: schema, files, model config and target modules. Loads no weights."""
-    from lorakit.validate import validate_recipe
+    from lorakit.validate import validate_recipe  # the command's module: loaded when it runs
 
     def body():
         r = _load(recipe, set_)
@@ -162,7 +164,7 @@ def train(
         raise typer.Exit(_run(relaunch_body, json_mode=json_out))
 
     def body():
-        from lorakit.train.run import run_training
+        from lorakit.train.run import run_training  # the command's module: loaded when it runs
 
         r = _load(recipe, set_)
         try:
@@ -199,7 +201,7 @@ def estimate(
     """Exact parameter counts and a memory forecast for a recipe, without loading weights."""
 
     def body():
-        from lorakit.estimate.memory import parse_bytes
+        from lorakit.estimate.memory import parse_bytes  # the command's module: loaded when it runs
         from lorakit.estimate.strategy import estimate_with_strategy
 
         if device not in ("cuda", "cpu"):
@@ -211,7 +213,7 @@ def estimate(
         if json_out:
             _print_json(result)
             return
-        from lorakit.estimate.view import render
+        from lorakit.estimate.view import render  # the command's module: loaded when it runs
 
         render(result, console())
 
@@ -264,7 +266,7 @@ def merge(
         elif source is None:
             raise LorakitError("merge: give a run or adapter directory, or --adapter DIR[:WEIGHT]")
         else:
-            from lorakit.merge import merge_adapter
+            from lorakit.merge import merge_adapter  # the command's module: loaded when it runs
 
             report = merge_adapter(source, out, **kw)
         if json_out:
@@ -295,7 +297,7 @@ def compose(
     """Combine adapters of the same base into one peft adapter (peft's add_weighted_adapter methods)."""
 
     def body():
-        from lorakit.adapters.compose import compose as run_compose
+        from lorakit.adapters.compose import compose as run_compose  # the command's module: loaded when it runs
         from lorakit.adapters.compose import parse_weights
 
         report = run_compose(adapters, out, weights=parse_weights(weights, len(adapters)), method=method, rank=rank,
@@ -322,7 +324,7 @@ def unmerge(
     """Take merged adapters off a checkpoint again, shard by shard: the base back."""
 
     def body():
-        from lorakit.adapters.compose import parse_weighted
+        from lorakit.adapters.compose import parse_weighted  # the command's module: loaded when it runs
         from lorakit.adapters.unmerge import unmerge_weighted
 
         if not adapter:
@@ -352,7 +354,7 @@ def extract(
     """A LoRA adapter approximating tuned - base by truncated SVD, module by module."""
 
     def body():
-        from lorakit.adapters.extract import extract as run_extract
+        from lorakit.adapters.extract import extract as run_extract  # the command's module: loaded when it runs
 
         names = [t for item in targets or [] for t in item.split(",") if t]
         report = run_extract(base, tuned, out, rank=rank, targets=names or None, verify=verify, overwrite=overwrite)
@@ -401,7 +403,8 @@ def generate(
     run_dir: Annotated[Path, typer.Argument(
         help="A run directory written by `lorakit train`; with --adapter also a base model.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],
-    base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model, without the adapter.")] = False,
+    base_only: Annotated[bool, typer.Option(
+        "--base-only", help="Answer with the base model, without the adapter.")] = False,
     adapter: Annotated[Optional[list[Path]], typer.Option(
         "--adapter", "-a", help="Answer with each adapter in turn, the base loaded once (repeatable).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
@@ -410,13 +413,13 @@ def generate(
 
     def body():
         if adapter:
-            from lorakit.generate import generate_many
+            from lorakit.generate import generate_many  # the command's module: loaded when it runs
 
             for label, text in generate_many(run_dir, adapter, prompt, base_only=base_only,
                                              max_new_tokens=max_new_tokens):
                 typer.echo(f"== {label} ==\n{text}")
             return
-        from lorakit.generate import generate as run_generate
+        from lorakit.generate import generate as run_generate  # the command's module: loaded when it runs
 
         typer.echo(run_generate(run_dir, prompt, base_only=base_only, max_new_tokens=max_new_tokens))
 
@@ -432,7 +435,7 @@ def init(
     """Write a commented starter recipe."""
 
     def body():
-        from lorakit.recipe.shipped import write_starter
+        from lorakit.recipe.shipped import write_starter  # the command's module: loaded when it runs
 
         write_starter(preset, path, force=force)
         console().print(f"wrote {path} (preset {preset}); check it with: lorakit validate {path}", highlight=False)
@@ -441,7 +444,8 @@ def init(
 
 
 @app.command()
-def schema(out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None) -> None:
+def schema(out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write to a file instead of stdout.")] = None) -> None:
     """Print the recipe's JSON Schema (for editors' YAML language servers)."""
 
     def body():
@@ -463,7 +467,7 @@ def recipes(json_out: JsonOpt = False) -> None:
     """List the shipped recipes, one line each."""
 
     def body():
-        from lorakit.recipe.shipped import list_recipes
+        from lorakit.recipe.shipped import list_recipes  # the command's module: loaded when it runs
 
         items = list_recipes()
         if json_out:

@@ -28,10 +28,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from peft.utils import merge_utils
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from lorakit.checkpoints.adapter import PREFIX, Edit, Source, find_source, parse_adapter, resolve_base
 from lorakit.checkpoints.layout import read_layout
 from lorakit.checkpoints.streaming import copy_tokenizer, replace_dir
 from lorakit.errors import LorakitError
+from lorakit.merge import merge_adapter
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_ties")
 _FACTOR_METHODS = ("linear", "ties", "dare_ties")  # mix A's and B's elementwise: same modules and ranks
@@ -168,8 +174,6 @@ def svd_truncate(A, B, rank: int):
     """(A', B', energy kept) with B'@A' the best rank-`rank` approximation of B@A (B' = U·S, A' = Vh).
 
     QR of the two thin factors reduces the SVD to one of a (rank_B x rank_A) core, exact to fp32 rounding."""
-    import torch
-
     qb, rb = torch.linalg.qr(B)
     qa, ra = torch.linalg.qr(A.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -181,9 +185,6 @@ def svd_truncate(A, B, rank: int):
 
 def _combine(method: str, items: list[tuple[Edit, float]], rank: int, density: float | None):
     """(A, B, bias, energy) of one module from its (edit, weight) pairs, in fp32."""
-    import torch
-    from peft.utils import merge_utils
-
     scaled = [w * e.scale for e, w in items]
     bias = None
     if any(e.bias is not None for e, _ in items):
@@ -235,10 +236,6 @@ def compose(adapters: list[str | Path], out: str | Path, *, weights: list[float]
     Returns:
         A report: out, method, adapters, weights, rank, modules and, for svd, energy_kept per module.
     """
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     start = time.perf_counter()
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     if len(weights) != len(adapters):
@@ -334,8 +331,6 @@ def merge_weighted(adapters: list[tuple[str | Path, float]], out: str | Path, *,
     Returns:
         merge_adapter's report, with adapters and weights.
     """
-    from lorakit.merge import merge_adapter
-
     if len(adapters) == 1 and adapters[0][1] == 1.0:
         return merge_adapter(adapters[0][0], out, base=base, **merge_kwargs)
     first = find_source(adapters[0][0])

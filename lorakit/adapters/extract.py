@@ -18,6 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
 from lorakit.checkpoints.adapter import PREFIX
 from lorakit.checkpoints.layout import base_index, read_layout
 from lorakit.checkpoints.streaming import copy_tokenizer, peak_rss, read_tensor, replace_dir, tensors_equal
@@ -31,8 +36,6 @@ NITER = 4
 
 def low_rank(D, rank: int):
     """(A, B, relative error, energy kept) of the best rank-`rank` approximation B@A of D (fp32)."""
-    import torch
-
     k = min(rank, *D.shape)
     if min(D.shape) <= EXACT_MAX_SIDE:
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
@@ -80,9 +83,6 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int, 
         (other tensors that differ), bytes, seconds, peak_rss and, with verify, max_logit_diff and
         base_vs_tuned_logit_diff.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     start = time.perf_counter()
     if rank < 1:
         raise LorakitError(f"--rank: expected a positive rank (got {rank})")
@@ -137,10 +137,6 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int, 
 
 def verify_extracted(base: Path, tuned: Path, adapter: Path) -> dict:
     """Largest |logit| difference of base + adapter vs tuned, and of base vs tuned (fp32, fixed prompts)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     def load(d):
         return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, use_safetensors=True).eval()
 

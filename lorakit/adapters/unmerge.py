@@ -21,11 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
+from lorakit.adapters.compose import compose
 from lorakit.checkpoints.adapter import Edit, find_source, parse_adapter
 from lorakit.checkpoints.layout import OutTensor, base_index, nbytes, read_layout
 from lorakit.checkpoints.streaming import TOKENIZER_FILES, peak_rss, read_tensor, write_checkpoint
 from lorakit.errors import EXIT_RUNTIME, LorakitError
 from lorakit.merge import DORA_NORMS_FILE
+from lorakit.runtime.atomic import atomic_write_json
 
 _COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
@@ -38,8 +43,6 @@ def _delta(edit: Edit, fan_in_fan_out: bool):
 
 def unmerge_one(m, o: OutTensor, edit: Edit | None, fan_in_fan_out: bool, norms: dict) -> tuple[Any, Any, Any]:
     """(unmerged tensor in o.dtype, V = the merged value before rounding (fp32) or None, delta or None)."""
-    import torch
-
     dtype = getattr(torch, o.dtype)
     if edit is None or edit.A is None or o.param not in ("weight", "bias") or (o.param == "bias" and edit.bias is None):
         return m.to(dtype), None, None
@@ -77,9 +80,6 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, base: s
         A report: merged, adapter, out, tensors, modules_unmerged, bytes, seconds, peak_rss and, with verify,
         max_abs_diff, worst_bound_ratio (<= 1 passes) and worst_tensor.
     """
-    import torch
-    from safetensors.torch import load_file
-
     start = time.perf_counter()
     merged, out = Path(merged).expanduser(), Path(out).expanduser()
     if not (merged / "config.json").is_file():
@@ -144,8 +144,6 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, base: s
         return u
 
     def side_files(tmp: Path, named: list) -> None:
-        from lorakit.runtime.atomic import atomic_write_json
-
         for name in _COPIED:
             if (merged / name).is_file():
                 shutil.copy2(merged / name, tmp / name)
@@ -183,8 +181,6 @@ def unmerge_weighted(merged: str | Path, adapters: list[tuple[str | Path, float]
     """
     if len(adapters) == 1:
         return unmerge(merged, adapters[0][0], out, weight=adapters[0][1], **kw)
-    from lorakit.adapters.compose import compose
-
     with tempfile.TemporaryDirectory(prefix="lorakit-compose-") as d:
         compose([a for a, _ in adapters], Path(d) / "adapter", weights=[w for _, w in adapters], method="cat")
         report = unmerge(merged, Path(d) / "adapter", out, **kw)

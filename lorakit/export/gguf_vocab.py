@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 
 import gguf
+from transformers import AutoTokenizer
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from lorakit.errors import LorakitError
 
@@ -32,8 +34,6 @@ _SPLITS = {"llama-bpe": "llama-bpe", "qwen2": "qwen2"}
 
 def _backend(tok_dir: Path):
     """The tokenizer as transformers runs it (its class may rebuild tokenizer.json's pipeline), and its JSON."""
-    from transformers import AutoTokenizer  # heavy: only when exporting
-
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir)
     except Exception as e:  # noqa: BLE001 - any loading failure is the same problem for the user
@@ -51,8 +51,6 @@ def _steps(node: dict | None) -> list[dict]:
 
 def pre_tokenizer_name(tj: dict) -> str:
     """llama.cpp's name for the byte-level pre-tokenizer of `tokenizer.json` (dict)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     steps = _steps(tj.get("pre_tokenizer"))
     splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
     if len(splits) == 1:

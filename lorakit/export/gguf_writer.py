@@ -33,6 +33,9 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
+from transformers import AutoConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lorakit.checkpoints.streaming import peak_rss
 from lorakit.errors import EXIT_RUNTIME, LorakitError
@@ -72,8 +75,6 @@ def _permute(t, heads: int):
 
 def convert(t, spec: Spec) -> np.ndarray:
     """The bytes of torch tensor `t` as `spec` stores it."""
-    import torch
-
     if spec.heads:
         t = _permute(t, spec.heads)
     if spec.qtype == QT.F32:
@@ -93,8 +94,6 @@ def convert(t, spec: Spec) -> np.ndarray:
 
 
 def _config(base_dir: Path):
-    from transformers import AutoConfig
-
     cfg = AutoConfig.from_pretrained(base_dir)
     if cfg.model_type not in ARCHITECTURES:
         raise LorakitError(f"{base_dir}: architecture {cfg.model_type!r} cannot be exported to GGUF by lorakit "
@@ -115,9 +114,6 @@ def _head_dim(cfg) -> int:
 
 def rope_freqs(cfg):
     """llama.cpp's rope_freqs for Llama-3 rope scaling: default inverse frequencies / llama3 ones."""
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     dim, theta = _head_dim(cfg), _rope(cfg)["rope_theta"]
     default = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg)

@@ -21,6 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.export.tensor_types import tensor_type
 from lorakit.merge import _logits, _prompt_ids, tolerance
@@ -36,21 +39,14 @@ TEXTS = (
 
 def _reference(mp):
     """The merged model in fp32, from the base and the adapter (peft) or the checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(mp.base_dir, dtype=torch.float32, use_safetensors=True)
     if mp.src is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, mp.src.adapter_dir).merge_and_unload()
     return model.eval()
 
 
 def _round_to_file_types(model, mp, quant: str) -> None:
     """Round every weight of `model` in place as the export stores it."""
-    import torch
-
     embeddings = {f"{mp.layout.input_embed}.weight", f"{mp.layout.output_embed}.weight"}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,8 +61,6 @@ def _round_to_file_types(model, mp, quant: str) -> None:
 
 
 def _tokenizer_mismatches(out: Path, tok_dir: Path) -> list[str]:
-    from transformers import AutoTokenizer
-
     src = AutoTokenizer.from_pretrained(tok_dir)
     back = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     texts = list(TEXTS)
@@ -88,9 +82,6 @@ def verify_gguf(out: Path, mp, quant: str, tok_dir: Path) -> dict:
     Returns:
         max_logit_diff, max_abs_logit, rounding_logit_diff, tolerance, tokenizer_mismatches (texts).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     ref_model = _reference(mp)
     prompts = _prompt_ids(tok_dir, ref_model.get_input_embeddings().weight.shape[0])
     ref = _logits(ref_model, prompts)

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from bitsandbytes import functional as F
+from bitsandbytes.utils import sync_gpu
+from transformers import Trainer
+
 NO_SYNC_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit")
 
 
 def no_sync_class(cls: type) -> type:
     """A subclass of bitsandbytes optimizer class `cls` (an Optimizer8bit) without the per-tensor syncs."""
-    import torch
-    from bitsandbytes.utils import sync_gpu
-
     class NoSync(cls):
         @torch.no_grad()
         def step(self, closure=None):
@@ -73,8 +75,6 @@ class _Shared:
     """The 8-bit states of a set of tensors in shared buffers, in the tensors' order."""
 
     def __init__(self, opt: Any, params: list):
-        import torch
-
         device = params[0].device
         self.params = params
         self.sizes = [p.numel() for p in params]
@@ -115,9 +115,6 @@ class _Shared:
 def _update_together(opt: Any, gindex: int, group: dict) -> list:
     """Update the group's tensors that bitsandbytes would update alike with one call (see the module
     docstring); return them (the others are left to the per-tensor update)."""
-    import torch
-    from bitsandbytes import functional as F
-
     if not hasattr(opt, "name2qmap") or getattr(opt, "optimizer_name", None) != "adam":
         return []
     if opt.args.optim_bits != 8 or opt.args.max_unorm > 0:
@@ -172,9 +169,6 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple | None:
     `args.optim` made sync-free, its kwargs unchanged; None where the Trainer's own choice stays (a CPU run, not
     a bitsandbytes 8-bit AdamW, or trainable embeddings, which transformers gives 32-bit states by recognizing
     the bitsandbytes class)."""
-    import torch
-    from transformers import Trainer
-
     if args.use_cpu or str(getattr(args.optim, "value", args.optim)) not in NO_SYNC_OPTIMIZERS:
         return None
     if any(p.requires_grad for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 ENV = "PYTORCH_CUDA_ALLOC_CONF"
 
 
@@ -23,8 +25,6 @@ def use_expandable_segments(wanted: bool) -> bool:
         return "expandable_segments:true" in os.environ[ENV].replace(" ", "").lower()
     if not wanted:
         return False
-    import torch
-
     if not torch.cuda.is_available():
         return False
     try:  # the setting for allocations from now on (the allocator may be initialised already: no env var then)

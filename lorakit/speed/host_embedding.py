@@ -18,6 +18,7 @@ expect every parameter on the GPU), for SFT (generation would copy one token's r
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -57,8 +58,6 @@ class HostEmbedding(torch.nn.Module):
 
     def use_kernel(self) -> None:
         """Pin the table and read rows with the Triton kernel, if it gives the host gather's rows here."""
-        import importlib.util
-
         if importlib.util.find_spec("triton") is None:
             return
         try:
@@ -87,8 +86,9 @@ class HostEmbedding(torch.nn.Module):
 
 
 def _kernel_rows(table: torch.Tensor, ids: torch.Tensor, device: Any) -> torch.Tensor:
-    """Rows `ids` (on the GPU) of the pinned host `table`, gathered into GPU memory by lorakit.speed.kernels.host_rows."""
-    import triton
+    """Rows `ids` (on the GPU) of the pinned host `table`, gathered into GPU memory by
+    lorakit.speed.kernels.host_rows."""
+    import triton  # only where Triton is installed (use_kernel checks): CPU-only torch builds lack it
 
     from lorakit.speed.kernels.host_rows import gather_rows
 

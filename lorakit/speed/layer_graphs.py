@@ -15,9 +15,10 @@ intermediates live only while its graph replays) and around static input/output 
 its backward replays the second graph and returns the input's and the LoRA weights' gradients.
 
 Same math as checkpointing: the same kernels in the same order. LoRA dropout inside a graph takes its seeds from
-device memory (lorakit.speed.kernels.lora_dropout.DeviceSeeds), drawn afresh before each forward replay and read again by the
-recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a layer,
-inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed capture.
+device memory (lorakit.speed.kernels.lora_dropout.DeviceSeeds), drawn afresh before each forward replay and read
+again by the recompute. Whatever a graph cannot hold runs torch's checkpoint: more than MAX_SIGNATURES shapes for a
+layer, inputs that are neither CUDA tensors nor plain constants (flex attention's BlockMask, caches), a failed
+capture.
 The recompute inside the backward graph skips the base matmul of the layer's last linear where nothing reads its
 output (lorakit.speed.recompute_tail, checked on the layer at capture).
 Memory: the graphs' pool holds one layer's working set (what eager checkpointing frees and reuses), and all
@@ -27,8 +28,17 @@ layers share four hidden-state-sized buffers, one for the layer's LoRA gradients
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
+
+from lorakit.speed import recompute_tail
+from lorakit.speed.kernels import lora_dropout as lora_triton
+from lorakit.speed.kernels.lora_dropout import DeviceSeeds
 
 WARMUP_CALLS = 2  # eager calls of a layer before it is captured (Triton compiles, cuBLAS sets up)
 MAX_SIGNATURES = 2  # input shapes captured per layer (the training shape, a last short batch); others run eager
@@ -39,14 +49,10 @@ class CudaRecorder:
     one memory pool (replays never overlap: one stream)."""
 
     def __init__(self, device: Any):
-        import torch
-
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
 
     def record(self, fn: Callable[[], None]) -> Callable[[], None]:
-        import torch
-
         graph = torch.cuda.CUDAGraph()
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
@@ -72,8 +78,6 @@ class EagerRecorder:
 
 
 def _autocast_state() -> tuple:
-    import torch
-
     dev = "cuda"
     return (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
 
@@ -81,8 +85,6 @@ def _autocast_state() -> tuple:
 def _autocast_ctx(state: tuple):
     """The caller's autocast state again, without autocast's cast cache (a cached cast made outside a capture
     would be read by every replay after it was freed)."""
-    import torch
-
     enabled, dtype = state
     if not enabled:
         return contextlib.nullcontext()
@@ -93,10 +95,6 @@ class _Entry:
     """One layer captured for one input signature: its two graphs, its seeds and its trainable parameters."""
 
     def __init__(self, owner: GraphedCheckpoint, layer: Any, leaves: list, spec: Any):
-        import torch
-
-        from lorakit.speed.kernels.lora_dropout import DeviceSeeds
-
         self.owner, self.layer, self.spec = owner, layer, spec
         self.named_params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
         self.params = tuple(p for _, p in self.named_params)
@@ -128,9 +126,6 @@ class _Entry:
     def _run_layer(self, x: Any, aliases: dict | None = None) -> Any:
         """The layer on `x` and the static buffers for its other inputs, itself, not checkpointed; `aliases`:
         tensors to use for its parameters (torch.func.functional_call)."""
-        import torch
-        from torch.utils._pytree import tree_unflatten
-
         args, kwargs = tree_unflatten([x, *self.consts[1:]], self.spec)
         was = self.layer.gradient_checkpointing
         self.layer.gradient_checkpointing = False  # run it: this is the checkpointing function
@@ -146,18 +141,12 @@ class _Entry:
         return out
 
     def _forward(self) -> None:
-        import torch
-
-        from lorakit.speed.kernels import lora_dropout as lora_triton
-
         with torch.no_grad(), _autocast_ctx(self.autocast), lora_triton.device_seeds(self.seeds):
             self.out.copy_(self._run_layer(self.h))
 
     def _unread_tail(self) -> Any:
         """The layer's last LoRA linear if its recompute may skip that linear's base matmul
         (lorakit.speed.recompute_tail: checked on this call's inputs), else None."""
-        from lorakit.speed import recompute_tail
-
         with contextlib.suppress(Exception):  # anything unexpected: recompute in full
             tail = recompute_tail.last_lora_module(self._forward)
             self.grad_out.normal_()  # a gradient to check with (the buffer is free until a backward loads it)
@@ -167,10 +156,6 @@ class _Entry:
 
     def _grads(self) -> tuple:
         """The layer's recompute and backward on the static buffers: (input grad, *LoRA weight grads)."""
-        import torch
-
-        from lorakit.speed.kernels import lora_dropout as lora_triton
-
         # the LoRA weights enter as fresh leaves that alias them (same memory: replays read the current values):
         # the weights' own gradient accumulators were made on the default stream by eager steps, and routing the
         # captured backward through them would make that stream wait on the capture
@@ -181,10 +166,6 @@ class _Entry:
             return torch.autograd.grad(out, (x, *aliases.values()), self.grad_out, allow_unused=True)
 
     def _backward(self) -> None:
-        import torch
-
-        from lorakit.speed import recompute_tail
-
         skip = recompute_tail.skipping(self.tail) if self.tail is not None else contextlib.nullcontext()
         with skip:
             grads = self._grads()
@@ -206,39 +187,34 @@ class _NotGraphable(Exception):
     pass
 
 
-def _replay_fn():
-    import torch
+class _Replay(torch.autograd.Function):
+    """A captured layer: forward replays the no-grad graph and keeps the input; backward replays the
+    recompute-and-backward graph."""
 
-    class _Replay(torch.autograd.Function):
-        """A captured layer: forward replays the no-grad graph and keeps the input; backward replays the
-        recompute-and-backward graph."""
+    @staticmethod
+    def forward(ctx, entry, leaves, h, *params):
+        entry.load_consts(leaves)
+        entry.h.copy_(h)
+        entry.seeds.refresh()
+        entry.forward_graph()
+        ctx.entry, ctx.leaves = entry, leaves
+        ctx.save_for_backward(h)
+        return entry.out.clone()
 
-        @staticmethod
-        def forward(ctx, entry, leaves, h, *params):
-            entry.load_consts(leaves)
-            entry.h.copy_(h)
-            entry.seeds.refresh()
-            entry.forward_graph()
-            ctx.entry, ctx.leaves = entry, leaves
-            ctx.save_for_backward(h)
-            return entry.out.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            entry = ctx.entry
-            (h,) = ctx.saved_tensors
-            entry.load_consts(ctx.leaves)  # the same objects as in forward: copied again only if overwritten since
-            entry.h.copy_(h)
-            entry.grad_out.copy_(grad)
-            entry.backward_graph()
-            grad_in = entry.grad_in.clone() if ctx.needs_input_grad[2] else None
-            flat, out, start = entry.grads.clone(), [], 0
-            for p in entry.params:
-                out.append(flat[start:start + p.numel()].view_as(p))
-                start += p.numel()
-            return (None, None, grad_in, *out)
-
-    return _Replay
+    @staticmethod
+    def backward(ctx, grad):
+        entry = ctx.entry
+        (h,) = ctx.saved_tensors
+        entry.load_consts(ctx.leaves)  # the same objects as in forward: copied again only if overwritten since
+        entry.h.copy_(h)
+        entry.grad_out.copy_(grad)
+        entry.backward_graph()
+        grad_in = entry.grad_in.clone() if ctx.needs_input_grad[2] else None
+        flat, out, start = entry.grads.clone(), [], 0
+        for p in entry.params:
+            out.append(flat[start:start + p.numel()].view_as(p))
+            start += p.numel()
+        return (None, None, grad_in, *out)
 
 
 class GraphedCheckpoint:
@@ -256,7 +232,7 @@ class GraphedCheckpoint:
         self.skipped: dict = {}  # why a call could not replay a graph -> calls
         self._layer_problem: dict = {}  # layer id -> why it cannot be captured at all ("" if it can)
         self.failure_trace = ""  # the first failed capture's traceback (for debugging)
-        self._replay = _replay_fn()
+        self._replay = _Replay  # the autograd function a graphed call applies (tests wrap it)
 
     @property
     def captured(self) -> int:
@@ -265,7 +241,8 @@ class GraphedCheckpoint:
 
     @property
     def tails_skipped(self) -> int:
-        """Captured layer signatures whose recompute skips the last linear's base matmul (lorakit.speed.recompute_tail)."""
+        """Captured layer signatures whose recompute skips the last linear's base matmul
+        (lorakit.speed.recompute_tail)."""
         return sum(1 for e in self._entries.values() if e.tail is not None)
 
     @property
@@ -277,8 +254,6 @@ class GraphedCheckpoint:
         return out
 
     def buffer(self, name: tuple, like: Any) -> Any:
-        import torch
-
         key = (*name, tuple(like.shape), like.dtype, like.device)
         if key not in self._buffers:
             self._buffers[key] = torch.zeros_like(like, memory_format=torch.contiguous_format)
@@ -293,9 +268,6 @@ class GraphedCheckpoint:
             self._loaded[key] = (src, src._version)
 
     def __call__(self, run: Any, *args: Any) -> Any:
-        import torch
-        from torch.utils.checkpoint import checkpoint
-
         if not torch.is_grad_enabled():
             return run(*args)
         found = self._graphable(run, args)
@@ -313,8 +285,6 @@ class GraphedCheckpoint:
             try:
                 entry = _Entry(self, layer, leaves, spec)
             except Exception as e:  # a capture that fails leaves this layer and shape to torch's checkpoint
-                import traceback
-
                 self._failed[key] = f"{type(e).__name__}: {e}"[:300]
                 self.failure_trace = self.failure_trace or traceback.format_exc()
                 if isinstance(self.recorder, CudaRecorder):  # after a failed capture no further one is tried
@@ -327,9 +297,6 @@ class GraphedCheckpoint:
     def _graphable(self, run: Any, args: tuple) -> tuple | None:
         """(layer, leaves, spec, key) when this call can replay a graph, else None (the reason counted in
         `skipped`)."""
-        import torch
-        from torch.utils._pytree import tree_flatten
-
         layer = _layer_of(run)
         if layer is None:
             return self._skip("not a layer's forward")
@@ -367,8 +334,6 @@ def _layer_problem(layer: Any) -> str:
     """Why `layer` cannot replay as graphs at all, or "". Random numbers other than LoRA dropout's (whose seeds
     live in device memory) would differ between a replayed forward and its replayed recompute: torch's
     checkpoint restores the generator's state for the recompute, a graph cannot."""
-    import torch
-
     if not any(p.requires_grad for p in layer.parameters()):
         return "no trainable parameters"
     lora_dropouts = {id(d) for m in layer.modules() if isinstance(getattr(m, "lora_dropout", None),
@@ -385,8 +350,6 @@ def _layer_problem(layer: Any) -> str:
 def _layer_of(run: Any) -> Any:
     """The module whose forward `run` is: transformers passes partial(forward, layer, **kwargs) (recent
     releases) or partial(layer.__call__, **kwargs) (5.17 and before)."""
-    import torch
-
     if not hasattr(run, "keywords"):
         return None
     if len(run.args) == 1 and isinstance(run.args[0], torch.nn.Module):
@@ -398,8 +361,6 @@ def _layer_of(run: Any) -> Any:
 def enable(layers: list, recorder: Any = None) -> GraphedCheckpoint:
     """Checkpoint the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances) through
     CUDA graphs: replaces the function the layers call, checkpointing itself stays on (speed.set_checkpointing)."""
-    import torch
-
     graphed = GraphedCheckpoint(recorder or CudaRecorder(torch.cuda.current_device()))
     for layer in layers:
         if layer.gradient_checkpointing:

@@ -20,8 +20,10 @@ recomputes in full.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any
+
+import bitsandbytes.functional as F
+import torch
 
 _SKIPPED: list = []  # (module whose base output is not computed, value to fill it with or None), innermost last
 
@@ -47,8 +49,6 @@ def fill() -> float | None:
 
 def last_lora_module(run: Any) -> Any:
     """The last LoRA layer (peft, with lorakit's fused forward) that `run()` calls, or None."""
-    import torch
-
     order: list = []
 
     def note(mod, _args, _out):
@@ -67,12 +67,10 @@ def last_lora_module(run: Any) -> Any:
 
 def unread_output(base: Any, x: Any) -> Any:
     """What `base(x)` returns for autograd - shape, dtype and backward - without computing its value."""
-    return _fn().apply(x, base, fill())
+    return _UnreadOutput.apply(x, base, fill())
 
 
 def _out_dtype(base: Any, x: Any) -> Any:
-    import torch
-
     if _is_4bit(base):  # bitsandbytes computes in compute_dtype and casts back to the input's dtype
         return x.dtype
     if torch.is_autocast_enabled(x.device.type):
@@ -87,8 +85,6 @@ def _is_4bit(base: Any) -> bool:
 def weight_of(base: Any, dtype: Any) -> Any:
     """The base layer's weight (out x in) in `dtype`: a 4-bit one dequantized as bitsandbytes' own matmul does."""
     if _is_4bit(base):
-        import bitsandbytes.functional as F
-
         w = base.weight
         return F.dequantize_4bit(w.data.view(-1, 1), w.quant_state).to(dtype)
     return base.weight.to(dtype)
@@ -96,35 +92,27 @@ def weight_of(base: Any, dtype: Any) -> Any:
 
 def _grad_input(base: Any, grad: Any) -> Any:
     """The base layer's input gradient as its own backward computes it."""
-    import torch
-
     return torch.matmul(grad, weight_of(base, grad.dtype))
 
 
-@functools.cache
-def _fn():
-    """The autograd function, defined on first use (importing this module does not import torch)."""
-    import torch
+class _UnreadOutput(torch.autograd.Function):
+    """Forward: an uncomputed output of base(x)'s shape and dtype (filled with `fill`, if given); backward: the
+    base layer's own input gradient."""
 
-    class _UnreadOutput(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, base, fill):
-            ctx.base, ctx.x_dtype = base, x.dtype
-            out = torch.empty((*x.shape[:-1], base.out_features), dtype=_out_dtype(base, x), device=x.device)
-            return out.fill_(fill) if fill is not None else out
+    @staticmethod
+    def forward(ctx, x, base, fill):
+        ctx.base, ctx.x_dtype = base, x.dtype
+        out = torch.empty((*x.shape[:-1], base.out_features), dtype=_out_dtype(base, x), device=x.device)
+        return out.fill_(fill) if fill is not None else out
 
-        @staticmethod
-        def backward(ctx, grad):
-            return _grad_input(ctx.base, grad).to(ctx.x_dtype), None, None
-
-    return _UnreadOutput
+    @staticmethod
+    def backward(ctx, grad):
+        return _grad_input(ctx.base, grad).to(ctx.x_dtype), None, None
 
 
 def verify(module: Any, grads: Any, rtol: float = 1e-2) -> bool:
     """True when `grads()` - the layer's recompute and backward, a tuple of gradients - gives the same result
     with `module`'s output left as NaN as in full: nothing read it."""
-    import torch
-
     want = grads()
     with skipping(module, fill=float("nan")):
         got = grads()

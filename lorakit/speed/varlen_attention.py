@@ -22,6 +22,12 @@ import inspect
 from collections import Counter
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
 NAME = "lorakit_varlen"
 # model types whose attention is plain causal softmax attention (no sliding window in use, no logit softcapping,
 # no attention sinks): what this function computes. Others keep flex attention or sdpa.
@@ -33,12 +39,10 @@ calls: Counter = Counter()
 @functools.cache
 def available() -> bool:
     """torch has the varlen kernel and a GPU it runs on (flash attention: compute capability 8.0 or newer)."""
-    import torch
-
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 - newer torch releases only
     except ImportError:
         return False
     return True
@@ -56,8 +60,6 @@ def fits(config: Any) -> bool:
 
 def register() -> None:
     """Make NAME a valid `attn_implementation` for transformers (idempotent)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, mask)
 
@@ -67,8 +69,6 @@ def mask(*args, attention_mask=None, **kwargs):
     a single row: causal), else SDPA's mask for it (padded batches, generation)."""
     if attention_mask is None:
         return None
-    from transformers.masking_utils import sdpa_mask
-
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -88,8 +88,6 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                            f"({type(module).__name__}); use model.attn_implementation: sdpa")
     cu, max_len = _boundaries(query, kwargs) if attention_mask is None else (None, None)
     if cu is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         calls["sdpa"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -114,8 +112,6 @@ def _boundaries(query, kwargs: dict):
     pos = kwargs.get("position_ids")
     if pos is None or query.shape[2] == 1 or pos.shape[-1] != query.shape[2]:  # decoding steps: one token
         return None, None
-    import torch
-
     starts = (pos.reshape(-1) == 0).nonzero().flatten()
     if starts.numel() <= 1:
         return None, None  # one row: causal SDPA is the same
@@ -125,15 +121,12 @@ def _boundaries(query, kwargs: dict):
 
 def _kernel_takes(q, k, v) -> bool:
     """The flash kernel runs here for these inputs: fp16/bf16 (one dtype) on a GPU that has it."""
-    import torch
-
     return q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype and available()
 
 
 def _varlen(q, k, v, cu, max_len: int, scale: float | None):
     """torch's varlen flash attention, causal, keys/values shared by groups of query heads."""
-    import torch
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # newer torch releases only (`available` checks)
 
     kw: dict[str, Any] = {"scale": scale}
     params = _varlen_params()
@@ -151,16 +144,13 @@ def _varlen(q, k, v, cu, max_len: int, scale: float | None):
 
 @functools.cache
 def _varlen_params() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # newer torch releases only (`available` checks)
 
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _rows(q, k, v, cu, scale: float | None, dropout: float = 0.0):
     """The same attention one row at a time through SDPA (CPUs, fp32 inputs, attention dropout)."""
-    import torch
-    import torch.nn.functional as F
-
     bounds = cu.tolist()
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):

@@ -1,1 +1,2 @@
-"""`lorakit train`: the TRL trainers built from a recipe and its plan, the callbacks that guard a run, the run directory."""
+"""`lorakit train`: the TRL trainers built from a recipe and its plan, the callbacks that guard a run, the run
+directory."""

@@ -1,4 +1,5 @@
-"""The Triton kernels behind lorakit.speed.kernels.lora_dropout (imported only where Triton is installed; see that module)."""
+"""The Triton kernels behind lorakit.speed.kernels.lora_dropout (imported only where Triton is installed; see that
+module)."""
 
 import triton
 import triton.language as tl

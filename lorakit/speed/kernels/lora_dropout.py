@@ -5,8 +5,8 @@ back for the matmul and again in backward (rebuilding the copy, dropping the gra
 layer's), and under gradient checkpointing does the forward half twice, so a non-zero `lora.dropout` makes
 a step markedly slower and its peak memory higher than `0.0` (docs/speed.md). These kernels draw the dropout mask
 inside the matmul from a 32-bit integer hash of (seed, row, column) (lorakit/speed/kernels/_lora_dropout_triton.py;
-Philox per element, as tl.rand draws, made the random numbers the kernels' bottleneck), so nothing but x is read and no mask
-is stored: the backward draws the same mask again.
+Philox per element, as tl.rand draws, made the random numbers the kernels' bottleneck), so nothing but x is read
+and no mask is stored: the backward draws the same mask again.
 
 Same distribution as torch's dropout (each element kept with probability 1 - p, scaled by 1 / (1 - p),
 independently per layer, element and step), not the same random numbers. Used by lorakit.speed.planning's fused LoRA
@@ -27,7 +27,8 @@ MAX_RANK = 64
 
 def covers(rank: int, dtype_bytes: int) -> bool:
     """The kernels' reach, without probing a machine: 16-bit compute (fp32 stays with torch, whose matmuls do not
-    round to TF32 by default as Triton's dots do) and a rank of at most MAX_RANK. lorakit.estimate.memory uses it too."""
+    round to TF32 by default as Triton's dots do) and a rank of at most MAX_RANK. lorakit.estimate.memory uses it
+    too."""
     return dtype_bytes == 2 and 0 < rank <= MAX_RANK
 
 
