@@ -127,10 +127,10 @@ def run_one(name: str, device: str = "cuda") -> dict:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
+    from lorakit import speed
     from lorakit.estimate.memory import estimate
     from lorakit.model.load import attach_adapter
     from lorakit.model.shapes import load_config
-    from lorakit import speed
     from lorakit.train.args import run_options, training_args
     from lorakit.train.run import _build_trainer
     from lorakit.train.run_dir import RunDir

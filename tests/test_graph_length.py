@@ -6,10 +6,9 @@ import pytest
 import torch
 from test_speed import EST_GRAPHS, recipe
 
-from lorakit.speed import padding as gl
-from lorakit.speed import layer_graphs
 from lorakit import speed
-from lorakit.speed import checkpointing
+from lorakit.speed import checkpointing, layer_graphs
+from lorakit.speed import padding as gl
 from lorakit.speed import varlen_attention as va
 
 GIB = 1024**3

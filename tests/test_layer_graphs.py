@@ -10,9 +10,8 @@ import pytest
 import torch
 from helpers import tiny_lora
 
-from lorakit.speed import layer_graphs
 from lorakit import speed
-from lorakit.speed import checkpointing
+from lorakit.speed import checkpointing, layer_graphs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

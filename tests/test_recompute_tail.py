@@ -7,9 +7,8 @@ import pytest
 import torch
 from helpers import tiny_lora
 
-from lorakit.speed import layer_graphs, recompute_tail
 from lorakit import speed
-from lorakit.speed import checkpointing, fused_lora
+from lorakit.speed import checkpointing, fused_lora, layer_graphs, recompute_tail
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import tiny_lora
 
-from lorakit.recipe.loader import validate_data
 from lorakit import speed
+from lorakit.recipe.loader import validate_data
 from lorakit.speed import checkpointing, fused_lora, planning
 
 GIB = 2**30

@@ -6,8 +6,8 @@ varlen kernel."""
 import pytest
 import torch
 
-from lorakit.recipe.loader import validate_data
 from lorakit import speed
+from lorakit.recipe.loader import validate_data
 from lorakit.speed import varlen_attention as va
 
 

@@ -122,9 +122,10 @@ class Setup:
     prepare_model_for_kbit_training fp32 upcast (which also makes the residual stream fp32); 2: kept in the
     bf16 compute dtype, as lorakit does on CUDA (lorakit.speed.planning)."""
     fused_lora: bool = False
-    """lorakit's fused LoRA layer (lorakit.speed.planning): saves the dropout mask, not the dropped copy of the input."""
+    """lorakit's fused LoRA layer (lorakit.speed.fused_lora): saves the dropout mask, not the dropped copy of x."""
     dropout_kernel: bool = False
-    """The fused layer on CUDA draws its dropout mask inside Triton kernels (lorakit.speed.kernels.lora_dropout): no mask kept."""
+    """The fused layer on CUDA draws its dropout mask inside Triton kernels (lorakit.speed.kernels.lora_dropout): no
+    mask kept."""
     fused_lm_head: bool = False
     """TRL's chunked LM head (SFTTrainer / GRPOTrainer since TRL 1.16): no full logits are ever materialized."""
     checkpoint_layers: int | None = None
@@ -286,7 +287,8 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         "cuda_graphs_bytes": int(graphs),
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
             int(t["checkpointed_layer"]), "optimizer_paged": paged,
-        "weights": {"quantized_bytes": int(store["quantized_bytes"]), "unquantized_bytes": int(store["unquantized_bytes"]),
+        "weights": {"quantized_bytes": int(store["quantized_bytes"]),
+                    "unquantized_bytes": int(store["unquantized_bytes"]),
                     "unquantized": store["unquantized"], "unquantized_dtype": store["unquantized_dtype"]},
     }
 

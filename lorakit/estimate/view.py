@@ -78,7 +78,8 @@ def _memory_table(result: dict) -> Table:
               ", ".join(x for x in ("paged (host-backed)" if m["optimizer_paged"] else "", shard) if x))
     t.add_row("activations", human(m["activations_bytes"]),
               f"{human(m['activations_per_token_per_layer'])}/token/layer"
-              + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed" if s["gradient_checkpointing"] else ""))
+              + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed"
+                 if s["gradient_checkpointing"] else ""))
     if m.get("cuda_graphs_bytes"):
         t.add_row("of which CUDA graphs", human(m["cuda_graphs_bytes"]),
                   "a layer's working set in the graphs' pool + 4 hidden-state buffers")
