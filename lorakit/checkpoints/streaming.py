@@ -136,7 +136,8 @@ def read_tensor(t: BaseTensor):
 
 def tensors_equal(a: BaseTensor, b: BaseTensor, chunk_bytes: int = 64 << 20) -> bool:
     """Whether two checkpoint tensors hold the same values, read a block of rows at a time (`chunk_bytes` of each
-    resident at most), so comparing an embedding table costs no more memory than a block of it."""
+    resident at most), so comparing an embedding table costs no more memory than a block of it. Each block opens
+    the files anew: a mapping kept open keeps every page read through it resident."""
     from safetensors import safe_open
 
     if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
@@ -144,10 +145,9 @@ def tensors_equal(a: BaseTensor, b: BaseTensor, chunk_bytes: int = 64 << 20) -> 
     if not a.shape:
         return bool((read_tensor(a) == read_tensor(b)).all())
     step = max(1, chunk_bytes // (4 * math.prod(a.shape[1:])))  # rows per block (at most 4 bytes a value)
-    with safe_open(a.file, framework="pt") as fa, safe_open(b.file, framework="pt") as fb:
-        sa, sb = fa.get_slice(a.name), fb.get_slice(b.name)
-        for i in range(0, a.shape[0], step):
-            if not bool((sa[i:i + step] == sb[i:i + step]).all()):
+    for i in range(0, a.shape[0], step):
+        with safe_open(a.file, framework="pt") as fa, safe_open(b.file, framework="pt") as fb:
+            if not bool((fa.get_slice(a.name)[i:i + step] == fb.get_slice(b.name)[i:i + step]).all()):
                 return False
     return True
 
