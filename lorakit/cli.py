@@ -220,11 +220,15 @@ def estimate(
     _run(body, json_mode=json_out)
 
 
-def _print_report(report: dict, done: str) -> None:
-    """The report's figures, one per line; per-module tables as their five worst entries."""
+def _print_report(report: dict, done: str, json_out: bool = False) -> None:
+    """The report's figures, one per line; per-module tables as their five worst entries. With --json: the report
+    as one JSON document with "ok": true."""
+    if json_out:
+        _print_json({"ok": True, **report})
+        return
     c = console()
     for key, value in report.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             worst = sorted(value.items(), key=lambda kv: kv[1], reverse=key == "relative_error")[:5]
             shown = ", ".join(f"{m} {v:.4g}" for m, v in worst)
             c.print(f"  {key} (worst {len(worst)} of {len(value)}): {shown}", highlight=False)
@@ -269,10 +273,7 @@ def merge(
             from lorakit.merge import merge_adapter  # the command's module: loaded when it runs
 
             report = merge_adapter(source, out, **kw)
-        if json_out:
-            _print_json({"ok": True, **report})
-            return
-        _print_report(report, f"merged checkpoint written to {out}")
+        _print_report(report, f"merged checkpoint written to {out}", json_out)
 
     _run(body, json_mode=json_out)
 
@@ -302,10 +303,7 @@ def compose(
 
         report = run_compose(adapters, out, weights=parse_weights(weights, len(adapters)), method=method, rank=rank,
                              density=density, seed=seed, base=base, overwrite=overwrite)
-        if json_out:
-            _print_json({"ok": True, **report})
-            return
-        _print_report(report, f"adapter written to {out}")
+        _print_report(report, f"adapter written to {out}", json_out)
 
     _run(body, json_mode=json_out)
 
@@ -331,10 +329,7 @@ def unmerge(
             raise LorakitError("--adapter: name the adapter that was merged (DIR[:WEIGHT], repeatable)")
         report = unmerge_weighted(merged, [parse_weighted(a) for a in adapter], out, base=base, verify=verify,
                                   overwrite=overwrite)
-        if json_out:
-            _print_json({"ok": True, **report})
-            return
-        _print_report(report, f"unmerged checkpoint written to {out}")
+        _print_report(report, f"unmerged checkpoint written to {out}", json_out)
 
     _run(body, json_mode=json_out)
 
@@ -358,10 +353,7 @@ def extract(
 
         names = [t for item in targets or [] for t in item.split(",") if t]
         report = run_extract(base, tuned, out, rank=rank, targets=names or None, verify=verify, overwrite=overwrite)
-        if json_out:
-            _print_json({"ok": True, **report})
-            return
-        _print_report(report, f"adapter written to {out}")
+        _print_report(report, f"adapter written to {out}", json_out)
 
     _run(body, json_mode=json_out)
 
@@ -387,13 +379,8 @@ def export(
         from lorakit.export.gguf_writer import export_gguf  # torch, transformers: only for this command
 
         report = export_gguf(source, out, quant=quant, base=base, verify=verify, overwrite=overwrite)
-        if json_out:
-            _print_json({"ok": True, **report})
-            return
-        c = console()
-        for key, value in report.items():
-            c.print(f"  {key}: {value}", highlight=False)
-        c.print(f"GGUF written to {out}; run it with: ollama create NAME -f {report['modelfile']}", highlight=False)
+        _print_report(report, f"GGUF written to {out}; run it with: ollama create NAME -f {report['modelfile']}",
+                      json_out)
 
     _run(body, json_mode=json_out)
 
