@@ -205,39 +205,3 @@ def test_output_save_gguf_writes_it_after_training(workdir, tiny_model_dir):
     assert Path(summary["artifacts"]["gguf"]).resolve() == out and summary["gguf"]["modules_merged"] == 4
     assert types(out)["blk.0.attn_v.weight"] == QT.Q8_0
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
-
-
-@pytest.mark.slow
-def test_demo_model_with_adapter_answers_the_same_from_gguf(tmp_path):
-    """The demo model (SmolLM2-135M-Instruct) + an adapter: its f16 and q8_0 GGUF files, loaded back through
-    transformers, answer the README's demo prompt greedily exactly as base + adapter do (`lorakit generate`'s
-    decoding), and that answer is not the base model's."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorakit.model.load import ensure_demo_model, load_for_inference
-    from lorakit.train.evaluate import generate_batch
-
-    base = ensure_demo_model()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                  task_type="CAUSAL_LM"))
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.save_pretrained(adapter)
-    del peft_model, model
-
-    chat = [[{"role": "user", "content": "Extract: On May 3, 2021, Ada Lovelace flew to Quito."}]]
-    want = generate_batch(load_for_inference(base, adapter_dir=adapter), tokenizer, chat, max_new_tokens=12)[0]
-    assert want != generate_batch(load_for_inference(base), tokenizer, chat, max_new_tokens=12)[0]
-    for quant in ("f16", "q8_0"):
-        out = tmp_path / f"demo-{quant}.gguf"
-        export_gguf(adapter, out, quant=quant)
-        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
-        back_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
-        assert generate_batch(back, back_tok, chat, max_new_tokens=12)[0] == want, quant

@@ -1,7 +1,8 @@
 """The quickstart, for real: the embedded SmolLM2-135M-Instruct learns the JSON-extraction skill on a CPU.
 
 This is the only proof in CI that the shipped recipe meets its promise (issue 3): on held-out rows the
-eval loss falls by at least 30% and `json_match` rises from near zero to at least 80%. It runs the
+eval loss falls by at least 30% and `json_match` rises from near zero to at least 80%; the run's GGUF export
+answers as `lorakit generate` does (issue 28). It runs the
 `lorakit` console script in a subprocess, as a user would, with `CI=true` (plain output). Slow (~3 min on
 2 cores, the first time ~40 s more to convert the GGUF model into the cache), so it is marked, and it
 still runs in CI.
@@ -59,3 +60,22 @@ def test_quickstart_teaches_the_demo_model(tmp_path):
         answers[bool(flag)] = gen.stdout.strip()
     assert json.loads(answers[False]) == want, answers[False]
     assert answers[True] != answers[False]
+
+    # the run exported to GGUF (issue 28): f16 and q8_0 files, loaded back through transformers' GGUF loader,
+    # give `lorakit generate`'s answer; q8_0 through the CLI with --verify (logits and token ids)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.train.evaluate import generate_batch
+
+    for quant in ("f16", "q8_0"):
+        out = tmp_path / "gguf" / f"quickstart-{quant}.gguf"
+        exp = subprocess.run([str(lorakit), "export", summary["run_dir"], "--format", "gguf", "--out", str(out),
+                              "--quant", quant, *(["--verify"] if quant == "q8_0" else [])],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert exp.returncode == 0, exp.stderr[-2000:]
+        assert not noise(exp.stderr), noise(exp.stderr)
+        back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+        got = generate_batch(back, tok, [[{"role": "user", "content": prompt}]], max_new_tokens=64)[0]
+        assert got.strip() == answers[False], (quant, got)
