@@ -920,7 +920,7 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   the token count leaves out (lorakit/speed/padding.py; longer batches run eager); the bitsandbytes 8-bit AdamW update without a sync per tensor and with the tensors
   of whole 256-element blocks updated by one call (lorakit/speed/adamw8bit.py), and a Trainer step that does not read the GPU
   between backward and optimizer (lorakit/train/sft_trainer.py); in training the fused LoRA function holds the base
-  matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed/planning.py), and the CUDA allocator
+  matmul too (the base GEMMs add onto the LoRA parts: `lora_linear` in lorakit/speed/fused_lora.py), and the CUDA allocator
   grows segments in place (`train.expandable_segments`, lorakit/speed/cuda_memory.py).
 - **lorakit_budget**: the same with `train.memory_budget_gb: {info.get('budget_gb')}` (budget mode picks the fastest
   checkpointing whose estimated peak fits); **lorakit_k16**: `gradient_checkpointing: 16` (partial, for reference);
