@@ -152,30 +152,25 @@ def tensors_equal(a: BaseTensor, b: BaseTensor, chunk_bytes: int = 64 << 20) -> 
     return True
 
 
-READ_AHEAD_MAX_BYTES = 256 << 20  # tensors larger than this (embeddings, the LM head) are read when they are due
-
-
 def read_ahead(tensors: list[OutTensor]) -> Iterator[tuple[str, Any]]:
     """Yield (name, base tensor) in order while a worker thread already reads the next one from disk.
 
     Reading overlaps the merge arithmetic and the writing of the previous tensor (disk reads and writes
-    were each waiting on the other). A tensor over READ_AHEAD_MAX_BYTES is not read ahead: the embedding table
-    and the LM head often sit next to each other, and two of them resident would double the peak."""
+    were each waiting on the other); at most two base tensors are resident at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not tensors:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-merge-read") as pool:
-        pending = None
+        pending = pool.submit(read_tensor, tensors[0].src)
         for i, o in enumerate(tensors):
-            w = pending.result() if pending is not None else read_tensor(o.src)
-            nxt = tensors[i + 1] if i + 1 < len(tensors) else None
-            pending = pool.submit(read_tensor, nxt.src) if nxt is not None and nbytes(nxt) <= READ_AHEAD_MAX_BYTES \
-                else None
+            w = pending.result()
+            pending = pool.submit(read_tensor, tensors[i + 1].src) if i + 1 < len(tensors) else None
             yield o.name, w
             del w
         if pending is not None:
             pending.result()
+
 
 
 def peak_rss() -> int:
