@@ -54,7 +54,7 @@ def ci_mode() -> bool:
 
 def console(stderr: bool = False):
     plain = ci_mode()
-    return Console(stderr=stderr, no_color=plain, highlight=not plain, soft_wrap=plain,
+    return Console(stderr=stderr, no_color=plain, highlight=not plain, soft_wrap=plain, emoji=False,
                    force_terminal=False if plain else None, width=120 if plain else None)
 
 

@@ -167,3 +167,10 @@ def _timed(cmd: list[str], check: bool = True) -> tuple[float, float]:
 
 def test_list_recipes_function_matches_files():
     assert [n for n, _, _ in list_recipes()] == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_errors_print_paths_verbatim(tmp_path):
+    """A path or value in an error is the user's text: `:smile:` stays as typed, not an emoji."""
+    r = lorakit("merge", "--adapter", "no:smile:", "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no:smile:" in r.stderr, r.stderr

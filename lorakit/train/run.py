@@ -81,7 +81,7 @@ class _Out:
     def __init__(self, console, json_mode: bool):
         if json_mode or console is None:
             plain = plain_output(None)
-            console = Console(stderr=True, no_color=plain, highlight=False) if json_mode or console is None else console
+            console = Console(stderr=True, no_color=plain, highlight=False, emoji=False)
         self.console = console
 
     def print(self, text: str) -> None:
