@@ -223,8 +223,8 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         waste = padding_waste(lengths, recipe.train.batch_size, recipe.train.seed)
         notes.append(f"speed: padding-free off (padded batches would waste only {100 * waste:.0f}% of tokens)")
         settled.append(("data", "padding_free", False))
-        p.update(padding_free=False, attn_implementation=attention(recipe, device, False, p.pop("_sixteen_bit")))
-    p.pop("_sixteen_bit", None)
+        # unflattened rows: `auto` attention is sdpa whatever the dtype (attention's `flattened` is false)
+        p.update(padding_free=False, attn_implementation=attention(recipe, device, False))
     graphs = recipe.train.cuda_graphs
     one_shape = len(set(lengths)) == 1 if lengths else None
     if graphs == "auto":
@@ -263,7 +263,7 @@ def _settles_padding_free_off(recipe: Any, p: dict, lengths: list[int]) -> bool:
 
 def _levers(recipe: Any, device: str, estimate_result: dict | None, *, budget_bytes: int | None,
             compute_dtype: str | None, liger_ok: bool | None) -> dict:
-    """The levers before CUDA graphs and the rows' lengths: a dict of Plan fields (plus `_sixteen_bit`)."""
+    """The levers before CUDA graphs and the rows' lengths: a dict of Plan fields."""
     cuda = device == "cuda"
     train, data = recipe.train, recipe.data
     bits = recipe.quantization.resolved_bits(device)
@@ -289,7 +289,7 @@ def _levers(recipe: Any, device: str, estimate_result: dict | None, *, budget_by
         "padding_free": bool(padding_free),
         "attn_implementation": attention(recipe, device, bool(padding_free), sixteen_bit),
         "frozen_dtype": frozen, "gradient_checkpointing": False, "checkpoint_layers": 0,
-        "memory_budget_bytes": None, "checkpointing_reason": "", "_sixteen_bit": sixteen_bit,
+        "memory_budget_bytes": None, "checkpointing_reason": "",
     }
     n_params = ((estimate_result or {}).get("model") or {}).get("total_params")
     if n_params is not None:
