@@ -13,13 +13,9 @@ from pathlib import Path
 import torch
 
 from lorakit.runtime.atomic import atomic_write_bytes
-from lorakit.runtime.distributed import describe, is_main_process
+from lorakit.runtime.distributed import is_main_process
 
 log = logging.getLogger("lorakit")
-
-
-def distributed() -> dict:
-    return describe()
 
 
 def peak_memory(device: str) -> dict:

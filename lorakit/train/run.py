@@ -30,6 +30,7 @@ from lorakit.merge import merge_adapter
 from lorakit.model.load import describe_params, load_training_model, load_training_tokenizer
 from lorakit.recipe.loader import located, output_dir, recipe_dir, to_resolved_yaml
 from lorakit.runtime.device import cpu_threads, pick_device
+from lorakit.runtime.distributed import describe as describe_world
 from lorakit.runtime.distributed import is_main_process, wait_for_everyone, world_size
 from lorakit.runtime.quiet import quiet_libraries
 from lorakit.speed.adamw8bit import optimizer_cls_and_kwargs
@@ -51,7 +52,6 @@ from lorakit.train.guards import (
 from lorakit.train.learning_guard import LearningGuard, check_trainable
 from lorakit.train.progress import ProgressCallback, plain_output
 from lorakit.train.report import (
-    distributed,
     fmt,
     library_versions,
     losses,
@@ -386,7 +386,7 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
         "base_model": recipe.base_model,
         "base_dir": info["base_dir"],
         "device": device,
-        "distributed": distributed(),  # world_size, strategy (single | ddp | fsdp), backend, num_machines
+        "distributed": describe_world(),  # world_size, strategy (single | ddp | fsdp), backend, num_machines
         "cpu_threads": threads(device),
         "resumed": checkpoint is not None,
         "options": {**options, **plan.as_dict(), "bits": info["bits"], "dtype": info["dtype"],
