@@ -548,12 +548,14 @@ def test_cuda_graphs_true_where_they_cannot_replay_is_a_recipe_error(tmp_path, t
 
 
 def test_estimate_counts_the_graphs_pool(bf16_gpu):
-    """Measured on the H200 (bench/train.md, 8B, 2x2048): 8.12 GiB allocated with graphs against 7.24 without;
-    the estimate adds a layer's working set and four hidden-state buffers."""
+    """Measured on the H200 (bench/train.md, 8B, 2x2048, checkpoints on the GPU): 8.12 GiB allocated with graphs
+    against 7.24 without; the estimate adds a layer's working set and four hidden-state buffers."""
     from lorakit.estimate.memory import estimate
 
-    plain = estimate(recipe(data=FIXED, train={"cuda_graphs": False}), device="cuda")
-    graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": False}), device="cuda")
+    on_gpu = {"offload_activations": False}
+    plain = estimate(recipe(data=FIXED, train={"cuda_graphs": False, **on_gpu}), device="cuda")
+    graphs = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": False, **on_gpu}),
+                      device="cuda")
     assert plain["setup"]["cuda_graphs"] is False and graphs["setup"]["cuda_graphs"] is True
     assert plain["memory"]["cuda_graphs_bytes"] == 0
     extra = graphs["memory"]["allocated_peak_bytes"] - plain["memory"]["allocated_peak_bytes"]
@@ -563,7 +565,8 @@ def test_estimate_counts_the_graphs_pool(bf16_gpu):
     # reserved, with the embeddings in host memory as auto does: 7.97 GiB measured (eleventh session, expandable
     # segments; bench/train_keep_weights.md call 7). The estimate stays above it: it still counts the regular pool
     # caching the eager warm-up steps' working set beside the graphs'
-    default = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": True}), device="cuda")
+    default = estimate(recipe(data=FIXED, train={"cuda_graphs": True, "offload_embeddings": True, **on_gpu}),
+                       device="cuda")
     assert 7.97 * GIB <= default["memory"]["reserved_peak_bytes"] <= 1.1 * 7.97 * GIB
 
 

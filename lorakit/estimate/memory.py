@@ -34,6 +34,7 @@ from lorakit.speed import Plan
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
+OFFLOAD_RESIDENT_LAYERS = 2  # offloaded checkpoints on the GPU at once (lorakit.speed.host_checkpoints)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class Setup:
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
     offload_embeddings: bool = False
     """The input embeddings live in host memory (lorakit.speed.host_embedding; untied embeddings only)."""
+    offload_activations: bool = False
+    """The checkpointed layers' inputs live in host memory (lorakit.speed.host_checkpoints): the GPU holds
+    OFFLOAD_RESIDENT_LAYERS of them (one being recomputed, one fetched ahead) instead of one per layer."""
 
 
 def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> dict:
@@ -250,7 +254,8 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     n = shape.num_layers
     full_layer = t["layer"] * c.activation_factor
     k = (n if s.checkpoint_layers is None else max(0, min(n, s.checkpoint_layers))) if s.checkpointing else 0
-    saved_per_token = k * t["checkpointed_layer"] + (n - k) * full_layer + t["final_norm"]
+    kept = min(k, OFFLOAD_RESIDENT_LAYERS) if s.offload_activations else k  # checkpoints on the GPU
+    saved_per_token = kept * t["checkpointed_layer"] + (n - k) * full_layer + t["final_norm"]
     head_saved, logits = loss_terms(shape, s, c)
     saved = tokens * saved_per_token + head_saved
     if kbit and unq_bytes == 4:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
@@ -260,12 +265,12 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     # the peak is either at the loss (everything saved + the loss buffers) or, with checkpointing, while the
     # last checkpointed layer (layer k-1) is recomputed and differentiated: by then the layers after it have
     # freed what they saved, and the first k keep only their inputs
-    at_recompute = tokens * (k * t["checkpointed_layer"] + full_layer) + backward if k else 0
+    at_recompute = tokens * (kept * t["checkpointed_layer"] + full_layer) + backward if k else 0
     peak_act = max(saved + logits, at_recompute)
     graphs = 0
     if s.cuda_graphs and k:  # the layer's working set moves into the graphs' pool, which every phase keeps
         graphs = tokens * full_layer + backward + 4 * tokens * shape.hidden * s.act_bytes
-        peak_act = max(saved + logits, tokens * k * t["checkpointed_layer"]) + graphs
+        peak_act = max(saved + logits, tokens * kept * t["checkpointed_layer"]) + graphs
     activations = int(peak_act - logits)
     static = weights + adapter + gradients + (0 if paged else opt)
     allocated = int(static + peak_act + dequant + c.workspace_bytes)
@@ -311,13 +316,15 @@ def _frozen_bytes(s: Setup) -> int:
 def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None,
           lengths: list[int] | None = None) -> Plan:
     """The speed plan for a run on `device`, planned without probing this machine: a CUDA target is taken to be
-    bf16-capable, and Liger is used there when liger-kernel is installed. `estimate_result` / `budget_bytes`:
-    budget mode's inputs (see lorakit.speed.planning)."""
+    bf16-capable, with Liger where liger-kernel is installed and host memory enough to offload the checkpoints
+    (the GPU machine's memory is not this one's). `estimate_result` / `budget_bytes`: budget mode's inputs (see
+    lorakit.speed.planning)."""
     if device != "cuda":
         return speed.plan(recipe, device, lengths=lengths)
     q = recipe.quantization.compute_dtype
     return speed.plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
-                      compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed(), lengths=lengths)
+                      compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed(), lengths=lengths,
+                      host_bytes=float("inf"))
 
 
 def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandable_segments: bool = False) -> Plan:
@@ -366,7 +373,8 @@ def _setup(recipe, device: str, levers: Plan) -> Setup:
                  fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.checkpoint_layers, gen_batch=_gen_batch(recipe),
                  cuda_graphs=levers.cuda_graphs,
-                 offload_embeddings=levers.offload_embeddings)
+                 offload_embeddings=levers.offload_embeddings,
+                 offload_activations=levers.offload_activations)
 
 
 def _seq_len(recipe) -> int:
@@ -441,7 +449,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     params = count_params(shape, recipe.lora, targets, mts)
-    levers = _plan(recipe, device)
+    levers = _plan(recipe, device, {"model": shape.summary()})  # the levers the shape alone decides
     s = _setup(recipe, device, levers)
 
     def peak_with(key: str = "peak_bytes", **kw) -> int:
@@ -481,7 +489,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "gradient_checkpointing": s.checkpointing, "checkpoint_layers": s.checkpoint_layers,
                   "checkpointing_reason": levers.checkpointing_reason, "fused_lora": s.fused_lora,
                   "lora_dropout_kernel": s.dropout_kernel, "cuda_graphs": s.cuda_graphs,
-                  "offload_embeddings": s.offload_embeddings,
+                  "offload_embeddings": s.offload_embeddings, "offload_activations": s.offload_activations,
                   "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.frozen_dtype,
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
                   "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,

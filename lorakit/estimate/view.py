@@ -48,7 +48,8 @@ def _memory_table(result: dict) -> Table:
     levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
                                      ("lora_dropout_kernel", "LoRA dropout kernel"),
                                      ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"),
-                                     ("offload_embeddings", "input embeddings in host memory"))
+                                     ("offload_embeddings", "input embeddings in host memory"),
+                                     ("offload_activations", "layer inputs in host memory"))
               if s.get(key)]
     if s.get("frozen_dtype"):
         levers.append(f"frozen {s['frozen_dtype']}")
@@ -79,6 +80,7 @@ def _memory_table(result: dict) -> Table:
     t.add_row("activations", human(m["activations_bytes"]),
               f"{human(m['activations_per_token_per_layer'])}/token/layer"
               + (f", {human(m['checkpointed_per_token_per_layer'])} checkpointed"
+                 + (" (in host memory but two layers)" if s.get("offload_activations") else "")
                  if s["gradient_checkpointing"] else ""))
     if m.get("cuda_graphs_bytes"):
         t.add_row("of which CUDA graphs", human(m["cuda_graphs_bytes"]),

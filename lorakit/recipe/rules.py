@@ -73,6 +73,9 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[str, str]]:
     why = next((what for ruled_out, what in graphs_need if ruled_out), None)
     if t.cuda_graphs is True and why:
         problems.append(("train.cuda_graphs", f"CUDA graphs replay {why}; set train.cuda_graphs: auto or false"))
+    if t.offload_activations is True and (t.gradient_checkpointing is False or t.gradient_checkpointing == 0):
+        problems.append(("train.offload_activations", "offloading keeps checkpointed layers' inputs in host memory, "
+                         "and train.gradient_checkpointing is off; set train.offload_activations: auto or false"))
     if t.offload_embeddings is True and recipe.method != "sft":
         problems.append(("train.offload_embeddings", "host-memory embeddings are for SFT (generation would copy "
                          "the rows of every new token); set train.offload_embeddings: auto or false"))

@@ -239,6 +239,12 @@ class TrainSection(Section):
     (larger ones are bound more by the GPU, where the padding's compute would cost more than the launches
     saved), each padded to one length (the 95th percentile of the batch totals, with rows of pad tokens that no
     loss reads) and within the budget if one is set. Other shapes and inputs fall back to plain checkpointing."""
+    offload_activations: bool | Literal["auto"] = "auto"
+    """Keep each checkpointed decoder layer's input in pinned host memory between the forward and its recompute
+    (copied on a side stream, brought back one layer ahead): the GPU holds a couple of layers' checkpoints
+    instead of one per layer (same math). Needs gradient checkpointing. auto = on CUDA in one process with every
+    layer checkpointed, for models whose layers are large enough to hide the copies, while the pinned copies
+    take at most half of the host's available memory."""
     offload_embeddings: bool | Literal["auto"] = "auto"
     """Keep the input embedding table in host memory and copy each batch's rows to the GPU (the table's GPU
     memory freed; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = exactly
@@ -250,7 +256,8 @@ class TrainSection(Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""
 
-    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", "offload_embeddings",
+    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", "offload_activations",
+                                        "offload_embeddings",
                                         mode="before")(_auto_or_bool)
 
     @field_validator("gradient_checkpointing", mode="before")

@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorakit.errors import LorakitError
-from lorakit.speed import host_embedding, layer_graphs
+from lorakit.speed import host_checkpoints, host_embedding, layer_graphs
 from lorakit.speed.planning import Plan
 
 
@@ -58,9 +58,9 @@ def set_checkpointing(model: Any, checkpoint_layers: int | None) -> int:
 
 def apply_to_model(model: Any, p: Plan, recorder: Any = None) -> dict:
     """Apply the model-side levers of plan `p` to a (peft-wrapped) model, after get_peft_model: partial gradient
-    checkpointing (every-layer checkpointing is the Trainer's), the input embeddings in host memory and CUDA
+    checkpointing (every-layer checkpointing is the Trainer's), the input embeddings in host memory, CUDA
     graphs for the checkpointed layers (lorakit.speed.layer_graphs; `recorder` stands in for the GPU's graph
-    capture in tests).
+    capture in tests) and the checkpointed layers' inputs in host memory (lorakit.speed.host_checkpoints).
 
     Returns:
         What was done: `checkpoint_layers` (layers checkpointed here), `offloaded_embedding_bytes`, and
@@ -86,8 +86,11 @@ def apply_to_model(model: Any, p: Plan, recorder: Any = None) -> dict:
         else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU
             graphs = False
             done["not_offloaded"] = why
-    if p.gradient_checkpointing and (k is not None or p.cuda_graphs):  # else the Trainer checkpoints
+    if not p.trainer_checkpointing and p.gradient_checkpointing:  # else the Trainer checkpoints (or nobody)
         done["checkpoint_layers"] = set_checkpointing(model, k)
-        if graphs:
-            layer_graphs.enable(decoder_layers(_unwrap(model)), recorder)
+        layers = decoder_layers(_unwrap(model))
+        eager = host_checkpoints.reentrant_checkpoint if p.offload_activations else None
+        inner = layer_graphs.enable(layers, recorder, eager) if graphs else eager
+        if p.offload_activations:
+            host_checkpoints.enable(layers, inner)
     return done

@@ -197,7 +197,8 @@ class _Replay(torch.autograd.Function):
         entry.h.copy_(h)
         entry.seeds.refresh()
         entry.forward_graph()
-        ctx.entry, ctx.leaves = entry, leaves
+        # the input itself is kept only through save_for_backward (where activation offloading's pack hook sees it)
+        ctx.entry, ctx.leaves = entry, [None, *leaves[1:]]
         ctx.save_for_backward(h)
         return entry.out.clone()
 
@@ -219,10 +220,12 @@ class _Replay(torch.autograd.Function):
 
 class GraphedCheckpoint:
     """A layer's `_gradient_checkpointing_func` that replays CUDA graphs of the layer (see the module docstring).
-    One instance serves every layer of a model. `recorder` captures (CudaRecorder on a GPU)."""
+    One instance serves every layer of a model. `recorder` captures (CudaRecorder on a GPU); `eager` checkpoints
+    the calls that do not replay (torch's non-reentrant checkpoint unless given)."""
 
-    def __init__(self, recorder: Any = None):
+    def __init__(self, recorder: Any = None, eager: Callable | None = None):
         self.recorder = recorder
+        self.eager = eager or _torch_checkpoint
         self._entries: dict = {}  # (layer id, signature) -> _Entry
         self._calls: dict = {}  # (layer id, signature) -> calls seen
         self._per_layer: dict = {}  # layer id -> signatures captured
@@ -272,16 +275,16 @@ class GraphedCheckpoint:
             return run(*args)
         found = self._graphable(run, args)
         if found is None:
-            return checkpoint(run, *args, use_reentrant=False)
+            return self.eager(run, *args)
         layer, leaves, spec, key = found
         entry = self._entries.get(key)
         if entry is None:
             if self.recorder is None:
                 self._skip("no captures after a failed one")
-                return checkpoint(run, *args, use_reentrant=False)
+                return self.eager(run, *args)
             calls = self._calls[key] = self._calls.get(key, 0) + 1
             if calls <= WARMUP_CALLS or key in self._failed or self._per_layer.get(id(layer), 0) >= MAX_SIGNATURES:
-                return checkpoint(run, *args, use_reentrant=False)
+                return self.eager(run, *args)
             try:
                 entry = _Entry(self, layer, leaves, spec)
             except Exception as e:  # a capture that fails leaves this layer and shape to torch's checkpoint
@@ -289,7 +292,7 @@ class GraphedCheckpoint:
                 self.failure_trace = self.failure_trace or traceback.format_exc()
                 if isinstance(self.recorder, CudaRecorder):  # after a failed capture no further one is tried
                     self.recorder = None
-                return checkpoint(run, *args, use_reentrant=False)
+                return self.eager(run, *args)
             self._entries[key] = entry
             self._per_layer[id(layer)] = self._per_layer.get(id(layer), 0) + 1
         return self._replay.apply(entry, leaves, leaves[0], *entry.params)
@@ -358,10 +361,15 @@ def _layer_of(run: Any) -> Any:
     return owner if not run.args and isinstance(owner, torch.nn.Module) else None
 
 
-def enable(layers: list, recorder: Any = None) -> GraphedCheckpoint:
+def _torch_checkpoint(run: Callable, *args: Any) -> Any:
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def enable(layers: list, recorder: Any = None, eager: Callable | None = None) -> GraphedCheckpoint:
     """Checkpoint the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances) through
-    CUDA graphs: replaces the function the layers call, checkpointing itself stays on (speed.set_checkpointing)."""
-    graphed = GraphedCheckpoint(recorder or CudaRecorder(torch.cuda.current_device()))
+    CUDA graphs: replaces the function the layers call, checkpointing itself stays on (speed.set_checkpointing).
+    `eager`: the checkpoint function for calls that do not replay (GraphedCheckpoint)."""
+    graphed = GraphedCheckpoint(recorder or CudaRecorder(torch.cuda.current_device()), eager)
     for layer in layers:
         if layer.gradient_checkpointing:
             layer._gradient_checkpointing_func = graphed
@@ -369,9 +377,11 @@ def enable(layers: list, recorder: Any = None) -> GraphedCheckpoint:
 
 
 def find(model: Any) -> GraphedCheckpoint | None:
-    """The GraphedCheckpoint serving `model`'s layers, if any (for the run's report)."""
+    """The GraphedCheckpoint serving `model`'s layers, if any (for the run's report); also where a wrapper around
+    it (activation offloading's) holds it as `inner`."""
     for m in model.modules():
         f = getattr(m, "_gradient_checkpointing_func", None)
+        f = getattr(f, "inner", f)
         if isinstance(f, GraphedCheckpoint):
             return f
     return None

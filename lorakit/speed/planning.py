@@ -12,6 +12,8 @@ rounding) and is a recipe option whose `auto` value `plan` resolves (docs/speed.
 - data.padding_free: flattened batches where padded ones would waste enough (lorakit.speed.padding).
 - model.attn_implementation: varlen attention for flattened batches on CUDA (lorakit.speed.varlen_attention),
   else sdpa.
+- train.offload_activations: the checkpointed layers' inputs in pinned host memory, copied on a side stream
+  (lorakit.speed.host_checkpoints), where a layer's compute hides the copy of its input.
 - train.cuda_graphs / train.offload_embeddings: the checkpointed layers replayed as CUDA graphs where they hold,
   pay and fit (lorakit.speed.layer_graphs), paid for by the input embeddings in host memory where needed.
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its frozen unquantized weights
@@ -43,6 +45,14 @@ PARTIAL_CHECKPOINTING_PAYS = False
 # host's launches: not measured, they stay eager.
 PADDED_GRAPHS_MAX_PARAMS = 9_000_000_000
 
+# Offloaded checkpoints cost a copy of tokens x hidden to the host and back per layer, on a side stream beside
+# the layer's compute (2 x layer params FLOPs per token forward, three passes a step). At a host link of
+# ~25 GB/s against ~400 TFLOP/s of bf16 matmuls the forward alone hides the copy where a layer has at least this
+# many parameters per unit of hidden size (a 1B or 8B Llama: ~30k / ~53k; SmolLM2-135M: ~6k, launch-bound).
+OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN = 16_000
+# The share of the host's available memory offloaded checkpoints may pin.
+OFFLOAD_MAX_HOST_SHARE = 0.75
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -66,6 +76,7 @@ class Plan:
     checkpointing_reason: str = ""
     model_params: int | None = None
     cuda_graphs: bool = False
+    offload_activations: bool = False
     offload_embeddings: bool = False
     offload_embeddings_required: bool = False
     cuda_graphs_fit: bool = False
@@ -80,9 +91,10 @@ class Plan:
 
     @property
     def trainer_checkpointing(self) -> bool:
-        """Whether the Trainer itself checkpoints (every layer); partial checkpointing and CUDA graphs are set on
-        the model (lorakit.speed.checkpointing.apply_to_model)."""
-        return self.gradient_checkpointing and self.checkpoint_layers is None and not self.cuda_graphs
+        """Whether the Trainer itself checkpoints (every layer); partial checkpointing, CUDA graphs and offloaded
+        checkpoints are set on the model (lorakit.speed.checkpointing.apply_to_model)."""
+        return (self.gradient_checkpointing and self.checkpoint_layers is None and not self.cuda_graphs
+                and not self.offload_activations)
 
     def as_dict(self) -> dict:
         """The plan for summary.json (notes and settled values are in the console and the resolved recipe)."""
@@ -179,6 +191,47 @@ def auto_graphs_reason(p: dict) -> str:
             f"{a['graphs_offloaded'] / GIB:.1f} GiB, without graphs {a['all_layers'] / GIB:.1f} GiB)")
 
 
+def host_available_bytes() -> int | None:
+    """The host memory available now (Linux: /proc/meminfo MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def offload_activations(recipe: Any, p: dict, model: dict | None, device: str,
+                        host_bytes: float | None = None) -> tuple[bool, str]:
+    """`train.offload_activations` resolved for plan `p`, with the reason for `auto`: the recipe's true/false, or
+    under auto on CUDA in one process with every layer checkpointed, where the model's layers hide the copies
+    (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN; `model`: the estimate's model summary) and the pinned copies of a
+    step take at most OFFLOAD_MAX_HOST_SHARE of the host's available memory (`host_bytes`; None: read it;
+    float("inf"): no limit)."""
+    v = recipe.train.offload_activations
+    if v != "auto":
+        return bool(v), "recipe"
+    if device != "cuda" or launched() or not (p.get("gradient_checkpointing") and p.get("checkpoint_layers") is None):
+        return False, ""
+    if not model or not model.get("num_layers") or not model.get("hidden") or not model.get("total_params"):
+        return False, "auto: off (the model's shape is not known)"
+    layers, hidden = model["num_layers"], model["hidden"]
+    embed = model["vocab"] * hidden * (1 if model.get("tie_word_embeddings") else 2)
+    per_layer = (model["total_params"] - embed) / layers
+    if per_layer / hidden < OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN:
+        return False, "auto: off (the layers are too small to hide the copies)"
+    rows = recipe.train.batch_size * (recipe.data.max_length if recipe.method == "sft"
+                                      else recipe.grpo.max_prompt_length + recipe.grpo.max_completion_length)
+    pinned = layers * rows * hidden * 2
+    host = host_available_bytes() if host_bytes is None else host_bytes
+    if host is not None and pinned > OFFLOAD_MAX_HOST_SHARE * host:
+        return False, (f"auto: off ({pinned / GIB:.1f} GiB of checkpoints > {OFFLOAD_MAX_HOST_SHARE:.0%} of the "
+                       f"host's {host / GIB:.1f} GiB free)")
+    return True, "auto: on (the layers hide the copies)"
+
+
 def offload_embeddings(recipe: Any, p: dict) -> bool:
     """`train.offload_embeddings` resolved for plan `p`: the recipe's true/false, or under auto exactly when
     the CUDA graphs of `p` were chosen on the condition that the embeddings leave the GPU."""
@@ -196,7 +249,8 @@ def offload_embeddings(recipe: Any, p: dict) -> bool:
 
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
          budget_bytes: int | None = None, compute_dtype: str | None = None, liger_ok: bool | None = None,
-         lengths: list[int] | None = None, expandable_segments: bool = False) -> Plan:
+         lengths: list[int] | None = None, expandable_segments: bool = False,
+         host_bytes: float | None = None) -> Plan:
     """Decide the speed levers of one run.
 
     Args:
@@ -211,6 +265,8 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         lengths: the training rows' token counts once the data is prepared (an empty list: not tokenized before
             training); None: not known (the estimate).
         expandable_segments: whether the CUDA allocator grows segments in place for this run (recorded only).
+        host_bytes: the host memory available to pin offloaded checkpoints; None: this machine's now;
+            float("inf"): not a limit (planning for a machine whose memory is not known).
 
     Returns:
         The Plan.
@@ -243,6 +299,12 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
             p["graph_max_row"] = max(recipe.data.max_length, *lengths)  # no pad row longer than the longest row
             notes.append(f"speed: padding-free batches padded to {p['graph_length']} tokens for CUDA graphs "
                          f"({QUANTILE:.0%} of batches fit; longer ones run without)")
+    p["offload_activations"], why = offload_activations(recipe, p, (estimate_result or {}).get("model"), device,
+                                                        host_bytes)
+    if p["offload_activations"] and recipe.train.offload_activations == "auto":
+        p["checkpointing_reason"] += "; layer inputs in host memory"
+    elif "host" in why:  # the one case a user may not expect: the host's memory ruled it out
+        notes.append(f"speed: layer inputs stay on the GPU{why[len('auto: off'):]}")
     p["offload_embeddings"] = offload_embeddings(recipe, p)
     p["offload_embeddings_required"] = recipe.train.offload_embeddings is True
     if graphs == "auto" and p["cuda_graphs"]:
@@ -350,10 +412,11 @@ def _levers(recipe: Any, device: str, estimate_result: dict | None, *, budget_by
 
 def needs_estimate(recipe: Any, device: str) -> bool:
     """Whether `plan` reads the memory estimate for this recipe on `device`: CUDA with checkpointing `auto`, and
-    a budget to choose within or CUDA graphs `auto` to fit."""
+    a budget to choose within, CUDA graphs `auto` to fit or activation offloading `auto` to decide (from the
+    model's shape)."""
     wants_graphs = recipe.train.cuda_graphs == "auto" and recipe.method == "sft"
     return device == "cuda" and recipe.train.gradient_checkpointing == "auto" and bool(
-        recipe.train.memory_budget_gb or wants_graphs)
+        recipe.train.memory_budget_gb or wants_graphs or recipe.train.offload_activations == "auto")
 
 
 def describe(p: Plan) -> str:
@@ -368,6 +431,8 @@ def describe(p: Plan) -> str:
         on.append(attn)
     if p.frozen_dtype:
         on.append(f"frozen weights {p.frozen_dtype}")
+    if p.offload_activations:
+        on.append("layer inputs in host memory")
     if p.offload_embeddings:
         on.append("input embeddings in host memory")
     if p.expandable_segments:

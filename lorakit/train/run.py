@@ -33,6 +33,7 @@ from lorakit.runtime.device import cpu_threads, pick_device
 from lorakit.runtime.distributed import describe as describe_world
 from lorakit.runtime.distributed import is_main_process, wait_for_everyone, world_size
 from lorakit.runtime.quiet import quiet_libraries
+from lorakit.speed import host_checkpoints
 from lorakit.speed.adamw8bit import optimizer_cls_and_kwargs
 from lorakit.speed.cuda_memory import use_expandable_segments
 from lorakit.speed.layer_graphs import find
@@ -424,6 +425,9 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
                                           longer_batches=padder.longer, pad_tokens=padder.pad_tokens)
         for why in sorted(graphs.failures):
             out.print(f"speed: a layer ran without CUDA graphs ({why})")
+    offload = host_checkpoints.find(model)
+    if offload is not None:  # checkpointed layer inputs that went to host memory, and came back ahead of use
+        summary["offloaded_checkpoints"] = {"packed": offload.store.packed, "prefetched": offload.store.prefetched}
     if info["attn_implementation"] == "varlen":  # training's attention calls (a checkpointed layer's recompute
         # calls again): flattened rows through the kernel (varlen) or row by row (rows), others SDPA (sdpa)
         summary["attention_calls"] = attention_calls

@@ -1,0 +1,164 @@
+"""lorakit.speed.host_checkpoints: checkpointed layers whose inputs live in host memory train exactly as torch's
+checkpoint does (eager layers and CUDA-graph replays), each layer's input is offloaded once a step and brought back
+one layer ahead of its recompute, and the plan turns it on only where a layer hides the copy.
+
+On a CPU the store copies without streams (same bookkeeping); on a GPU (`gpu` marker) the copies go through pinned
+memory on a side stream and the GPU holds O(1) checkpoints instead of one per layer."""
+
+import pytest
+import torch
+from helpers import tiny_lora
+
+from lorakit import speed
+from lorakit.errors import LorakitError
+from lorakit.recipe.loader import validate_data
+from lorakit.speed import checkpointing, host_checkpoints, layer_graphs
+from lorakit.speed.planning import offload_activations
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _model(layers: int = 3, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")
+    pm = tiny_lora(LlamaForCausalLM(cfg).to(DEVICE))
+    pm.train()
+    return pm
+
+
+def _train(pm, steps: int, ids) -> list[float]:
+    opt = torch.optim.SGD([q for q in pm.parameters() if q.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _same_weights(a, b, tol=1e-6):
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        if x.requires_grad:
+            assert torch.allclose(x.float(), y.float(), rtol=tol, atol=tol), n
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_offloaded_layers_train_like_torch_checkpoint(graphs):
+    ids = torch.randint(0, 300, (2, 16), device=DEVICE)
+    ref, off = _model(), _model()
+    checkpointing.set_checkpointing(ref, None)
+    plan = speed.Plan(gradient_checkpointing=True, checkpoint_layers=None, cuda_graphs=graphs,
+                      offload_activations=True)
+    recorder = (layer_graphs.CudaRecorder(0) if CUDA else layer_graphs.EagerRecorder()) if graphs else None
+    assert not plan.trainer_checkpointing
+    done = checkpointing.apply_to_model(off, plan, recorder=recorder)
+    o = host_checkpoints.find(off)
+    assert done == {"checkpoint_layers": 3} and o is not None
+    assert (layer_graphs.find(off) is not None) == graphs  # the graphs sit inside the offloading function
+    steps = layer_graphs.WARMUP_CALLS + 2  # with graphs: eager warm-up calls, a capture, replays
+    want, got = _train(ref, steps, ids), _train(off, steps, ids)
+    assert got == pytest.approx(want, rel=1e-5)
+    _same_weights(ref, off, 1e-3 if CUDA else 1e-5)
+    assert o.store.packed == 3 * steps  # every layer's input, every step (warm-up calls and replays alike)
+    assert o.store.prefetched == 2 * steps  # all but the last layer's came back ahead of their recompute
+    if graphs:
+        assert o.inner.captured == 3 and o.inner.failures == {}, o.inner.failure_trace
+
+
+def test_the_first_layer_trains_although_the_embeddings_are_frozen():
+    """The reentrant checkpoint computes a layer's weight gradients only when an input requires grad; the frozen
+    embedding's output does not, so the offloading path makes it a leaf that does."""
+    ids = torch.randint(0, 300, (1, 8), device=DEVICE)
+    pm = _model(layers=2)
+    checkpointing.apply_to_model(pm, speed.Plan(gradient_checkpointing=True, offload_activations=True))
+    pm(input_ids=ids, labels=ids).loss.backward()
+    first = [p.grad for n, p in pm.named_parameters() if "layers.0." in n and "lora_A" in n]
+    assert first and all(g is not None and g.abs().sum() > 0 for g in first)
+
+
+def test_no_grad_and_eval_forwards_offload_nothing():
+    ids = torch.randint(0, 300, (1, 8), device=DEVICE)
+    pm = _model(layers=2)
+    checkpointing.apply_to_model(pm, speed.Plan(gradient_checkpointing=True, offload_activations=True))
+    with torch.no_grad():
+        pm(input_ids=ids)
+    pm.eval()
+    pm(input_ids=ids)
+    assert host_checkpoints.find(pm).store.packed == 0
+
+
+def test_the_store_returns_what_it_took_and_fetches_the_previous_one_ahead():
+    store = host_checkpoints.HostStore()
+    xs = [torch.randn(4, 8, device=DEVICE) for _ in range(3)]
+    handles = [store.pack(x) for x in xs]
+    assert handles[2].prev is handles[1] and handles[0].prev is None
+    assert torch.equal(store.unpack(handles[2]), xs[2])
+    assert handles[1].device_copy is not None  # started when the one after it was read
+    assert torch.equal(store.unpack(handles[1]), xs[1]) and torch.equal(store.unpack(handles[0]), xs[0])
+    assert store.prefetched == 2
+    assert torch.equal(store.unpack(handles[1]), xs[1])  # a second backward (retain_graph) reads it again
+    nxt = store.pack(xs[0])
+    assert nxt.prev is None  # a new step does not chain onto the last one
+
+
+MODEL_8B = {"num_layers": 32, "hidden": 4096, "vocab": 128256, "tie_word_embeddings": False,
+            "total_params": 8_030_261_248}
+MODEL_135M = {"num_layers": 30, "hidden": 576, "vocab": 49152, "tie_word_embeddings": True,
+              "total_params": 134_515_008}
+
+
+def _recipe(**train):
+    return validate_data({"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
+                          "quantization": {"bits": 4}, "train": {"batch_size": 2, **train}})
+
+
+def test_auto_offloads_where_the_layers_hide_the_copies():
+    r = _recipe()
+    every = {"gradient_checkpointing": True, "checkpoint_layers": None}
+    assert offload_activations(r, every, MODEL_8B, "cuda", host_bytes=64 << 30)[0]
+    on, why = offload_activations(r, every, MODEL_135M, "cuda", host_bytes=64 << 30)
+    assert not on and "too small" in why
+    assert not offload_activations(r, every, MODEL_8B, "cpu")[0]
+    assert not offload_activations(r, {"gradient_checkpointing": True, "checkpoint_layers": 4}, MODEL_8B, "cuda")[0]
+    # 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB pinned: not with 1 GiB of host memory free
+    on, why = offload_activations(r, every, MODEL_8B, "cuda", host_bytes=1 << 30)
+    assert not on and "host" in why
+    forced = _recipe(offload_activations=True)
+    assert offload_activations(forced, every, MODEL_135M, "cuda")[0]
+    assert not offload_activations(_recipe(offload_activations=False), every, MODEL_8B, "cuda")[0]
+
+
+def test_offloading_without_checkpointing_is_a_recipe_error():
+    with pytest.raises(LorakitError) as e:
+        _recipe(offload_activations=True, gradient_checkpointing=False)
+    assert [p.field for p in e.value.problems] == ["train.offload_activations"]
+    assert _recipe(offload_activations=True).train.offload_activations is True
+
+
+@pytest.mark.gpu
+def test_the_gpu_holds_two_checkpoints_not_one_per_layer():
+    """Peak memory of a 12-layer forward + backward with offloaded checkpoints stays below the same run's with
+    checkpoints on the GPU by at least 8 layers' inputs."""
+    ids = torch.randint(0, 300, (4, 2048), device="cuda")
+    peaks = {}
+    for off in (False, True):
+        pm = _model(layers=12, hidden=512)
+        checkpointing.apply_to_model(pm, speed.Plan(gradient_checkpointing=True, offload_activations=off))
+        if not off:
+            checkpointing.set_checkpointing(pm, None)
+        pm(input_ids=ids, labels=ids).loss.backward()  # warm-up: pinned buffers, kernels
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        peaks[off] = torch.cuda.max_memory_allocated()
+        del pm
+        torch.cuda.empty_cache()
+    layer_input = 4 * 2048 * 512 * 4  # fp32 here
+    assert peaks[False] - peaks[True] >= 8 * layer_input, peaks
