@@ -196,6 +196,9 @@ def estimate(
     gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Memory per GPU of a run on N GPUs.")] = None,
     strategy: Annotated[Optional[str], typer.Option(
         "--strategy", help="ddp or fsdp (default: the recipe's distributed.strategy); needs --gpus.")] = None,
+    max_context: Annotated[bool, typer.Option(
+        "--max-context", help="The longest row (data.max_length) that trains at batch 1 on --gpu, --budget or "
+                              "this machine's GPU.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Exact parameter counts and a memory forecast for a recipe, without loading weights."""
@@ -208,6 +211,8 @@ def estimate(
             raise LorakitError(f"--device: expected cuda or cpu (got {device!r})")
         r = _load(recipe, set_)
         budget_bytes = parse_bytes(budget) if budget else None
+        if max_context:
+            return _max_context(r, budget_bytes, gpu, device, json_out)
         result = estimate_with_strategy(r, device=device, budget_bytes=budget_bytes, gpu=gpu, strategy=strategy,
                                         gpus=gpus)
         if json_out:
@@ -218,6 +223,41 @@ def estimate(
         render(result, console())
 
     _run(body, json_mode=json_out)
+
+
+def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json_out: bool) -> None:
+    """`estimate --max-context`: the longest row at batch 1 within the budget, --gpu's memory or the local GPU's."""
+    from lorakit.estimate.max_context import longest_row  # the command's module: loaded when it runs
+    from lorakit.estimate.memory import gpu_bytes
+    from lorakit.estimate.view import human
+
+    where = f"a {human(budget_bytes)} budget" if budget_bytes else None
+    if budget_bytes is None and gpu:
+        budget_bytes, where = gpu_bytes(gpu), gpu
+    if budget_bytes is None:
+        from lorakit.runtime.device import local_gpu  # torch: only when no GPU was named
+
+        found = local_gpu()
+        if found is None:
+            raise LorakitError("--max-context: no GPU here to fit; name one with --gpu (e.g. h100) or give --budget",
+                               field="--gpu")
+        where, budget_bytes = found
+    result = {**longest_row(r, budget_bytes=budget_bytes, device=device), "gpu": where}
+    if json_out:
+        _print_json(result)
+        return
+    c = console()
+    if not result["max_context"]:
+        c.print(f"No row fits {where} at batch 1: the weights and state alone exceed it.", highlight=False)
+        return
+    s = result["setup"]
+    levers = ", ".join(name for key, name in (("offload_activations", "layer inputs in host memory"),
+                                                ("cuda_graphs", "CUDA graphs"), ("liger", "Liger"))
+                       if s.get(key))
+    more = " (the search's limit)" if result["limited_by"] == "search limit" else ""
+    c.print(f"Longest row at batch 1 on {where} ({human(result['budget_bytes'])}): "
+            f"{result['max_context']:,} tokens{more}; estimated peak {human(result['peak_bytes'])}"
+            + (f" with {levers}" if levers else "") + ".", highlight=False)
 
 
 def _print_report(report: dict, done: str, json_out: bool = False) -> None:

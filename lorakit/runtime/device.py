@@ -17,6 +17,16 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def local_gpu() -> tuple[str, int] | None:
+    """(name, total memory in bytes) of this machine's first CUDA GPU, or None without one."""
+    import torch  # torch-free at import (see pick_device)
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
 def cpu_threads() -> int:
     """Threads for CPU math: OMP_NUM_THREADS if set, else the cores not already busy (at least 1).
 
