@@ -232,9 +232,11 @@ def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json
     from lorakit.estimate.view import human
 
     where = f"a {human(budget_bytes)} budget" if budget_bytes else None
+    host: float | None = float("inf")  # another machine's host memory: not known, not a limit
     if budget_bytes is None and gpu:
         budget_bytes, where = gpu_bytes(gpu), gpu
     if budget_bytes is None:
+        host = None  # this machine's GPU: its host memory bounds offloaded checkpoints
         from lorakit.runtime.device import local_gpu  # torch: only when no GPU was named
 
         found = local_gpu()
@@ -242,7 +244,7 @@ def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json
             raise LorakitError("--max-context: no GPU here to fit; name one with --gpu (e.g. h100) or give --budget",
                                field="--gpu")
         where, budget_bytes = found
-    result = {**longest_row(r, budget_bytes=budget_bytes, device=device), "gpu": where}
+    result = {**longest_row(r, budget_bytes=budget_bytes, device=device, host_bytes=host), "gpu": where}
     if json_out:
         _print_json(result)
         return
@@ -252,12 +254,16 @@ def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json
         return
     s = result["setup"]
     levers = ", ".join(name for key, name in (("offload_activations", "layer inputs in host memory"),
-                                                ("cuda_graphs", "CUDA graphs"), ("liger", "Liger"))
+                                                ("tiled_mlp", "tiled MLP"), ("cuda_graphs", "CUDA graphs"),
+                                                ("liger", "Liger"))
                        if s.get(key))
     more = " (the search's limit)" if result["limited_by"] == "search limit" else ""
+    pinned = result["memory"]["host_checkpoints_bytes"]
     c.print(f"Longest row at batch 1 on {where} ({human(result['budget_bytes'])}): "
             f"{result['max_context']:,} tokens{more}; estimated peak {human(result['peak_bytes'])}"
-            + (f" with {levers}" if levers else "") + ".", highlight=False)
+            + (f" with {levers}" if levers else "")
+            + (f"; the layer inputs take {human(pinned)} of pinned host memory" if pinned else "") + ".",
+            highlight=False)
 
 
 def _print_report(report: dict, done: str, json_out: bool = False) -> None:

@@ -2,7 +2,7 @@
 
 The answer is the estimate's own: for each candidate length the recipe is planned and forecast as `lorakit
 train` would run it at batch 1 (the levers can change with the length: CUDA graphs' pool, activation
-offloading's host memory), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
+offloading's host memory, where known), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
 multiple of RESOLUTION. No torch: the budget is a number (a GPU name's memory, or --budget).
 """
 
@@ -21,13 +21,14 @@ def at_length(recipe, tokens: int):
                                      "data": recipe.data.model_copy(update={"max_length": tokens})})
 
 
-def longest_row(recipe, *, budget_bytes: int, device: str = "cuda") -> dict:
+def longest_row(recipe, *, budget_bytes: int, device: str = "cuda", host_bytes: float | None = float("inf")) -> dict:
     """The largest data.max_length (a multiple of RESOLUTION) whose estimated peak at batch 1 fits the budget.
 
     Args:
         recipe: a validated SFT Recipe.
         budget_bytes: the device memory to fit (a GPU's, or the user's budget).
         device: the device the run trains on ("cuda": the levers lorakit picks on a GPU).
+        host_bytes: the host memory offloaded checkpoints may use (None: this machine's; default: no limit).
 
     Returns:
         {"max_context": tokens or 0 when not even RESOLUTION tokens fit, "budget_bytes", "peak_bytes" (the
@@ -41,7 +42,7 @@ def longest_row(recipe, *, budget_bytes: int, device: str = "cuda") -> dict:
 
     def forecast(tokens: int) -> dict:
         if tokens not in cache:
-            cache[tokens] = estimate(at_length(recipe, tokens), device=device)
+            cache[tokens] = estimate(at_length(recipe, tokens), device=device, host_bytes=host_bytes)
         return cache[tokens]
 
     def fits(tokens: int) -> bool:

@@ -31,6 +31,7 @@ from lorakit.model.shapes import ModelShape, check_checkpoint_layers, check_modu
 from lorakit.recipe.loader import located
 from lorakit.recipe.rules import resolved_optimizer
 from lorakit.speed import Plan
+from lorakit.speed.planning import TILED_MLP_CHUNK_TOKENS
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -138,6 +139,9 @@ class Setup:
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
     offload_embeddings: bool = False
     """The input embeddings live in host memory (lorakit.speed.host_embedding; untied embeddings only)."""
+    tiled_mlp: bool = False
+    """Each layer's MLP runs over slices of TILED_MLP_CHUNK_TOKENS tokens (lorakit.speed.tiled_mlp): it keeps its
+    input, and one slice's operands and gradients exist at a time."""
     offload_activations: bool = False
     """The checkpointed layers' inputs live in host memory (lorakit.speed.host_checkpoints): the GPU holds
     OFFLOAD_RESIDENT_LAYERS of them (one being recomputed, one fetched ahead) instead of one per layer."""
@@ -172,6 +176,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
     mlp = (2 if s.liger else 3) * mlp_bytes * i_  # SwiGLU operands (see above)
     adapted = set(targets)
     lora_saved = 0
+    lora_mlp = 0  # the share of lora_saved inside the MLP (gone with tiling, which keeps the MLP's input instead)
     shared_inputs: set[str] = set()
     inputs = {"q_proj": ("attn_in", h), "k_proj": ("attn_in", h), "v_proj": ("attn_in", h), "qkv_proj": ("attn_in", h),
               "o_proj": ("attn_out", nh * d), "gate_proj": ("mlp_in", h), "up_proj": ("mlp_in", h),
@@ -179,6 +184,7 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
     for name in shape.linears:
         if name not in adapted:
             continue
+        before = lora_saved
         key, width = inputs.get(name, (name, shape.linears[name][0]))
         lora_saved += lora.r * a  # lora_A output, saved by lora_B
         if s.fused_lora:
@@ -193,13 +199,16 @@ def activation_terms(shape: ModelShape, lora, targets: list[str], s: Setup) -> d
         elif key not in shared_inputs and key != "attn_out":  # attention output is already saved by SDPA
             shared_inputs.add(key)
             lora_saved += a * width
+        if key in ("mlp_in", "mlp_mid"):
+            lora_mlp += lora_saved - before
     layer = norms + attn + mlp + lora_saved
     ckpt = resid * h  # checkpointed layer keeps only its input hidden state
     # one layer's gradient buffers at their widest (the MLP): Liger's SwiGLU backward writes the two input
     # gradients in place of its saved operands
-    backward = (2 if s.liger else 3) * mlp_bytes * i_ + 2 * resid * h
+    mlp_backward = (2 if s.liger else 3) * mlp_bytes * i_
+    backward = mlp_backward + 2 * resid * h
     return {"layer": layer, "checkpointed_layer": ckpt, "backward": backward, "final_norm": norm_in * h,
-            "resid_bytes": resid}
+            "resid_bytes": resid, "mlp": mlp + lora_mlp, "mlp_input": resid * h, "mlp_backward": mlp_backward}
 
 
 def generation_bytes(shape: ModelShape, s: Setup) -> int:
@@ -252,7 +261,12 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     tokens = s.batch * s.seq
     t = activation_terms(shape, lora, targets, s)
     n = shape.num_layers
-    full_layer = t["layer"] * c.activation_factor
+    layer_per_token, backward_per_token, tile = t["layer"], t["backward"], 0
+    if s.tiled_mlp:  # the MLP keeps only its input; one slice's operands and gradients exist at a time
+        layer_per_token += t["mlp_input"] - t["mlp"]
+        backward_per_token -= t["mlp_backward"]
+        tile = min(tokens, TILED_MLP_CHUNK_TOKENS) * (t["mlp"] + t["mlp_backward"])
+    full_layer = layer_per_token * c.activation_factor
     k = (n if s.checkpoint_layers is None else max(0, min(n, s.checkpoint_layers))) if s.checkpointing else 0
     kept = min(k, OFFLOAD_RESIDENT_LAYERS) if s.offload_activations else k  # checkpoints on the GPU
     saved_per_token = kept * t["checkpointed_layer"] + (n - k) * full_layer + t["final_norm"]
@@ -261,7 +275,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     if kbit and unq_bytes == 4:  # autocast casts the fp32 lm_head to bf16 and keeps the copy for backward
         logits += shape.vocab * shape.hidden * s.act_bytes
     dequant = max(i * o for i, o, _ in shape.linears.values()) * s.act_bytes if s.bits == 4 else 0
-    backward = tokens * t["backward"] * c.backward_factor
+    backward = (tokens * backward_per_token + tile) * c.backward_factor
     # the peak is either at the loss (everything saved + the loss buffers) or, with checkpointing, while the
     # last checkpointed layer (layer k-1) is recomputed and differentiated: by then the layers after it have
     # freed what they saved, and the first k keep only their inputs
@@ -290,6 +304,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
         "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved, "generation_bytes": int(generation),
         "cuda_graphs_bytes": int(graphs),
+        "host_checkpoints_bytes": int(tokens * k * t["checkpointed_layer"]) if s.offload_activations else 0,
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":
             int(t["checkpointed_layer"]), "optimizer_paged": paged,
         "weights": {"quantized_bytes": int(store["quantized_bytes"]),
@@ -314,17 +329,17 @@ def _frozen_bytes(s: Setup) -> int:
 
 
 def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None,
-          lengths: list[int] | None = None) -> Plan:
+          lengths: list[int] | None = None, host_bytes: float | None = float("inf")) -> Plan:
     """The speed plan for a run on `device`, planned without probing this machine: a CUDA target is taken to be
-    bf16-capable, with Liger where liger-kernel is installed and host memory enough to offload the checkpoints
-    (the GPU machine's memory is not this one's). `estimate_result` / `budget_bytes`: budget mode's inputs (see
-    lorakit.speed.planning)."""
+    bf16-capable, with Liger where liger-kernel is installed. `estimate_result` / `budget_bytes`: budget mode's
+    inputs; `host_bytes`: the host memory offloaded checkpoints may use (see lorakit.speed.planning; by default not
+    a limit: the GPU machine's memory is not this one's)."""
     if device != "cuda":
         return speed.plan(recipe, device, lengths=lengths)
     q = recipe.quantization.compute_dtype
     return speed.plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
                       compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed(), lengths=lengths,
-                      host_bytes=float("inf"))
+                      host_bytes=host_bytes)
 
 
 def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandable_segments: bool = False) -> Plan:
@@ -374,7 +389,8 @@ def _setup(recipe, device: str, levers: Plan) -> Setup:
                  checkpoint_layers=levers.checkpoint_layers, gen_batch=_gen_batch(recipe),
                  cuda_graphs=levers.cuda_graphs,
                  offload_embeddings=levers.offload_embeddings,
-                 offload_activations=levers.offload_activations)
+                 offload_activations=levers.offload_activations,
+                 tiled_mlp=levers.tiled_mlp)
 
 
 def _seq_len(recipe) -> int:
@@ -438,8 +454,10 @@ def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:
     return out
 
 
-def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, gpu: str | None = None) -> dict:
-    """Parameters, memory breakdown, artifacts and (with a budget) a verdict for `recipe` on `device`."""
+def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, gpu: str | None = None,
+             host_bytes: float | None = float("inf")) -> dict:
+    """Parameters, memory breakdown, artifacts and (with a budget) a verdict for `recipe` on `device`;
+    `host_bytes`: the host memory offloaded checkpoints may use (None: this machine's; default: no limit)."""
     with located(recipe):
         shape = load_shape(recipe.base_model, revision=recipe.model.revision,
                            trust_remote_code=recipe.model.trust_remote_code)
@@ -449,7 +467,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
     params = count_params(shape, recipe.lora, targets, mts)
-    levers = _plan(recipe, device, {"model": shape.summary()})  # the levers the shape alone decides
+    levers = _plan(recipe, device, {"model": shape.summary()}, host_bytes=host_bytes)  # what the shape decides
     s = _setup(recipe, device, levers)
 
     def peak_with(key: str = "peak_bytes", **kw) -> int:
@@ -469,7 +487,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "allocated_bytes_graphs_offloaded": None if shape.tie_word_embeddings else peak_with(
                       alloc, checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True)}
     if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
-        levers = _plan(recipe, device, shape_info)  # budget mode, CUDA graphs: chosen from these peaks
+        levers = _plan(recipe, device, shape_info, host_bytes=host_bytes)  # budget, graphs: from these peaks
         s = _setup(recipe, device, levers)
     verdict = None
     if budget_bytes is not None:
@@ -477,7 +495,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         verdict["gpu"] = gpu
         if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
             # what `train.memory_budget_gb` set to this budget would choose (the fastest setting that fits)
-            choice = _plan(recipe, device, shape_info, budget_bytes)
+            choice = _plan(recipe, device, shape_info, budget_bytes, host_bytes=host_bytes)
             verdict["with_memory_budget"] = {k: getattr(choice, k) for k in (
                 "gradient_checkpointing", "checkpoint_layers", "checkpointing_reason")}
     mem = memory(shape, recipe.lora, targets, mts, params, s)
@@ -490,7 +508,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "checkpointing_reason": levers.checkpointing_reason, "fused_lora": s.fused_lora,
                   "lora_dropout_kernel": s.dropout_kernel, "cuda_graphs": s.cuda_graphs,
                   "offload_embeddings": s.offload_embeddings, "offload_activations": s.offload_activations,
-                  "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.frozen_dtype,
+                  "tiled_mlp": s.tiled_mlp, "fused_lm_head": s.fused_lm_head, "frozen_dtype": levers.frozen_dtype,
                   "adapter_dtype": {2: "bf16", 4: "fp32"}[_trainable_bytes(s)],
                   "compute_dtype_bytes": s.act_bytes, "lora_r": recipe.lora.r, "lora_dropout": recipe.lora.dropout,
                   "method": recipe.method, "generation_batch": s.gen_batch},

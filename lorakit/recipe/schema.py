@@ -245,6 +245,10 @@ class TrainSection(Section):
     instead of one per layer (same math). Needs gradient checkpointing. auto = on CUDA in one process with every
     layer checkpointed, for models whose layers are large enough to hide the copies, while the pinned copies
     take at most half of the host's available memory."""
+    tiled_mlp: bool | Literal["auto"] = "auto"
+    """Run each decoder layer's MLP over slices of 8192 tokens, keeping only its input for backward and
+    recomputing one slice at a time there: no [tokens x intermediate] buffer is ever whole, for one more MLP
+    forward a step (same math). auto = on CUDA for SFT micro-batches of at least 65536 tokens."""
     offload_embeddings: bool | Literal["auto"] = "auto"
     """Keep the input embedding table in host memory and copy each batch's rows to the GPU (the table's GPU
     memory freed; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = exactly
@@ -256,7 +260,7 @@ class TrainSection(Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint) or skip the step and count it."""
 
-    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", "offload_activations",
+    _auto_bool_values = field_validator("fused_lora", "liger", "cuda_graphs", "offload_activations", "tiled_mlp",
                                         "offload_embeddings",
                                         mode="before")(_auto_or_bool)
 

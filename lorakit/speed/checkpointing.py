@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorakit.errors import LorakitError
-from lorakit.speed import host_checkpoints, host_embedding, layer_graphs
+from lorakit.speed import host_checkpoints, host_embedding, layer_graphs, tiled_mlp
 from lorakit.speed.planning import Plan
 
 
@@ -60,10 +60,12 @@ def apply_to_model(model: Any, p: Plan, recorder: Any = None) -> dict:
     """Apply the model-side levers of plan `p` to a (peft-wrapped) model, after get_peft_model: partial gradient
     checkpointing (every-layer checkpointing is the Trainer's), the input embeddings in host memory, CUDA
     graphs for the checkpointed layers (lorakit.speed.layer_graphs; `recorder` stands in for the GPU's graph
-    capture in tests) and the checkpointed layers' inputs in host memory (lorakit.speed.host_checkpoints).
+    capture in tests), the checkpointed layers' inputs in host memory (lorakit.speed.host_checkpoints) and the
+    MLPs run over slices of the sequence (lorakit.speed.tiled_mlp).
 
     Returns:
-        What was done: `checkpoint_layers` (layers checkpointed here), `offloaded_embedding_bytes`, and
+        What was done: `checkpoint_layers` (layers checkpointed here), `tiled_mlp_layers`,
+        `offloaded_embedding_bytes`, and
         `not_offloaded` (why) when `auto` planned the embeddings off the GPU but this model cannot have that - its
         layers then run checkpointed without graphs.
     """
@@ -86,6 +88,8 @@ def apply_to_model(model: Any, p: Plan, recorder: Any = None) -> dict:
         else:  # auto: the graphs were chosen on the condition that the embeddings leave the GPU
             graphs = False
             done["not_offloaded"] = why
+    if p.tiled_mlp:
+        done["tiled_mlp_layers"] = tiled_mlp.enable(decoder_layers(_unwrap(model)))
     if not p.trainer_checkpointing and p.gradient_checkpointing:  # else the Trainer checkpoints (or nobody)
         done["checkpoint_layers"] = set_checkpointing(model, k)
         layers = decoder_layers(_unwrap(model))

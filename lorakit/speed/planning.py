@@ -14,6 +14,7 @@ rounding) and is a recipe option whose `auto` value `plan` resolves (docs/speed.
   else sdpa.
 - train.offload_activations: the checkpointed layers' inputs in pinned host memory, copied on a side stream
   (lorakit.speed.host_checkpoints), where a layer's compute hides the copy of its input.
+- train.tiled_mlp: each layer's MLP over slices of the sequence for long rows (lorakit.speed.tiled_mlp).
 - train.cuda_graphs / train.offload_embeddings: the checkpointed layers replayed as CUDA graphs where they hold,
   pay and fit (lorakit.speed.layer_graphs), paid for by the input embeddings in host memory where needed.
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its frozen unquantized weights
@@ -50,6 +51,11 @@ PADDED_GRAPHS_MAX_PARAMS = 9_000_000_000
 # ~25 GB/s against ~400 TFLOP/s of bf16 matmuls the forward alone hides the copy where a layer has at least this
 # many parameters per unit of hidden size (a 1B or 8B Llama: ~30k / ~53k; SmolLM2-135M: ~6k, launch-bound).
 OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN = 16_000
+# train.tiled_mlp: slices of this many tokens (full-speed matmuls, small beside long rows); `auto` tiles micro-
+# batches of at least TILED_MLP_MIN_TOKENS tokens, where attention's share of a step is large enough that the extra
+# MLP forward costs little, and the MLP's [tokens x intermediate] buffers are what limits the row length.
+TILED_MLP_CHUNK_TOKENS = 8192
+TILED_MLP_MIN_TOKENS = 65536
 # The share of the host's available memory offloaded checkpoints may pin.
 OFFLOAD_MAX_HOST_SHARE = 0.75
 
@@ -77,6 +83,7 @@ class Plan:
     model_params: int | None = None
     cuda_graphs: bool = False
     offload_activations: bool = False
+    tiled_mlp: bool = False
     offload_embeddings: bool = False
     offload_embeddings_required: bool = False
     cuda_graphs_fit: bool = False
@@ -232,6 +239,16 @@ def offload_activations(recipe: Any, p: dict, model: dict | None, device: str,
     return True, "auto: on (the layers hide the copies)"
 
 
+def tiled_mlp(recipe: Any, device: str) -> bool:
+    """`train.tiled_mlp` resolved: the recipe's true/false, or under auto on CUDA for SFT micro-batches of at least
+    TILED_MLP_MIN_TOKENS tokens (batch_size x data.max_length)."""
+    v = recipe.train.tiled_mlp
+    if v != "auto":
+        return bool(v)
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    return device == "cuda" and recipe.method == "sft" and tokens >= TILED_MLP_MIN_TOKENS
+
+
 def offload_embeddings(recipe: Any, p: dict) -> bool:
     """`train.offload_embeddings` resolved for plan `p`: the recipe's true/false, or under auto exactly when
     the CUDA graphs of `p` were chosen on the condition that the embeddings leave the GPU."""
@@ -305,6 +322,7 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         p["checkpointing_reason"] += "; layer inputs in host memory"
     elif "host" in why:  # the one case a user may not expect: the host's memory ruled it out
         notes.append(f"speed: layer inputs stay on the GPU{why[len('auto: off'):]}")
+    p["tiled_mlp"] = tiled_mlp(recipe, device)
     p["offload_embeddings"] = offload_embeddings(recipe, p)
     p["offload_embeddings_required"] = recipe.train.offload_embeddings is True
     if graphs == "auto" and p["cuda_graphs"]:
@@ -433,6 +451,8 @@ def describe(p: Plan) -> str:
         on.append(f"frozen weights {p.frozen_dtype}")
     if p.offload_activations:
         on.append("layer inputs in host memory")
+    if p.tiled_mlp:
+        on.append("tiled MLP")
     if p.offload_embeddings:
         on.append("input embeddings in host memory")
     if p.expandable_segments:
