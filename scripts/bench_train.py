@@ -1,9 +1,32 @@
 # ruff: noqa: E501  (the GPU command in the docstring is one line, to copy as is)
-"""`lorakit train` vs the plain TRL + peft + bitsandbytes stack written as their docs show, on one GPU (issue 7).
+"""`lorakit train` vs the plain TRL + peft + bitsandbytes stack written as their docs show, and vs Unsloth, on one GPU
+(issues 7, 25).
 
-GPU command (one call, carry [".gpu-wheels"], ~7 minutes of GPU wall time; results in $OUT and $OUT/bench):
+GPU command (carry [".gpu-wheels", ".uns-wheels"]; results in $OUT and $OUT/bench). Unsloth pins older trl/datasets,
+so its packages go to their own dir, put first on PYTHONPATH for its runs only (`--unsloth-site`; without it they
+are skipped). The whole plan does not fit one 10-minute call: one call per group of workloads, each workload's
+lorakit and Unsloth runs in the same call (~8 minutes each; bench files of the last call only):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --out $OUT --write-bench $OUT/bench
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/usite .uns-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --models 8b --workloads fixed --only baseline,lorakit,unsloth,lk_no_dropout,unsloth_no_dropout --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
+
+    ... --models 8b --workloads varied,long16k --only lorakit,unsloth --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
+    ... --models 8b --workloads long32k --only lorakit,unsloth --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
+
+The longest row that trains (--max-context; OUT/max_context.json and .md; one call per run, each ~8 minutes; a
+later call can go on from an earlier one's bounds with --bisect LO,HI):
+
+    ... && python3 scripts/bench_train.py --max-context --only lorakit --probe-start 65536 --out $OUT
+    ... && python3 scripts/bench_train.py --max-context --only unsloth --probe-start 65536 --unsloth-site /tmp/usite --out $OUT
+
+--max-context probes, for each run, single rows of growing length (--probe-start, doubled until a probe fails, then
+bisected to --resolution tokens, 8192), each in its own child training 2 optimizer steps (so that the optimizer's
+states exist at the peak), on a model of the 8B width with --probe-layers layers (2; a full 32-layer step at 300k
+tokens takes minutes: attention is quadratic) plus a "ballast" GPU tensor allocated before the model loads: the
+missing layers' bytes, each layer's NF4 weights as saved (the safetensors headers of layer 0: packed weights, scales,
+norms) plus its LoRA weights and gradients in fp32 (computed; the paged optimizer's states are outside torch's
+allocator). Valid only where a layer's GPU memory does not grow with the row (its checkpoint offloaded to host
+memory): each probe's peak, per-step memory and the run's options are in the JSON to check that. A probe that runs
+out of memory (torch.OutOfMemoryError in its result or its log) is a failed length, never a crash of the parent.
 
 Where a step's time goes (torch.profiler over the last 2 steps of each run; tables in $OUT/prof, no bench files):
 
@@ -23,6 +46,9 @@ After editing this script's text: `python3 scripts/bench_train.py --render bench
 CPU smoke test (tiny model; a few minutes on 2 busy CPUs, mostly imports; the same code paths and files):
 
     .venv/bin/python scripts/bench_train.py --tiny --device cpu --out /tmp/lkb --write-bench /tmp/lkb/bench
+
+CPU smoke test of --max-context (tiny model, lorakit only): ... --tiny --device cpu --max-context --only lorakit
+--probe-start 64 --probe-max 256 --resolution 32 --out /tmp/lkb
 
 One process tree: the parent measures the bf16 matmul rate, builds random-initialized checkpoints of real shapes
 (Llama-3.1-8B, then Llama-3.2-1B; saved bf16, re-saved NF4 double-quant under /tmp/lkbench, no downloads) and a
@@ -44,10 +70,20 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   the GPU); lk_adamw_fused:
   train.optimizer adamw_torch_fused (fp32 optimizer states; the default is paged 8-bit AdamW);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
+- unsloth: Unsloth's recipe as its docs show, in a child with `import unsloth` first: FastLanguageModel.from_pretrained
+  (the same NF4 checkpoint, load_in_4bit, bf16, max_seq_length = the workload's rows), get_peft_model(r=16, alpha=32,
+  dropout 0.05, the 7 linears, use_gradient_checkpointing="unsloth", random_state=42), TRL's SFTConfig/SFTTrainer
+  as Unsloth patches them, with the baseline's hyper-parameters set explicitly (Unsloth's config defaults differ:
+  gradient accumulation 2, weight decay 0.001, warm-up 10%, seed 3407); its own batching and kernel choices stay and
+  are recorded. unsloth_no_dropout: lora_dropout 0 (Unsloth's fast LoRA path), beside lk_no_dropout. Each lorakit
+  run is reported against Unsloth's run of the same workload: tok/s ratio (vs unsloth) and peak allocated ratio
+  (mem vs unsloth, lorakit / Unsloth: <= 1.00 means lorakit holds no more).
 
-Workloads: fixed (2 rows x 2048 tokens a step) and varied (8 rows a step, log-normal lengths, median 450 tokens).
+Workloads: fixed (2 rows x 2048 tokens a step), varied (8 rows a step, log-normal lengths, median 450 tokens),
+long16k / long32k (1 row x 16384 / 32768 tokens a step, rows made like the fixed ones; 8 steps, 3 of them warm-up:
+a step takes seconds); lorakit's data.max_length and Unsloth's max_seq_length are the workload's row length.
 Both sides see the same token ids in the same order (same seed and data_seed). Measured per run: non-padding tokens/s
-over the steps after 4 warm-up steps (from the Trainer's own `num_input_tokens_seen`, counted the same way for both,
+over the steps after 4 warm-up steps (3 for the long rows; from the Trainer's own `num_input_tokens_seen`, counted the same way for both,
 and the wall time of its per-step log events), peak GPU memory allocated / reserved in the process (torch's
 counters, load included), the first 20 losses, and the ratio to the physical limit: tokens/s x FLOPs per token
 against the measured bf16 matmul rate. Results are written after every variant (a timeout still leaves data):
@@ -92,40 +128,75 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
 NAMES = {"8b": "Llama-3.1-8B shape", "1b": "Llama-3.2-1B shape", "tiny": "tiny Llama (CPU smoke test)"}
+# rows a step x tokens a row; the tiny model (CPU smoke test) runs each at 1/32 of the length
+WORKLOADS = {"fixed": (2, 2048), "varied": (8, 2048), "long16k": (1, 16384), "long32k": (1, 32768)}
+LONG_WARMUP = 3  # long rows run 8 steps (a 32k step takes seconds): 3 warm-up steps, 5 timed
+PROBE_STEPS = 2  # --max-context: two optimizer steps, so that the optimizer's states exist at the peak
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Most important first - the issue's four workloads, baseline and lorakit - so that a timeout still leaves the
-# headline numbers. (model, workload, run, steps)
+# Most important first - each 8B workload's lorakit and Unsloth runs, then the plain stack - so that a timeout still
+# leaves the headline numbers. (model, workload, run, steps)
 PLAN = [
-    ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20),
+    ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20), ("8b", "fixed", "unsloth", 20),
+    ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "unsloth_no_dropout", 12),
     # varied: 30 steps (25 timed), the batches' lengths and the host's delays vary from step to step
-    ("8b", "varied", "baseline", 30), ("8b", "varied", "lorakit", 30),
+    ("8b", "varied", "lorakit", 30), ("8b", "varied", "unsloth", 30),
+    ("8b", "long16k", "lorakit", 8), ("8b", "long16k", "unsloth", 8),
+    ("8b", "long32k", "lorakit", 8), ("8b", "long32k", "unsloth", 8),
+    ("8b", "varied", "baseline", 30),
     ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
     ("1b", "varied", "baseline", 30), ("1b", "varied", "lorakit", 30),
     ("8b", "varied", "lk_flex", 12), ("8b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "baseline_peft", 12),
     ("1b", "fixed", "lorakit_budget", 12), ("8b", "fixed", "lorakit_k16", 12),
     ("8b", "fixed", "lk_no_padding_free", 12), ("8b", "fixed", "lk_no_liger", 12),
     ("8b", "fixed", "lk_no_fused_lora", 12), ("8b", "fixed", "lk_flex", 12),
-    ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "lk_graphs", 20),
+    ("8b", "fixed", "lk_compile", 12), ("8b", "fixed", "lk_graphs", 20),
     ("8b", "varied", "lk_sdpa", 12), ("8b", "fixed", "lk_adamw_fused", 20), ("1b", "fixed", "lk_adamw_fused", 20),
     ("1b", "fixed", "lk_graphs", 20), ("1b", "fixed", "lk_no_liger", 12), ("1b", "fixed", "lk_no_fused_lora", 12),
     ("1b", "varied", "lk_no_graphs", 30), ("8b", "varied", "lk_graphs", 30),
 ]
-MAX_STEPS = max(p[3] for p in PLAN)
-# rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time
-COST = {"8b": {"build": 100, 30: 70, 20: 60, 16: 55, 12: 45}, "1b": {"build": 30, 30: 32, 20: 30, 16: 29, 12: 28},
-        "tiny": {"build": 30, 30: 45, 20: 40, 16: 40, 12: 40}}
+MAX_STEPS = max(p[3] for p in PLAN if p[1] in ("fixed", "varied"))
+# rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time; the long
+# workloads' 8 steps by workload (a 32k step takes ~5 s); Unsloth's runs add UNSLOTH_COST (its imports and patching)
+COST = {"8b": {"build": 100, 30: 70, 20: 60, 16: 55, 12: 45, "long16k": 70, "long32k": 100},
+        "1b": {"build": 30, 30: 32, 20: 30, 16: 29, 12: 28, "long16k": 45, "long32k": 60},
+        "tiny": {"build": 30, 30: 45, 20: 40, 16: 40, 12: 40, "long16k": 40, "long32k": 40}}
+UNSLOTH_COST = 60
 
 
-def seq_len(model: str) -> int:
-    return 64 if model == "tiny" else 2048
+def cost_of(model: str, workload: str, run: str, steps: int) -> float:
+    c = COST[model.split("-")[0]]
+    return c.get(workload, c.get(steps, c[30])) + (UNSLOTH_COST if run.startswith("unsloth") else 0)
+
+
+def shape(model: str) -> dict:
+    """The config of a model name: a SHAPES key, or "KEY-Nl" (--max-context's probe model: KEY's width with N
+    layers and a position table long enough for any probe, so that no library rescales RoPE)."""
+    base, _, layers = model.partition("-")
+    s = dict(SHAPES[base])
+    if layers:
+        s.update(num_hidden_layers=int(layers.removesuffix("l")), max_position_embeddings=1 << 21)
+    return s
+
+
+def seq_len(model: str, workload: str) -> int:
+    """Tokens a row (the longest, for varied). "lenN" (--max-context's probes): N tokens."""
+    if workload.startswith("len"):
+        return int(workload[3:])
+    return WORKLOADS[workload][1] // (32 if model == "tiny" else 1)
 
 
 def batch_size(workload: str) -> int:
-    return 2 if workload == "fixed" else 8
+    return 1 if workload.startswith("len") else WORKLOADS[workload][0]
+
+
+def warmup(workload: str) -> int:
+    """Steps left out of the timing: fewer for the long rows' short runs."""
+    return WARMUP if workload in ("fixed", "varied") else LONG_WARMUP
 
 
 def n_words(model: str) -> int:
-    return min(SHAPES[model]["vocab_size"], 32000)
+    return min(shape(model)["vocab_size"], 32000)
 
 
 def model_dir(model: str) -> Path:
@@ -139,7 +210,12 @@ def data_file(model: str, workload: str) -> Path:
 def data_rows(model: str, workload: str) -> list[list[int]]:
     """The rows of a workload: enough for the longest run; shorter runs see the same first batches (the sampler's
     order depends only on the seed and the row count), so every run's losses compare step by step."""
-    return make_rows(workload, batch_size(workload) * MAX_STEPS, n_words(model), seq_len(model))
+    if workload.startswith("len"):
+        steps = PROBE_STEPS
+    else:
+        steps = MAX_STEPS if workload in ("fixed", "varied") else max(p[3] for p in PLAN if p[1] == workload)
+    kind = "varied" if workload == "varied" else "fixed"  # the long workloads' rows are fixed ones, longer
+    return make_rows(kind, batch_size(workload) * steps, n_words(model), seq_len(model, workload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +291,7 @@ def build(model: str, device: str) -> None:
     if (d4 / "config.json").exists():
         return
     t = time.time()
-    cfg = LlamaConfig(**SHAPES[model], bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
+    cfg = LlamaConfig(**shape(model), bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
     with torch.device(device):
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -281,7 +357,7 @@ def baseline(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
     cuda = args.device == "cuda"
@@ -298,23 +374,86 @@ def baseline(args) -> dict:
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                              task_type="CAUSAL_LM")
     events: list[dict] = []
+    cfg = SFTConfig(output_dir=str(WORK / f"run-{args.run}"), max_steps=args.steps,
+                    per_device_train_batch_size=batch_size(args.workload), learning_rate=2e-4,
+                    lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                    gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, max_length=seq_len(args.model, args.workload),
+                    logging_steps=logging_steps(), save_strategy="no", report_to="none", seed=42, data_seed=42,
+                    include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
+                         processing_class=tokenizer(n_words(args.model)), peft_config=peft_config,
+                         callbacks=[clock(events)])
+    trainer.train()
+    return {"events": events, "checkpointing": "every layer", "gc_fraction": 1.0, **_peak(args.device)}
 
-    class Clock(TrainerCallback):  # measurement only
+
+def clock(events: list):
+    """A Trainer callback that appends each logged step (time, tokens seen, loss) to `events`: measurement only."""
+    from transformers import TrainerCallback  # in the child, after `import unsloth` where Unsloth runs
+
+    class Clock(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 events.append({"step": state.global_step, "time": time.time(),
                                "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"])})
 
+    return Clock()
+
+
+def unsloth(args) -> dict:
+    """Unsloth's QLoRA recipe as its docs show (FastLanguageModel, get_peft_model with its own gradient
+    checkpointing, TRL's SFTTrainer as Unsloth patches it), with the baseline's hyper-parameters set explicitly:
+    Unsloth's config defaults differ (gradient accumulation 2, weight decay 0.001, warm-up 10%, seed 3407).
+    Its own choices stay (padding-free or padded batches, embeddings' placement, kernels): the result records them.
+    The parent runs this with Unsloth's site dir first on PYTHONPATH, offline, in a scratch directory."""
+    import torch
+    import unsloth as _unsloth  # before transformers and trl: it patches them on import  # noqa: F401
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    set_seed(42)
+    cuda = args.device == "cuda"  # always, but for a CPU stand-in of Unsloth's API (the script's own smoke test)
+    seq = seq_len(args.model, args.workload)
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir(args.model)), max_seq_length=seq,
+                                                   dtype=torch.bfloat16, load_in_4bit=True)
+    dropout = 0.0 if args.run.split("@")[0] == "unsloth_no_dropout" else 0.05
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=dropout,
+                                             target_modules=LLAMA_LINEARS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=42)
+    events: list[dict] = []
     cfg = SFTConfig(output_dir=str(WORK / f"run-{args.run}"), max_steps=args.steps,
-                    per_device_train_batch_size=batch_size(args.workload), learning_rate=2e-4,
-                    lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_8bit" if cuda else "adamw_torch",
-                    gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, max_length=seq_len(args.model),
-                    logging_steps=logging_steps(), save_strategy="no", report_to="none", seed=42, data_seed=42,
+                    per_device_train_batch_size=batch_size(args.workload), gradient_accumulation_steps=1,
+                    learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
+                    max_length=seq, logging_steps=logging_steps(),
+                    save_strategy="no", report_to="none", seed=42, data_seed=42,
                     include_num_input_tokens_seen="non_padding", disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": rows}),
-                         processing_class=tokenizer(n_words(args.model)), peft_config=peft_config, callbacks=[Clock()])
-    trainer.train()
-    return {"events": events, "checkpointing": "every layer", "gc_fraction": 1.0, **_peak(args.device)}
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": data_rows(
+        args.model, args.workload)}), processing_class=tok, callbacks=[clock(events)])
+    out: dict = {}
+    try:
+        trainer.train()
+    except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed (an OOM: its peak)
+        out["run_error"] = f"{type(e).__name__}: {e}"[:2000]
+        out["traceback"] = traceback.format_exc()[-2000:]
+    # what Unsloth made of the settings (read after training: an override anywhere on the way shows)
+    settings = {k: getattr(trainer.args, k, None) for k in (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "padding_free", "packing", "max_length",
+        "optim", "weight_decay", "warmup_steps", "learning_rate", "bf16", "gradient_checkpointing")}
+    settings = {k: v if isinstance(v, (int, float, type(None))) else str(getattr(v, "value", v))
+                for k, v in settings.items()}
+    out["options"] = {"trainer_args": settings,
+                      "unsloth_gradient_checkpointing": str(getattr(model, "_unsloth_gradient_checkpointing", None)),
+                      "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    overrides = [f"{k} {settings[k]} (asked {want})" for k, want in (("gradient_accumulation_steps", 1),
+                 ("per_device_train_batch_size", batch_size(args.workload))) if settings[k] != want]
+    out["levers"] = ", ".join(["OVERRIDDEN: " + "; ".join(overrides)] * bool(overrides) + [
+        "padding-free" if settings["padding_free"] else "padded batches"] + ["packing"] * bool(settings["packing"])
+        + [f"Unsloth gradient checkpointing ({out['options']['unsloth_gradient_checkpointing']})"])
+    out.update(events=events, checkpointing="every layer", gc_fraction=1.0, versions=versions(), **_peak(args.device))
+    return out
 
 
 class PlainConsole:
@@ -342,7 +481,7 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
     train = {"max_steps": steps, "lr": 2.0e-4, "scheduler": "constant", "warmup_ratio": 0.0,
              "batch_size": batch_size(workload), "grad_accum": 1, "logging_steps": logging_steps(), "seed": 42,
              "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch"}
-    data = {"path": str(data_file(model, workload)), "format": "text", "max_length": seq_len(model)}
+    data = {"path": str(data_file(model, workload)), "format": "text", "max_length": seq_len(model, workload)}
     if run == "lorakit_budget":
         train["memory_budget_gb"] = float(os.environ.get("LKBENCH_BUDGET_GB", "40"))
     if run == "lorakit_k16":
@@ -396,7 +535,7 @@ def lorakit(args) -> dict:
         if "attention_calls" in summary:  # which path varlen attention's calls took (varlen kernel, rows, sdpa)
             out["attention_calls"] = summary["attention_calls"]
     except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
-        out["lorakit_error"] = f"{type(e).__name__}: {e}"
+        out["lorakit_error"] = out["run_error"] = f"{type(e).__name__}: {e}"[:2000]
         out["traceback"] = traceback.format_exc()[-2000:]
     run_dir = Path(recipe.output.dir)
     events = []
@@ -407,9 +546,9 @@ def lorakit(args) -> dict:
             if "loss" in d and "step" in d:
                 events.append({"step": d["step"], "time": d["time"], "tokens": d.get("num_input_tokens_seen"),
                                "loss": float(d["loss"])})
-    o = out["options"]
+    o = out.get("options") or {}  # none where the run failed before training (e.g. out of memory at load)
     k = o.get("checkpoint_layers")
-    n = SHAPES[args.model]["num_hidden_layers"]
+    n = shape(args.model)["num_hidden_layers"]
     if not o.get("gradient_checkpointing"):
         out["checkpointing"], out["gc_fraction"] = "none", 0.0
     elif k is None:
@@ -477,11 +616,19 @@ def sync_report(path: Path, first: int, last: int) -> None:
 
 
 def child(args) -> None:
-    fn = baseline if args.run.startswith("baseline") else lorakit
+    fn = {"baseline": baseline, "unsloth": unsloth}.get(args.run.split("_")[0].split("@")[0], lorakit)
+    if fn is unsloth:
+        import unsloth as _unsloth  # before anything imports transformers, peft or trl  # noqa: F401
+    ballast = None
+    if int(os.environ.get("LKBENCH_BALLAST", "0")) and args.device == "cuda":  # --max-context: the missing layers
+        import torch
+
+        ballast = torch.empty(int(os.environ["LKBENCH_BALLAST"]), dtype=torch.uint8, device="cuda")  # noqa: F841
     mem_log = memory_by_step(args.device)
+    w = warmup(args.workload)
     if os.environ.get("LKBENCH_SYNC_REPORT") and args.device == "cuda":
         sync_report(Path(os.environ["LKBENCH_SYNC_REPORT"]) / f"sync-{args.model}-{args.workload}-"
-                    f"{args.run.replace('@', '-')}.txt", WARMUP + 1, WARMUP + 3)
+                    f"{args.run.replace('@', '-')}.txt", w + 1, w + 3)
     prof = os.environ.get("LKBENCH_PROFILE")
     steps = args.steps
     if prof:  # PROFILED_STEPS more steps after the timed ones (measure() stops at `steps`)
@@ -596,7 +743,7 @@ def flops_per_token(model: str, seq: float, gc_frac: float) -> float:
     """~6P with full checkpointing: 2P forward + 2P backward (activation gradients only: the base is frozen, LoRA's
     weight gradients are ~0.3% of it) + 2P*gc_frac recompute, P = matmul weights (all linears + lm_head; lm_head is
     never recomputed); attention 4*L*(s/2)*h per token (causal, mean context s/2) x (1 fwd + 2 bwd + gc_frac)."""
-    s = SHAPES[model]
+    s = shape(model)
     h, i, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
     hd = s.get("head_dim", h // s["num_attention_heads"])
     q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
@@ -619,12 +766,13 @@ def _logging(info: dict) -> str:
 
 
 def measure(res: dict) -> None:
-    """tokens/s etc. from the log events: from the first logged step at or after WARMUP to the last."""
+    """tokens/s etc. from the log events: from the first logged step at or after the warm-up to the last."""
     ev = sorted((e for e in res.get("events") or [] if e["step"] <= res["steps"]), key=lambda e: e["step"])
     res["losses"] = [round(e["loss"], 5) for e in ev][:LOSSES]
-    w = next((e for e in ev if e["step"] >= WARMUP), None)
+    n = warmup(res["workload"])
+    w = next((e for e in ev if e["step"] >= n), None)
     last = ev[-1] if ev else None
-    if not w or not last or last["step"] <= WARMUP or w["tokens"] is None or last["tokens"] is None:
+    if not w or not last or last["step"] <= n or w["tokens"] is None or last["tokens"] is None:
         res.setdefault("error", "too few logged steps")
         return
     span = last["time"] - w["time"]
@@ -633,13 +781,28 @@ def measure(res: dict) -> None:
     res.update(timed_steps=steps, tokens_per_s=tok / span, step_ms=1e3 * span / steps, tokens_per_step=tok / steps)
 
 
-def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[object, float]:
+def unsloth_env(args, run: str) -> dict | str | None:
+    """An Unsloth run's environment (its site dir first on the path, offline, no statistics), or why it cannot run;
+    None for the other runs. The child runs in WORK/uns-cwd: Unsloth writes unsloth_compiled_cache/ there."""
+    if not run.startswith("unsloth"):
+        return None
+    if args.device != "cuda":
+        return "skipped: Unsloth needs CUDA"
+    if not args.unsloth_site or not (Path(args.unsloth_site) / "unsloth").is_dir():
+        return "skipped: needs --unsloth-site DIR (a dir with Unsloth's packages installed; see the docstring)"
+    (WORK / "uns-cwd").mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join([str(Path(args.unsloth_site).resolve())] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+
+
+def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None,
+       cwd: Path | None = None) -> tuple[object, float]:
     t = time.time()
     with open(log, "a") as f:
         f.write(f"\n===== {' '.join(cmd[2:])}\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout),
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout), cwd=cwd,
                                 env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -651,7 +814,7 @@ def versions() -> dict:
 
     out = {}
     for p in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate", "datasets",
-              "triton", "matplotlib", "rich", "typer"):
+              "triton", "matplotlib", "rich", "typer", "unsloth", "unsloth_zoo"):
         try:
             out[p] = version(p)
         except Exception:  # noqa: BLE001
@@ -685,7 +848,7 @@ def main() -> None:
     ap.add_argument("--write-bench", default=None, metavar="DIR", help="also write DIR/train.json and DIR/train.md")
     ap.add_argument("--models", default="8b,1b")
     ap.add_argument("--only", default=None, help="comma list of runs to keep (e.g. baseline,lorakit)")
-    ap.add_argument("--workloads", default="fixed,varied", help="comma list of workloads to keep")
+    ap.add_argument("--workloads", default="fixed,varied,long16k,long32k", help="comma list of workloads to keep")
     ap.add_argument("--deadline", type=float, default=520,
                     help="seconds: skip what would run past it (a device call may run 600 s, installs included)")
     ap.add_argument("--budget-gb", type=float, default=40, help="train.memory_budget_gb of lorakit_budget")
@@ -704,6 +867,19 @@ def main() -> None:
                          "lorakit package found in DIR (e.g. a `git worktree` of the commit before a change)")
     ap.add_argument("--render", default=None, metavar="DIR",
                     help="rewrite DIR/train.md from DIR/train.json (e.g. bench) with this script's text; runs nothing")
+    ap.add_argument("--unsloth-site", default=None, metavar="DIR",
+                    help="Unsloth's packages (pip install --target DIR): its runs put DIR first on PYTHONPATH; "
+                         "without it they are skipped")
+    ap.add_argument("--max-context", action="store_true",
+                    help="instead of the plan: the longest single row that trains for lorakit and unsloth (or "
+                         "--only), written to OUT/max_context.json and .md")
+    ap.add_argument("--probe-layers", type=int, default=2, help="--max-context: layers of the probe model")
+    ap.add_argument("--probe-start", type=int, default=32768, help="--max-context: first row length, then doubled")
+    ap.add_argument("--probe-max", type=int, default=1 << 20, help="--max-context: longest row tried")
+    ap.add_argument("--resolution", type=int, default=8192, help="--max-context: bisect to this many tokens")
+    ap.add_argument("--bisect", default=None, metavar="LO,HI",
+                    help="--max-context: skip the upward probes; LO tokens trained and HI did not (an earlier call)")
+    ap.add_argument("--probe-timeout", type=float, default=300, help="--max-context: seconds a probe may run")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--child", choices=["build", "variant", "rate"])
     ap.add_argument("--model"), ap.add_argument("--workload"), ap.add_argument("--run")
@@ -744,7 +920,20 @@ def main() -> None:
     os.environ["LKBENCH_LOGGING_STEPS"] = str(args.logging_steps)
     me = [sys.executable, str(Path(__file__).resolve())]
     dev = ["--device", args.device]
-    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": WARMUP, "budget_gb": args.budget_gb,
+    if args.max_context:
+        full = SHAPES["tiny" if args.tiny else "8b"]["num_hidden_layers"]
+        if not 1 <= args.probe_layers <= full:
+            ap.error(f"--probe-layers {args.probe_layers}: must be 1..{full}")
+        if args.resolution < 1 or args.probe_start < args.resolution:
+            ap.error("--resolution must be 1 or more and --probe-start at least --resolution")
+        if args.bisect:
+            try:
+                args.bisect = tuple(int(x) for x in args.bisect.split(","))
+                assert len(args.bisect) == 2 and 0 <= args.bisect[0] < args.bisect[1]
+            except (ValueError, AssertionError):
+                ap.error(f"--bisect {args.bisect}: must be LO,HI with 0 <= LO < HI (tokens)")
+        return max_context(args, me, log, out, start)
+    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": {"fixed, varied": WARMUP, "long": LONG_WARMUP}, "budget_gb": args.budget_gb,
                   "logging_steps": args.logging_steps,
                   "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
@@ -769,9 +958,10 @@ def main() -> None:
     results: list[dict] = []
     for model, workload, run, steps in plan:
         cost = COST[model]
+        need = cost_of(model, workload, run, steps)
         if model not in built:
             left = args.deadline - (time.time() - start)
-            if left < (0 if (model_dir(model) / "config.json").exists() else cost["build"]) + cost[steps]:
+            if left < (0 if (model_dir(model) / "config.json").exists() else cost["build"]) + need:
                 built[model] = "skipped (deadline)"
             else:
                 rc, dt = sh(me + ["--child", "build", "--model", model] + dev, log, min(left - 10, 4 * cost["build"]))
@@ -779,9 +969,12 @@ def main() -> None:
                 print(f"build {model}: rc={rc} {dt:.0f}s", flush=True)
         res = {"model": model, "workload": workload, "run": run, "steps": steps}
         left = args.deadline - (time.time() - start)
+        uns_env = unsloth_env(args, run)
         if built[model] != 0:
             res["error"] = f"model not built ({built[model]})"
-        elif left < cost[steps]:
+        elif isinstance(uns_env, str):
+            res["error"] = uns_env
+        elif left < need:
             res["error"] = "skipped (deadline)"
         else:
             rows = write_data(model, workload)
@@ -796,8 +989,8 @@ def main() -> None:
             rf.unlink(missing_ok=True)
             cmd = me + ["--child", "variant", "--model", model, "--workload", workload, "--run", run,
                         "--steps", str(steps), "--result", str(rf)] + dev
-            env = {"LKBENCH_CODE": str(Path(args.prev_code).resolve())} if run.endswith("@prev") else None
-            rc, dt = sh(cmd, log, min(left - 5, 3 * cost[steps]), env)
+            env = {"LKBENCH_CODE": str(Path(args.prev_code).resolve())} if run.endswith("@prev") else {}
+            rc, dt = sh(cmd, log, min(left - 5, 3 * need), {**env, **(uns_env or {})}, uns_env and WORK / "uns-cwd")
             if rf.exists():
                 res = json.loads(rf.read_text())
                 measure(res)
@@ -813,12 +1006,193 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# --max-context: the longest row that trains, on a model of the full width with fewer layers plus a ballast
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_bytes(model: str) -> int:
+    """Bytes of one decoder layer's weights as saved: the tensors named model.layers.0.* in the checkpoint's
+    safetensors headers (NF4 packed weights, their double-quantized scales and code tables, the norms; not the
+    quant-state JSON blobs, which stay on the host). The GPU holds the same tensors after loading."""
+    total = 0
+    for f in model_dir(model).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, t in header.items():
+            if name.startswith("model.layers.0.") and not name.endswith("bitsandbytes__nf4"):
+                total += t["data_offsets"][1] - t["data_offsets"][0]
+    return total
+
+
+def lora_bytes(model: str) -> int:
+    """A layer's LoRA state that lives in torch's allocator: r=16 A and B of the 7 linears, weights and gradients
+    in fp32 (8 bytes a parameter; the paged 8-bit optimizer's states are managed memory, outside torch's counters)."""
+    s = shape(model)
+    h, i = s["hidden_size"], s["intermediate_size"]
+    hd = s.get("head_dim", h // s["num_attention_heads"])
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    return 16 * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)) * 8
+
+
+def is_oom(text: str) -> bool:
+    return "OutOfMemoryError" in text or "out of memory" in text.lower() or "ALLOC_FAILED" in text
+
+
+def probe(args, me: list[str], log: Path, model: str, run: str, length: int, ballast: int, timeout: float) -> dict:
+    """One child: `run` trains PROBE_STEPS steps of one row of `length` tokens, with `ballast` bytes held on the GPU.
+    outcome: ok (every step logged), oom (torch's OutOfMemoryError, in the result or the child's log), timeout,
+    or error (anything else; not read as a memory limit)."""
+    workload = f"len{length}"
+    write_data(model, workload)
+    rf = WORK / f"probe-{model}-{run}-{length}.json"
+    rf.unlink(missing_ok=True)
+    uns = unsloth_env(args, run)
+    if isinstance(uns, str):
+        return {"length": length, "outcome": "error", "error": uns}
+    pos = log.stat().st_size if log.exists() else 0
+    cmd = me + ["--child", "variant", "--model", model, "--workload", workload, "--run", run, "--steps",
+                str(PROBE_STEPS), "--result", str(rf), "--device", args.device]
+    rc, dt = sh(cmd, log, timeout, {"LKBENCH_BALLAST": str(ballast), **(uns or {})}, uns and WORK / "uns-cwd")
+    with open(log, "rb") as f:
+        f.seek(pos)
+        tail = f.read().decode("utf-8", "replace")
+    res = json.loads(rf.read_text()) if rf.exists() else {}
+    err = res.get("run_error") or ""
+    done = max((e["step"] for e in res.get("events") or []), default=0)
+    if rc == "timeout":
+        outcome = "timeout"
+    elif is_oom(err) or (not res and is_oom(tail)):
+        outcome = "oom"
+    elif err or rc != 0 or done < PROBE_STEPS:
+        outcome = "error"
+    else:
+        outcome = "ok"
+    if outcome != "ok" and not err:
+        err = f"rc={rc}, {done} steps; log: " + " | ".join(tail.strip().splitlines()[-3:])
+    ev = sorted(res.get("events") or [], key=lambda e: e["step"])
+    return {"length": length, "outcome": outcome, "error": err[:600] or None, "wall_s": round(dt, 1),
+            "step_s": round(ev[-1]["time"] - ev[-2]["time"], 2) if len(ev) >= 2 else None,
+            "peak_alloc_gib": res.get("peak_alloc_gib"), "peak_reserved_gib": res.get("peak_reserved_gib"),
+            "max_rss_gib": res.get("max_rss_gib"), "memory_by_step": res.get("memory_by_step"),
+            "levers": res.get("levers"), "options": res.get("options")}
+
+
+def max_context(args, me: list[str], log: Path, out: Path, start: float) -> None:
+    """For each run (lorakit, unsloth): the longest single row that trains, probing upward by doubling from
+    --probe-start until a probe fails, then bisecting to --resolution tokens, within the deadline (an equal share of
+    what is left for each run). Written after every probe: OUT/max_context.json and OUT/max_context.md."""
+    base = "tiny" if args.tiny else "8b"
+    full, n = SHAPES[base]["num_hidden_layers"], args.probe_layers
+    model = f"{base}-{n}l"
+    info: dict = {"versions": versions(), "device": args.device, "shape": NAMES[base], "probe_layers": n, "full_layers": full,
+                  "probe_steps": PROBE_STEPS, "resolution": args.resolution,
+                  "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
+    if args.device == "cuda":
+        rate_file = WORK / "rate.json"
+        sh(me + ["--child", "rate", "--result", str(rate_file), "--device", args.device], log, 90)
+        if rate_file.exists():
+            info.update(json.loads(rate_file.read_text()))
+    rc, dt = sh(me + ["--child", "build", "--model", model, "--device", args.device], log,
+                min(args.deadline - (time.time() - start) - 10, 300))
+    doc: dict = {"info": info, "runs": {}}
+    if rc != 0:
+        info["error"] = f"probe model not built (rc={rc})"
+        return write_max_context(out, doc)
+    per_layer, per_lora = layer_bytes(model), lora_bytes(model)
+    ballast = (full - n) * (per_layer + per_lora)
+    info.update(layer_weight_bytes=per_layer, layer_lora_bytes=per_lora, ballast_bytes=ballast,
+                ballast_from="weights: the sizes of layer 0's tensors in the probe checkpoint's safetensors "
+                             "headers; LoRA: r=16 A and B of 7 linears, fp32 weights and gradients (computed)")
+    runs = (args.only or "lorakit,unsloth").split(",")
+    for k, run in enumerate(runs):
+        doc["runs"][run] = {"probes": [], "longest_ok": None, "shortest_failed": None}
+        end = time.time() + (args.deadline - (time.time() - start)) / (len(runs) - k)
+        search(args, me, log, out, doc, model, run, ballast, end)
+    write_max_context(out, doc)
+
+
+def search(args, me: list[str], log: Path, out: Path, doc: dict, model: str, run: str, ballast: int,
+           end: float) -> None:
+    """Probe `run` upward by doubling until a probe fails, then bisect; fills doc["runs"][run]."""
+    r = doc["runs"][run]
+
+    def step(length: int) -> bool:
+        left = end - time.time()
+        if left < (90 if run.startswith("unsloth") else 45):
+            r["stopped"] = "deadline"
+            return False
+        p = probe(args, me, log, model, run, length, ballast, min(left, args.probe_timeout))
+        r["probes"].append(p)
+        print(f"max-context {run} {length}: {p['outcome']} peak alloc {p.get('peak_alloc_gib')} GiB "
+              f"{p.get('wall_s')}s {p.get('error') or ''}", flush=True)
+        if p["outcome"] == "ok":
+            r["longest_ok"] = max(r["longest_ok"] or 0, length)
+        else:
+            r["shortest_failed"] = min(r["shortest_failed"] or length, length)
+            if p["outcome"] == "error" and not r["longest_ok"]:  # a broken setup, not a length limit
+                r["stopped"] = f"error before any length trained ({length} tokens)"
+        write_max_context(out, doc)
+        return "stopped" not in r
+
+    if args.bisect:  # bounds from an earlier call: LO trained, HI did not
+        r["longest_ok"], r["shortest_failed"] = args.bisect
+        r["bounds_given"] = list(args.bisect)
+    length = args.probe_start
+    while length <= args.probe_max and r["shortest_failed"] is None and step(length):
+        length *= 2
+    if r["shortest_failed"] is None and "stopped" not in r:
+        r["stopped"] = f"no failure up to --probe-max {args.probe_max}"
+    while r["shortest_failed"] is not None and "stopped" not in r:
+        lo, hi = r["longest_ok"] or 0, r["shortest_failed"]
+        mid = (lo + hi) // 2 // args.resolution * args.resolution
+        if hi - lo <= args.resolution or not lo < mid < hi or not step(mid):
+            break
+    if any(p["outcome"] not in ("ok", "oom") for p in r["probes"]):
+        r["note"] = "a probe failed for another reason than memory (timeout or error): see its row"
+
+
+def write_max_context(out: Path, doc: dict) -> None:
+    info = doc["info"]
+    gib = 2**30
+    lines = [f"# Longest row that trains: lorakit vs Unsloth (batch 1, {info['shape']})",
+             "", f"Machine: {info.get('gpu', 'CPU (smoke test: numbers mean nothing)')}; "
+             f"command: `{info.get('command')}`.",
+             f"Each probe: one child process training {info['probe_steps']} optimizer steps on one row of the given "
+             f"length (random tokens of a repeated motif), NF4 double-quant base, LoRA r=16 alpha=32 dropout 0.05 on "
+             f"the 7 linears, paged 8-bit AdamW; probed upward by doubling until a probe fails, then bisected to "
+             f"{info['resolution']} tokens.",
+             f"Model: the full width with {info['probe_layers']} of {info['full_layers']} layers, plus a ballast "
+             f"allocated on the GPU before loading: {info.get('ballast_bytes', 0) / gib:.2f} GiB = "
+             f"{info['full_layers'] - info['probe_layers']} missing layers x ({info.get('layer_weight_bytes', 0) / 2**20:.2f}"
+             f" MiB of NF4 weights + {info.get('layer_lora_bytes', 0) / 2**20:.2f} MiB of LoRA state; "
+             f"{info.get('ballast_from', '-')}). Valid only where a layer's GPU memory "
+             f"does not grow with the row (its checkpoint in host memory): check the peaks and options in "
+             f"max_context.json. Peaks include the ballast.", ""]
+    if info.get("error"):
+        lines += [f"Error: {info['error']}", ""]
+    lines += ["| run | longest row that trains | shortest that failed | note |", "|---|---|---|---|"]
+    for run, r in doc["runs"].items():
+        lines.append(f"| {run} | {r['longest_ok'] or '-'} | {r['shortest_failed'] or '-'} "
+                     f"| {'; '.join(x for x in (r.get('stopped'), r.get('note')) if x) or '-'} |")
+    lines += ["", "| run | row tokens | outcome | peak alloc GiB | peak reserved GiB | step s | wall s | levers / error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for run, r in doc["runs"].items():
+        for p in r["probes"]:
+            lines.append(f"| {run} | {p['length']} | {p['outcome']} | {_f(p.get('peak_alloc_gib'))} "
+                         f"| {_f(p.get('peak_reserved_gib'))} | {_f(p.get('step_s'))} | {_f(p.get('wall_s'), 0)} "
+                         f"| {(p.get('error') or p.get('levers') or '-').replace('|', '/')[:300]} |")
+    (out / "max_context.json").write_text(json.dumps(doc, indent=1))
+    (out / "max_context.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
 
 
 def derive(info: dict, results: list[dict], r: dict) -> dict:
-    """Speed-ups against the baselines of the same model and workload, loss agreement, ratio to the limit."""
+    """Speed-ups against the baselines of the same model and workload, loss agreement, ratio to the limit; for
+    lorakit's runs the speed and peak allocated memory against Unsloth's (lk_no_dropout: unsloth_no_dropout's)."""
     if "tokens_per_s" not in r:
         return r
     for base in ("baseline", "baseline_peft"):
@@ -830,8 +1204,17 @@ def derive(info: dict, results: list[dict], r: dict) -> dict:
             if n and base == "baseline" and r["run"] != base:
                 r["loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in zip(r["losses"][:n], b["losses"][:n]))
                 r["loss_steps_compared"] = n
-    rows_seq = seq_len(r["model"]) if r["workload"] == "fixed" else r.get("tokens_per_step", 0) / batch_size("varied")
-    fpt = flops_per_token(r["model"], rows_seq or seq_len(r["model"]), r.get("gc_fraction", 1.0))
+    if r["run"].startswith(("lorakit", "lk_")):
+        ref = "unsloth_no_dropout" if r["run"].split("@")[0] == "lk_no_dropout" else "unsloth"
+        u = next((x for x in results if x["run"] == ref and x["model"] == r["model"]
+                  and x["workload"] == r["workload"] and "tokens_per_s" in x), None)
+        if u is not None:
+            r["vs_unsloth"] = r["tokens_per_s"] / u["tokens_per_s"]
+            if r.get("peak_alloc_gib") and u.get("peak_alloc_gib"):  # <= 1: lorakit holds no more than Unsloth
+                r["mem_vs_unsloth"] = r["peak_alloc_gib"] / u["peak_alloc_gib"]
+    full = seq_len(r["model"], r["workload"])
+    rows_seq = r.get("tokens_per_step", 0) / batch_size("varied") if r["workload"] == "varied" else full
+    fpt = flops_per_token(r["model"], rows_seq or full, r.get("gc_fraction", 1.0))
     r["gflop_per_token"] = fpt / 1e9
     if info.get("bf16_matmul_tflops"):
         r["ratio_to_limit"] = r["tokens_per_s"] * fpt / 1e12 / info["bf16_matmul_tflops"]
@@ -842,19 +1225,20 @@ def _f(x, d=2, suffix=""):
     return "-" if x is None else f"{x:.{d}f}{suffix}"
 
 
-HEADER = ("| model | workload | run | tok/s | vs baseline | vs baseline_peft | step ms | peak alloc GiB "
-          "| peak reserved GiB | loss max rel diff | ratio to limit | checkpointing; levers |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | workload | run | tok/s | vs baseline | vs baseline_peft | vs unsloth | step ms | peak alloc GiB "
+          "| mem vs unsloth | peak reserved GiB | loss max rel diff | ratio to limit | checkpointing; levers |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(r: dict) -> str:
     if "tokens_per_s" not in r:
-        return f"| {r['model']} | {r['workload']} | {r['run']} | {r.get('error', 'failed')} | | | | | | | | |"
+        return f"| {r['model']} | {r['workload']} | {r['run']} | {r.get('error', 'failed')} | | | | | | | | | | |"
     loss = (f"{r['loss_max_rel_diff']:.4f} ({r['loss_steps_compared']} steps)" if "loss_max_rel_diff" in r else "-")
-    err = " (run error: see JSON)" if r.get("lorakit_error") else ""
+    err = " (run error: see JSON)" if r.get("run_error") or r.get("lorakit_error") else ""
     return (f"| {r['model']} | {r['workload']} | {r['run']}{err} | {r['tokens_per_s']:.0f} "
-            f"| {_f(r.get('vs_baseline'), 2, 'x')} | {_f(r.get('vs_baseline_peft'), 2, 'x')} | {r['step_ms']:.0f} "
-            f"| {_f(r.get('peak_alloc_gib'))} | {_f(r.get('peak_reserved_gib'))} | {loss} "
+            f"| {_f(r.get('vs_baseline'), 2, 'x')} | {_f(r.get('vs_baseline_peft'), 2, 'x')} "
+            f"| {_f(r.get('vs_unsloth'), 2, 'x')} | {r['step_ms']:.0f} | {_f(r.get('peak_alloc_gib'))} "
+            f"| {_f(r.get('mem_vs_unsloth'), 2, 'x')} | {_f(r.get('peak_reserved_gib'))} | {loss} "
             f"| {_f(r.get('ratio_to_limit'))} | {r.get('checkpointing', '-')}"
             f"{'; ' + r['levers'] if r.get('levers') else ''} |")
 
@@ -881,7 +1265,7 @@ def budget_table(results: list[dict]) -> str:
 def losses_block(results: list[dict]) -> str:
     out = []
     for r in results:
-        if r["workload"] == "fixed" and r["run"] in ("baseline", "lorakit") and r.get("losses"):
+        if r["workload"] == "fixed" and r["run"] in ("baseline", "lorakit", "unsloth") and r.get("losses"):
             out.append(f"- {r['model']} {r['run']}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     return "\n".join(out)
 
@@ -895,10 +1279,13 @@ def write(out: Path, bench: str | None, info: dict, results: list[dict], prev_md
     v = info["versions"]
     gpu = info.get("gpu", "CPU (smoke test: numbers mean nothing)")
     rate = info.get("bf16_matmul_tflops")
-    md = f"""# Training speed: `lorakit train` vs plain TRL + peft + bitsandbytes (issue 7)
+    uv = next((r["versions"] for r in results if r.get("versions")), None)  # an Unsloth child's own stack
+    uv = ", ".join(f"{k} {uv.get(k)}" for k in ("unsloth", "unsloth_zoo", "trl", "datasets", "transformers")) if uv else "-"
+    md = f"""# Training speed: `lorakit train` vs plain TRL + peft + bitsandbytes and Unsloth (issues 7, 25)
 
 Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']},
 bitsandbytes {v['bitsandbytes']}, liger-kernel {v['liger-kernel']}, accelerate {v['accelerate']}.
+Unsloth's runs (their own site dir, `--unsloth-site`): {uv}.
 Measured bf16 matmul rate (8192^3, median of 5): {f'**{rate:.0f} TFLOP/s**' if rate else 'n/a'}.
 Script: `scripts/bench_train.py` (one call, one process tree: a child process per run). Raw: `bench/train.json`.
 Command: `{info.get('command', 'n/a')}`{chr(10) + 'Note: ' + info['note'] if info.get('note') else ''}
@@ -931,10 +1318,19 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   as CUDA graphs, lorakit/speed/layer_graphs.py; asked for, they keep the embeddings on the GPU); **lk_adamw_fused**:
   `train.optimizer: adamw_torch_fused`; **X@prev**: run X with the lorakit package of `--prev-code` (the code
   before a change, beside it).
+- **unsloth**: Unsloth's recipe as its docs show: `FastLanguageModel.from_pretrained(load_in_4bit=True, dtype=bf16,
+  max_seq_length=the row length)` on the same checkpoint, `get_peft_model(r=16, lora_alpha=32, lora_dropout=0.05,
+  the 7 linears, use_gradient_checkpointing="unsloth")`, the SFTTrainer/SFTConfig Unsloth patches, with the
+  baseline's hyper-parameters set explicitly (its defaults differ: gradient accumulation 2, weight decay 0.001,
+  warm-up 10%); its own choices of batching and kernels stay (levers column; an override of batch size or gradient
+  accumulation is flagged there). **unsloth_no_dropout**: `lora_dropout=0` (Unsloth's fast LoRA path), beside
+  lk_no_dropout. vs unsloth / mem vs unsloth: a lorakit run's tok/s and peak allocated memory over Unsloth's run of
+  the same workload (lk_no_dropout: over unsloth_no_dropout; mem <= 1.00: lorakit holds no more).
 
-Workloads: fixed = 2 rows x {seq_len('8b')} tokens a step; varied = 8 rows a step, log-normal lengths (median 450,
-sigma 0.6, 32..2048). tok/s = non-padding tokens (the Trainer's `num_input_tokens_seen`) over the steps after
-{WARMUP} warm-up steps, timed by the log events ({_logging(info)}). Peak = torch's max allocated / reserved in the run's
+Workloads: fixed = 2 rows x {WORKLOADS['fixed'][1]} tokens a step; varied = 8 rows a step, log-normal lengths (median
+450, sigma 0.6, 32..2048); long16k / long32k = 1 row of 16384 / 32768 tokens a step (8 steps). tok/s = non-padding
+tokens (the Trainer's `num_input_tokens_seen`: the tokens each side really trained) over the steps after {WARMUP}
+warm-up steps ({LONG_WARMUP} for the long rows), timed by the log events ({_logging(info)}). Peak = torch's max allocated / reserved in the run's
 process (load included). Loss max rel diff: first {LOSSES} losses (fewer for shorter runs) against the baseline of
 the same model and workload. Ratio to limit = tok/s x FLOPs/token / measured matmul rate, FLOPs/token ~ 6 x matmul
 params with full checkpointing (2P fwd + 2P activation-gradient bwd + 2P recompute) + causal attention.
