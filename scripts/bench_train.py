@@ -7,7 +7,7 @@ so its packages go to their own dir, put first on PYTHONPATH for its runs only (
 are skipped). The whole plan does not fit one 10-minute call: one call per group of workloads, each workload's
 lorakit and Unsloth runs in the same call (~8 minutes each; bench files of the last call only):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/usite .uns-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --models 8b --workloads fixed --only baseline,lorakit,unsloth,lk_no_dropout,unsloth_no_dropout --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .uns-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --models 8b --workloads fixed --only baseline,lorakit,unsloth,lk_no_dropout,unsloth_no_dropout --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
 
     ... --models 8b --workloads varied,long16k --only lorakit,unsloth --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
     ... --models 8b --workloads long32k --only lorakit,unsloth --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
