@@ -624,6 +624,10 @@ def child(args) -> None:
         import torch
 
         ballast = torch.empty(int(os.environ["LKBENCH_BALLAST"]), dtype=torch.uint8, device="cuda")  # noqa: F841
+        # the host memory the missing layers' offloaded inputs would take (both tools offload them at long rows),
+        # touched so that it is really taken (lorakit's plan reads the host's available memory)
+        host = int(os.environ.get("LKBENCH_HOST_BALLAST", "0"))
+        host_ballast = torch.ones(host, dtype=torch.uint8) if host else None  # noqa: F841
     mem_log = memory_by_step(args.device)
     w = warmup(args.workload)
     if os.environ.get("LKBENCH_SYNC_REPORT") and args.device == "cuda":
@@ -1052,7 +1056,10 @@ def probe(args, me: list[str], log: Path, model: str, run: str, length: int, bal
     pos = log.stat().st_size if log.exists() else 0
     cmd = me + ["--child", "variant", "--model", model, "--workload", workload, "--run", run, "--steps",
                 str(PROBE_STEPS), "--result", str(rf), "--device", args.device]
-    rc, dt = sh(cmd, log, timeout, {"LKBENCH_BALLAST": str(ballast), **(uns or {})}, uns and WORK / "uns-cwd")
+    shape = SHAPES[model.split("-")[0]]  # the probe model "8b-2l": the 8B shape with 2 layers
+    host = (shape["num_hidden_layers"] - args.probe_layers) * length * shape["hidden_size"] * 2
+    rc, dt = sh(cmd, log, timeout, {"LKBENCH_BALLAST": str(ballast), "LKBENCH_HOST_BALLAST": str(host),
+                                    **(uns or {})}, uns and WORK / "uns-cwd")
     with open(log, "rb") as f:
         f.seek(pos)
         tail = f.read().decode("utf-8", "replace")
