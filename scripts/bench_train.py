@@ -623,7 +623,10 @@ def child(args) -> None:
     if int(os.environ.get("LKBENCH_BALLAST", "0")) and args.device == "cuda":  # --max-context: the missing layers
         import torch
 
-        ballast = torch.empty(int(os.environ["LKBENCH_BALLAST"]), dtype=torch.uint8, device="cuda")  # noqa: F841
+        gpu = int(os.environ["LKBENCH_BALLAST"])
+        if os.environ.get("LKBENCH_GPU_GIB"):  # a larger card stands in for one of --gpu-gib GiB
+            gpu += max(0, torch.cuda.get_device_properties(0).total_memory - int(float(os.environ["LKBENCH_GPU_GIB"]) * 2**30))
+        ballast = torch.empty(gpu, dtype=torch.uint8, device="cuda")  # noqa: F841
         # the host memory the missing layers' offloaded inputs would take (both tools offload them at long rows),
         # touched so that it is really taken (lorakit's plan reads the host's available memory)
         host = int(os.environ.get("LKBENCH_HOST_BALLAST", "0"))
@@ -879,6 +882,8 @@ def main() -> None:
                          "--only), written to OUT/max_context.json and .md")
     ap.add_argument("--probe-layers", type=int, default=2, help="--max-context: layers of the probe model")
     ap.add_argument("--probe-start", type=int, default=32768, help="--max-context: first row length, then doubled")
+    ap.add_argument("--gpu-gib", type=float, default=None,
+                    help="--max-context: hold the rest of a larger GPU so that it fits like one of this many GiB")
     ap.add_argument("--probe-max", type=int, default=1 << 20, help="--max-context: longest row tried")
     ap.add_argument("--resolution", type=int, default=8192, help="--max-context: bisect to this many tokens")
     ap.add_argument("--bisect", default=None, metavar="LO,HI",
@@ -1058,7 +1063,8 @@ def probe(args, me: list[str], log: Path, model: str, run: str, length: int, bal
                 str(PROBE_STEPS), "--result", str(rf), "--device", args.device]
     shape = SHAPES[model.split("-")[0]]  # the probe model "8b-2l": the 8B shape with 2 layers
     host = (shape["num_hidden_layers"] - args.probe_layers) * length * shape["hidden_size"] * 2
-    rc, dt = sh(cmd, log, timeout, {"LKBENCH_BALLAST": str(ballast), "LKBENCH_HOST_BALLAST": str(host),
+    gib = {"LKBENCH_GPU_GIB": str(args.gpu_gib)} if args.gpu_gib else {}
+    rc, dt = sh(cmd, log, timeout, {"LKBENCH_BALLAST": str(ballast), "LKBENCH_HOST_BALLAST": str(host), **gib,
                                     **(uns or {})}, uns and WORK / "uns-cwd")
     with open(log, "rb") as f:
         f.seek(pos)
@@ -1092,7 +1098,7 @@ def max_context(args, me: list[str], log: Path, out: Path, start: float) -> None
     full, n = SHAPES[base]["num_hidden_layers"], args.probe_layers
     model = f"{base}-{n}l"
     info: dict = {"versions": versions(), "device": args.device, "shape": NAMES[base], "probe_layers": n, "full_layers": full,
-                  "probe_steps": PROBE_STEPS, "resolution": args.resolution,
+                  "probe_steps": PROBE_STEPS, "resolution": args.resolution, "gpu_gib": args.gpu_gib,
                   "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
         rate_file = WORK / "rate.json"
@@ -1174,7 +1180,10 @@ def write_max_context(out: Path, doc: dict) -> None:
              f" MiB of NF4 weights + {info.get('layer_lora_bytes', 0) / 2**20:.2f} MiB of LoRA state; "
              f"{info.get('ballast_from', '-')}). Valid only where a layer's GPU memory "
              f"does not grow with the row (its checkpoint in host memory): check the peaks and options in "
-             f"max_context.json. Peaks include the ballast.", ""]
+             f"max_context.json. Peaks include the ballast. Host memory: the missing layers' offloaded inputs "
+             f"(layers x tokens x hidden x 2 bytes) are held too."
+             + (f" The GPU is held down to {info['gpu_gib']:.0f} GiB (the rest of the card taken before loading)."
+                if info.get("gpu_gib") else ""), ""]
     if info.get("error"):
         lines += [f"Error: {info['error']}", ""]
     lines += ["| run | longest row that trains | shortest that failed | note |", "|---|---|---|---|"]
