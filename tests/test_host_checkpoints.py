@@ -82,6 +82,20 @@ def test_the_first_layer_trains_although_the_embeddings_are_frozen():
     assert first and all(g is not None and g.abs().sum() > 0 for g in first)
 
 
+def test_checkpointing_turned_off_and_on_again_still_offloads():
+    """TRL's GRPO generation disables the model's checkpointing and enables it again (transformers' own function
+    comes back): the layers offload again from their next forward."""
+    ids = torch.randint(0, 300, (1, 8), device=DEVICE)
+    pm = _model(layers=2)
+    checkpointing.apply_to_model(pm, speed.Plan(gradient_checkpointing=True, offload_activations=True))
+    store = host_checkpoints.find(pm).store
+    base = pm.get_base_model()
+    base.gradient_checkpointing_disable()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert store.packed == 2 and host_checkpoints.find(pm).store is store
+
+
 def test_no_grad_and_eval_forwards_offload_nothing():
     ids = torch.randint(0, 300, (1, 8), device=DEVICE)
     pm = _model(layers=2)

@@ -154,11 +154,20 @@ class OffloadingCheckpoint:
 def enable(layers: list, inner: Callable | None = None) -> OffloadingCheckpoint:
     """Offload the inputs of the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances):
     their checkpointing function becomes an OffloadingCheckpoint around `inner` (default: the reentrant
-    checkpoint). Checkpointing itself stays on (lorakit.speed.checkpointing.set_checkpointing)."""
+    checkpoint), and stays it when checkpointing is turned off and on again. Checkpointing itself stays on
+    (lorakit.speed.checkpointing.set_checkpointing)."""
     off = OffloadingCheckpoint(inner or reentrant_checkpoint)
+
+    def keep(layer: Any, args: Any) -> None:
+        # TRL's generation turns the model's checkpointing off and on again (GRPO), which installs transformers'
+        # own function: put this one back before the layer runs
+        if layer.gradient_checkpointing and layer._gradient_checkpointing_func is not off:
+            layer._gradient_checkpointing_func = off
+
     for layer in layers:
         if layer.gradient_checkpointing:
             layer._gradient_checkpointing_func = off
+            layer.register_forward_pre_hook(keep)
     return off
 
 
