@@ -527,6 +527,11 @@ def lorakit(args) -> dict:
 
     recipe = lorakit_recipe(args.model, args.workload, args.run, args.steps, args.device, WORK / "runs")
     out: dict = {"recipe": recipe.model_dump(mode="json")}
+    with contextlib.suppress(Exception):  # `lorakit estimate`'s forecast of this run, beside what it measures
+        from lorakit.estimate.memory import estimate
+
+        m = estimate(recipe, device=args.device)["memory"]
+        out["estimate_gib"] = {k: round(m[k + "_bytes"] / 2**30, 3) for k in ("reserved_peak", "allocated_peak")}
     try:
         summary = run_training(recipe, overwrite=True, console=PlainConsole())
         out["options"] = summary["options"]
@@ -1242,19 +1247,26 @@ def _f(x, d=2, suffix=""):
 
 
 HEADER = ("| model | workload | run | tok/s | vs baseline | vs baseline_peft | vs unsloth | step ms | peak alloc GiB "
-          "| mem vs unsloth | peak reserved GiB | loss max rel diff | ratio to limit | checkpointing; levers |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| mem vs unsloth | peak reserved GiB | estimate (vs reserved) | loss max rel diff | ratio to limit "
+          "| checkpointing; levers |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _estimate(r: dict) -> str:
+    """`lorakit estimate`'s reserved peak for a lorakit run and its error against the measured one."""
+    e, m = (r.get("estimate_gib") or {}).get("reserved_peak"), r.get("peak_reserved_gib")
+    return "-" if not e or not m else f"{e:.2f} ({100 * (e / m - 1):+.0f}%)"
 
 
 def row(r: dict) -> str:
     if "tokens_per_s" not in r:
-        return f"| {r['model']} | {r['workload']} | {r['run']} | {r.get('error', 'failed')} | | | | | | | | | | |"
+        return f"| {r['model']} | {r['workload']} | {r['run']} | {r.get('error', 'failed')} | | | | | | | | | | | |"
     loss = (f"{r['loss_max_rel_diff']:.4f} ({r['loss_steps_compared']} steps)" if "loss_max_rel_diff" in r else "-")
     err = " (run error: see JSON)" if r.get("run_error") or r.get("lorakit_error") else ""
     return (f"| {r['model']} | {r['workload']} | {r['run']}{err} | {r['tokens_per_s']:.0f} "
             f"| {_f(r.get('vs_baseline'), 2, 'x')} | {_f(r.get('vs_baseline_peft'), 2, 'x')} "
             f"| {_f(r.get('vs_unsloth'), 2, 'x')} | {r['step_ms']:.0f} | {_f(r.get('peak_alloc_gib'))} "
-            f"| {_f(r.get('mem_vs_unsloth'), 2, 'x')} | {_f(r.get('peak_reserved_gib'))} | {loss} "
+            f"| {_f(r.get('mem_vs_unsloth'), 2, 'x')} | {_f(r.get('peak_reserved_gib'))} | {_estimate(r)} | {loss} "
             f"| {_f(r.get('ratio_to_limit'))} | {r.get('checkpointing', '-')}"
             f"{'; ' + r['levers'] if r.get('levers') else ''} |")
 
