@@ -358,8 +358,15 @@ def test_grpo_estimate_uses_prompt_plus_completion_and_the_generation_phase():
     # Llama-3.1-8B: 32 layers x 2 x 8 kv heads x 128 x bf16 = 128 KiB per token of KV cache
     assert big["generation_bytes"] - small["generation_bytes"] == (512 - 8) * (256 * 128 * 1024 + 128_256 * 8)
     assert big["peak_bytes"] > small["peak_bytes"]  # 512 x 256 tokens of cache outgrow the training step
+    # each phase is reported, and the allocated peak is the largest: training here, generation with 512 sequences
+    assert set(small["phases_bytes"]) == {"generation", "scoring", "training"}
+    assert small["peak_phase"] == "training" and big["peak_phase"] == "generation"
+    for m in (small, big):
+        assert m["allocated_peak_bytes"] == max(m["phases_bytes"].values()) == m["phases_bytes"][m["peak_phase"]]
+        assert m["phases_bytes"]["scoring"] < m["phases_bytes"]["training"]  # nothing kept for a backward
     sft = estimate(_recipe())
     assert sft["memory"]["generation_bytes"] == 0 and sft["setup"]["generation_batch"] == 0
+    assert sft["memory"]["phases_bytes"] == {} and sft["memory"]["peak_phase"] == "training"
 
 
 def test_more_checkpointed_layers_than_the_model_has_is_an_input_error():

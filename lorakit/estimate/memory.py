@@ -220,6 +220,15 @@ def generation_bytes(shape: ModelShape, s: Setup) -> int:
     return int(kv + s.gen_batch * shape.vocab * 4 * 2)
 
 
+def scoring_bytes(shape: ModelShape, s: Setup, c: Constants, t: dict) -> int:
+    """GRPO's scoring phase: per-token log-probs of the generation batch without grad (the policy's, and the
+    reference's with the adapter disabled), in micro-batches of the training batch: one layer's transient working
+    set (nothing is kept between layers), the residual stream, and the LM head's tile and per-token outputs."""
+    tokens = s.batch * s.seq
+    _, head = loss_terms(shape, s, c)
+    return int(tokens * (t["layer"] + 2 * t["resid_bytes"] * shape.hidden) + head)
+
+
 def loss_terms(shape: ModelShape, s: Setup, c: Constants) -> tuple[int, int]:
     """(bytes saved for backward at the LM head, transient bytes while the loss is computed / differentiated).
 
@@ -289,8 +298,12 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
     static = weights + adapter + gradients + (0 if paged else opt)
     allocated = int(static + peak_act + dequant + c.workspace_bytes)
     generation = generation_bytes(shape, s)
-    if generation:  # GRPO generates with the gradients freed; the larger of the two phases is the peak
-        allocated = max(allocated, int(weights + adapter + (0 if paged else opt) + generation + c.workspace_bytes))
+    phases = {}
+    if generation:  # GRPO: generation, scoring (log-probs without grad) and training; the largest is the peak
+        held = weights + adapter + (0 if paged else opt) + dequant + c.workspace_bytes
+        phases = {"generation": int(held + generation), "scoring": int(held + scoring_bytes(shape, s, c, t)),
+                  "training": allocated}
+        allocated = max(phases.values())
     full_logits = not (s.liger or s.fused_lm_head)
     cached = tokens * shape.vocab * c.logits_cached_bytes_per_elem if full_logits else 0
     # with graphs the regular pool still caches the working set of the eager warm-up steps beside the graphs'
@@ -303,6 +316,7 @@ def memory(shape: ModelShape, lora, targets: list[str], modules_to_save: list[st
         "optimizer_bytes": int(opt), "activations_bytes": int(activations + dequant),
         "logits_bytes": int(logits), "overhead_bytes": int(overhead), "peak_bytes": int(peak),
         "allocated_peak_bytes": allocated, "reserved_peak_bytes": reserved, "generation_bytes": int(generation),
+        "phases_bytes": phases, "peak_phase": max(phases, key=phases.get) if phases else "training",
         "cuda_graphs_bytes": int(graphs),
         "host_checkpoints_bytes": int(tokens * k * t["checkpointed_layer"]) if s.offload_activations else 0,
         "activations_per_token_per_layer": int(full_layer), "checkpointed_per_token_per_layer":

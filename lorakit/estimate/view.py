@@ -88,7 +88,10 @@ def _memory_table(result: dict) -> Table:
     t.add_row("logits + loss", human(m["logits_bytes"]), "")
     if m.get("generation_bytes"):
         t.add_row("generation (GRPO)", human(m["generation_bytes"]),
-                  f"KV cache of {s['generation_batch']} sequences; the peak is the larger phase")
+                  f"KV cache of {s['generation_batch']} sequences")
+        ph = m.get("phases_bytes") or {}
+        t.add_row("GRPO phases (allocated)", ", ".join(f"{k} {human(v)}" for k, v in ph.items()),
+                  f"the peak is {m.get('peak_phase')}")
     t.add_row("runtime overhead", human(m["overhead_bytes"]), "CUDA context, workspaces, allocator cache")
     t.add_row("peak", human(m["peak_bytes"]), f"torch reserved {human(m['reserved_peak_bytes'])}, allocated "
               f"{human(m['allocated_peak_bytes'])}", style="bold")
