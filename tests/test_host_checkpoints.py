@@ -16,6 +16,7 @@ from lorakit.speed import checkpointing, host_checkpoints, layer_graphs
 from lorakit.speed.planning import offload_activations
 
 CUDA = torch.cuda.is_available()
+GIB = 1024**3
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -132,20 +133,37 @@ def _recipe(**train):
                           "quantization": {"bits": 4}, "train": {"batch_size": 2, **train}})
 
 
-def test_auto_offloads_where_the_layers_hide_the_copies():
+def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide_the_copies():
     r = _recipe()
     every = {"gradient_checkpointing": True, "checkpoint_layers": None}
-    assert offload_activations(r, every, MODEL_8B, "cuda", host_bytes=64 << 30)[0]
-    on, why = offload_activations(r, every, MODEL_135M, "cuda", host_bytes=64 << 30)
+    est = {"model": MODEL_8B, "peak_bytes_layer_inputs_on_gpu": 30 * GIB}
+    on, why = offload_activations(r, every, est, "cuda", host_bytes=64 * GIB, limit_bytes=24 * GIB)
+    assert on and "30.0 GiB with the layer inputs on the GPU > 24.0 GiB" in why
+    assert not offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=32 * GIB)[0]  # fits as it is
+    assert not offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=None)[0]  # the GPU is not known
+    small = {**est, "model": MODEL_135M}
+    on, why = offload_activations(r, every, small, "cuda", 64 * GIB, 24 * GIB)
     assert not on and "too small" in why
-    assert not offload_activations(r, every, MODEL_8B, "cpu")[0]
-    assert not offload_activations(r, {"gradient_checkpointing": True, "checkpoint_layers": 4}, MODEL_8B, "cuda")[0]
+    assert not offload_activations(r, every, est, "cpu", 64 * GIB, 24 * GIB)[0]
+    partial = {"gradient_checkpointing": True, "checkpoint_layers": 4}
+    assert not offload_activations(r, partial, est, "cuda", 64 * GIB, 24 * GIB)[0]
     # 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB pinned: not with 1 GiB of host memory free
-    on, why = offload_activations(r, every, MODEL_8B, "cuda", host_bytes=1 << 30)
+    on, why = offload_activations(r, every, est, "cuda", host_bytes=GIB, limit_bytes=24 * GIB)
     assert not on and "host" in why
-    forced = _recipe(offload_activations=True)
-    assert offload_activations(forced, every, MODEL_135M, "cuda")[0]
-    assert not offload_activations(_recipe(offload_activations=False), every, MODEL_8B, "cuda")[0]
+    assert offload_activations(_recipe(offload_activations=True), every, {}, "cuda")[0]
+    assert not offload_activations(_recipe(offload_activations=False), every, est, "cuda", 64 * GIB, 24 * GIB)[0]
+
+
+def test_the_estimate_and_train_plan_offloading_for_a_row_that_needs_it():
+    from lorakit.estimate.max_context import at_length
+    from lorakit.estimate.memory import estimate
+
+    long = at_length(_recipe(), 200_000)
+    fits = estimate(long, device="cuda", device_bytes=80 * GIB)
+    assert fits["setup"]["offload_activations"] and fits["memory"]["peak_bytes"] <= 80 * GIB
+    assert fits["peak_bytes_layer_inputs_on_gpu"] > 80 * GIB > fits["peak_bytes_offloaded"]
+    assert not estimate(_recipe(), device="cuda", device_bytes=80 * GIB)["setup"]["offload_activations"]
+    assert speed.plan(long, "cuda", fits, device_bytes=80 * GIB, host_bytes=float("inf")).offload_activations
 
 
 def test_offloading_without_checkpointing_is_a_recipe_error():

@@ -11,7 +11,6 @@ from lorakit.estimate.max_context import at_length
 from lorakit.estimate.memory import estimate
 from lorakit.recipe.loader import validate_data
 from lorakit.speed import checkpointing, tiled_mlp
-from lorakit.speed.planning import TILED_MLP_MIN_TOKENS
 
 
 def _model(p: float = 0.0, fused: bool = True):
@@ -98,10 +97,13 @@ def _recipe(tokens: int, **train):
     return at_length(r, tokens)
 
 
-def test_auto_tiles_long_micro_batches_only_and_the_estimate_counts_a_slice():
-    assert speed.plan(_recipe(TILED_MLP_MIN_TOKENS), "cuda").tiled_mlp
-    assert not speed.plan(_recipe(TILED_MLP_MIN_TOKENS // 2), "cuda").tiled_mlp
-    assert not speed.plan(_recipe(TILED_MLP_MIN_TOKENS), "cpu").tiled_mlp
+def test_auto_tiles_rows_that_would_not_fit_otherwise_and_the_estimate_counts_a_slice():
+    gpu = 80 * 1024**3
+    long = estimate(_recipe(600_000), device="cuda", device_bytes=gpu)
+    assert long["setup"]["tiled_mlp"] and long["setup"]["offload_activations"]
+    assert long["peak_bytes_offloaded"] > gpu >= long["memory"]["peak_bytes"]
+    assert not estimate(_recipe(200_000), device="cuda", device_bytes=gpu)["setup"]["tiled_mlp"]  # fits whole
+    assert not estimate(_recipe(600_000), device="cuda")["setup"]["tiled_mlp"]  # the GPU is not known
     assert speed.plan(_recipe(2048, tiled_mlp=True), "cpu").tiled_mlp
     long_on, long_off = (estimate(_recipe(131072, tiled_mlp=v), device="cuda")["memory"] for v in (True, False))
     # the MLP's operands and gradients (~100 KiB a token here) for 8k tokens instead of 128k

@@ -1,8 +1,9 @@
 """`lorakit estimate --max-context`: the longest row an SFT recipe trains at batch 1 within a memory budget.
 
 The answer is the estimate's own: for each candidate length the recipe is planned and forecast as `lorakit
-train` would run it at batch 1 (the levers can change with the length: CUDA graphs' pool, activation
-offloading's host memory, where known), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
+train` would run it at batch 1 on a GPU of the budget's size (the levers can change with the length: CUDA
+graphs' pool; offloaded layer inputs and the tiled MLP where the row would not fit without them, within the
+host's memory where known), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
 multiple of RESOLUTION. No torch: the budget is a number (a GPU name's memory, or --budget).
 """
 
@@ -42,7 +43,8 @@ def longest_row(recipe, *, budget_bytes: int, device: str = "cuda", host_bytes: 
 
     def forecast(tokens: int) -> dict:
         if tokens not in cache:
-            cache[tokens] = estimate(at_length(recipe, tokens), device=device, host_bytes=host_bytes)
+            cache[tokens] = estimate(at_length(recipe, tokens), device=device, host_bytes=host_bytes,
+                                     device_bytes=budget_bytes)
         return cache[tokens]
 
     def fits(tokens: int) -> bool:

@@ -343,20 +343,22 @@ def _frozen_bytes(s: Setup) -> int:
 
 
 def _plan(recipe, device: str, estimate_result: dict | None = None, budget_bytes: int | None = None,
-          lengths: list[int] | None = None, host_bytes: float | None = float("inf")) -> Plan:
+          lengths: list[int] | None = None, host_bytes: float | None = float("inf"),
+          device_bytes: int | None = None) -> Plan:
     """The speed plan for a run on `device`, planned without probing this machine: a CUDA target is taken to be
     bf16-capable, with Liger where liger-kernel is installed. `estimate_result` / `budget_bytes`: budget mode's
     inputs; `host_bytes`: the host memory offloaded checkpoints may use (see lorakit.speed.planning; by default not
-    a limit: the GPU machine's memory is not this one's)."""
+    a limit: the GPU machine's memory is not this one's); `device_bytes`: the GPU's memory, where known."""
     if device != "cuda":
         return speed.plan(recipe, device, lengths=lengths)
     q = recipe.quantization.compute_dtype
     return speed.plan(recipe, device, estimate_result, budget_bytes=budget_bytes,
                       compute_dtype="bf16" if q == "auto" else q, liger_ok=_liger_installed(), lengths=lengths,
-                      host_bytes=host_bytes)
+                      host_bytes=host_bytes, device_bytes=device_bytes)
 
 
-def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandable_segments: bool = False) -> Plan:
+def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandable_segments: bool = False,
+             device_bytes: int | None = None) -> Plan:
     """The Plan `lorakit train` runs with: decided by lorakit.speed.planning from this module's memory figures where
     a choice depends on memory (budget mode, CUDA graphs' fit), the same figures `lorakit estimate` shows.
 
@@ -365,6 +367,7 @@ def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandabl
         device: the device this machine trains on.
         lengths: the training rows' token counts (see lorakit.speed.planning.plan).
         expandable_segments: whether the CUDA allocator grows segments in place (recorded in the Plan).
+        device_bytes: the memory of this machine's GPU (what the run must fit).
 
     Returns:
         The run's Plan.
@@ -372,10 +375,11 @@ def run_plan(recipe, device: str, *, lengths: list[int] | None = None, expandabl
     est = None
     if speed.needs_estimate(recipe, device):
         try:
-            est = estimate(recipe, device=device)
+            est = estimate(recipe, device=device, host_bytes=None, device_bytes=device_bytes)
         except LorakitError as e:  # the model load reports recipe problems with their lines; here: fall back
             est = {"error": f"memory estimate failed ({e.message})"}
-    return speed.plan(recipe, device, est, lengths=lengths, expandable_segments=expandable_segments)
+    return speed.plan(recipe, device, est, lengths=lengths, expandable_segments=expandable_segments,
+                      device_bytes=device_bytes)
 
 
 def _setup(recipe, device: str, levers: Plan) -> Setup:
@@ -469,9 +473,10 @@ def _fits(shape, lora, targets, mts, params, base: Setup, budget: int) -> dict:
 
 
 def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, gpu: str | None = None,
-             host_bytes: float | None = float("inf")) -> dict:
+             host_bytes: float | None = float("inf"), device_bytes: int | None = None) -> dict:
     """Parameters, memory breakdown, artifacts and (with a budget) a verdict for `recipe` on `device`;
-    `host_bytes`: the host memory offloaded checkpoints may use (None: this machine's; default: no limit)."""
+    `host_bytes`: the host memory offloaded checkpoints may use (None: this machine's; default: no limit);
+    `device_bytes`: the GPU's memory, the run planned to fit it (default: the budget's, or `gpu`'s)."""
     with located(recipe):
         shape = load_shape(recipe.base_model, revision=recipe.model.revision,
                            trust_remote_code=recipe.model.trust_remote_code)
@@ -480,8 +485,9 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         check_checkpoint_layers(shape, recipe.train)
     if gpu and budget_bytes is None:
         budget_bytes = gpu_bytes(gpu)
+    device_bytes = device_bytes or budget_bytes
     params = count_params(shape, recipe.lora, targets, mts)
-    levers = _plan(recipe, device, {"model": shape.summary()}, host_bytes=host_bytes)  # what the shape decides
+    levers = _plan(recipe, device, {"model": shape.summary()}, host_bytes=host_bytes)  # without memory figures
     s = _setup(recipe, device, levers)
 
     def peak_with(key: str = "peak_bytes", **kw) -> int:
@@ -499,9 +505,16 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                   "allocated_bytes_checkpointed": peak_with(alloc, checkpointing=True, checkpoint_layers=None,
                                                             cuda_graphs=False),
                   "allocated_bytes_graphs_offloaded": None if shape.tie_word_embeddings else peak_with(
-                      alloc, checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True)}
+                      alloc, checkpointing=True, checkpoint_layers=None, cuda_graphs=True, offload_embeddings=True),
+                  # what offloaded layer inputs and the tiled MLP are turned on for: the run not fitting otherwise
+                  "peak_bytes_layer_inputs_on_gpu": peak_with(checkpointing=True, checkpoint_layers=None,
+                                                              cuda_graphs=False, offload_activations=False,
+                                                              tiled_mlp=False),
+                  "peak_bytes_offloaded": peak_with(checkpointing=True, checkpoint_layers=None, cuda_graphs=False,
+                                                    offload_activations=True, tiled_mlp=False)}
     if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
-        levers = _plan(recipe, device, shape_info, host_bytes=host_bytes)  # budget, graphs: from these peaks
+        levers = _plan(recipe, device, shape_info, host_bytes=host_bytes,  # budget, graphs, offloading:
+                       device_bytes=device_bytes)  # chosen from these peaks
         s = _setup(recipe, device, levers)
     verdict = None
     if budget_bytes is not None:
@@ -534,6 +547,8 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         "peak_bytes_checkpointed_graphs": int(graphs_peak),
         "allocated_bytes_checkpointed": shape_info["allocated_bytes_checkpointed"],
         "allocated_bytes_graphs_offloaded": shape_info["allocated_bytes_graphs_offloaded"],
+        "peak_bytes_layer_inputs_on_gpu": shape_info["peak_bytes_layer_inputs_on_gpu"],
+        "peak_bytes_offloaded": shape_info["peak_bytes_offloaded"],
     }
 
 

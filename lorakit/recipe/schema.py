@@ -242,13 +242,15 @@ class TrainSection(Section):
     offload_activations: bool | Literal["auto"] = "auto"
     """Keep each checkpointed decoder layer's input in pinned host memory between the forward and its recompute
     (copied on a side stream, brought back one layer ahead): the GPU holds a couple of layers' checkpoints
-    instead of one per layer (same math). Needs gradient checkpointing. auto = on CUDA in one process with every
-    layer checkpointed, for models whose layers are large enough to hide the copies, while the pinned copies
-    take at most half of the host's available memory."""
+    instead of one per layer (same math). Needs gradient checkpointing. auto = where the run would not fit the GPU
+    (or memory_budget_gb) otherwise, on CUDA in one process with every layer checkpointed, for models whose
+    layers are large enough to hide the copies, while the pinned copies take at most 75% of the host's available
+    memory."""
     tiled_mlp: bool | Literal["auto"] = "auto"
     """Run each decoder layer's MLP over slices of 8192 tokens, keeping only its input for backward and
     recomputing one slice at a time there: no [tokens x intermediate] buffer is ever whole, for one more MLP
-    forward a step (same math). auto = on CUDA for SFT micro-batches of at least 65536 tokens."""
+    forward a step (same math). auto = on CUDA for SFT runs that would not fit the GPU (or memory_budget_gb)
+    with whole MLPs."""
     offload_embeddings: bool | Literal["auto"] = "auto"
     """Keep the input embedding table in host memory and copy each batch's rows to the GPU (the table's GPU
     memory freed; same math). For SFT in one process, with untied, frozen, plain embeddings. auto = exactly

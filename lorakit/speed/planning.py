@@ -12,9 +12,9 @@ rounding) and is a recipe option whose `auto` value `plan` resolves (docs/speed.
 - data.padding_free: flattened batches where padded ones would waste enough (lorakit.speed.padding).
 - model.attn_implementation: varlen attention for flattened batches on CUDA (lorakit.speed.varlen_attention),
   else sdpa.
-- train.offload_activations: the checkpointed layers' inputs in pinned host memory, copied on a side stream
-  (lorakit.speed.host_checkpoints), where a layer's compute hides the copy of its input.
-- train.tiled_mlp: each layer's MLP over slices of the sequence for long rows (lorakit.speed.tiled_mlp).
+- train.offload_activations / train.tiled_mlp: the checkpointed layers' inputs in pinned host memory, copied
+  on a side stream (lorakit.speed.host_checkpoints), and each layer's MLP over slices of the sequence
+  (lorakit.speed.tiled_mlp): under `auto` where the run would not fit the GPU or the budget otherwise.
 - train.cuda_graphs / train.offload_embeddings: the checkpointed layers replayed as CUDA graphs where they hold,
   pay and fit (lorakit.speed.layer_graphs), paid for by the input embeddings in host memory where needed.
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its frozen unquantized weights
@@ -51,11 +51,8 @@ PADDED_GRAPHS_MAX_PARAMS = 9_000_000_000
 # ~25 GB/s against ~400 TFLOP/s of bf16 matmuls the forward alone hides the copy where a layer has at least this
 # many parameters per unit of hidden size (a 1B or 8B Llama: ~30k / ~53k; SmolLM2-135M: ~6k, launch-bound).
 OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN = 16_000
-# train.tiled_mlp: slices of this many tokens (full-speed matmuls, small beside long rows); `auto` tiles micro-
-# batches of at least TILED_MLP_MIN_TOKENS tokens, where attention's share of a step is large enough that the extra
-# MLP forward costs little, and the MLP's [tokens x intermediate] buffers are what limits the row length.
+# train.tiled_mlp: slices of this many tokens (full-speed matmuls, small beside long rows).
 TILED_MLP_CHUNK_TOKENS = 8192
-TILED_MLP_MIN_TOKENS = 65536
 # The share of the host's available memory offloaded checkpoints may pin.
 OFFLOAD_MAX_HOST_SHARE = 0.75
 
@@ -210,18 +207,24 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def offload_activations(recipe: Any, p: dict, model: dict | None, device: str,
-                        host_bytes: float | None = None) -> tuple[bool, str]:
+def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, host_bytes: float | None = None,
+                        limit_bytes: int | None = None) -> tuple[bool, str]:
     """`train.offload_activations` resolved for plan `p`, with the reason for `auto`: the recipe's true/false, or
-    under auto on CUDA in one process with every layer checkpointed, where the model's layers hide the copies
-    (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN; `model`: the estimate's model summary) and the pinned copies of a
-    step take at most OFFLOAD_MAX_HOST_SHARE of the host's available memory (`host_bytes`; None: read it;
-    float("inf"): no limit)."""
+    under auto where the run would not fit `limit_bytes` (the budget or the GPU's memory) with the layer inputs on
+    the GPU (the estimate `est`'s `peak_bytes_layer_inputs_on_gpu`), on CUDA in one process with every layer
+    checkpointed, where the model's layers hide the copies (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN, from `est`'s
+    model summary) and the pinned copies of a step take at most OFFLOAD_MAX_HOST_SHARE of the host's available
+    memory (`host_bytes`; None: read it; float("inf"): no limit)."""
     v = recipe.train.offload_activations
     if v != "auto":
         return bool(v), "recipe"
+    est = est or {}
+    model = est.get("model")
     if device != "cuda" or launched() or not (p.get("gradient_checkpointing") and p.get("checkpoint_layers") is None):
         return False, ""
+    on_gpu = est.get("peak_bytes_layer_inputs_on_gpu")
+    if limit_bytes is None or on_gpu is None or on_gpu <= limit_bytes:
+        return False, ""  # fits as it is (or not known): the copies are not needed
     if not model or not model.get("num_layers") or not model.get("hidden") or not model.get("total_params"):
         return False, "auto: off (the model's shape is not known)"
     layers, hidden = model["num_layers"], model["hidden"]
@@ -236,17 +239,20 @@ def offload_activations(recipe: Any, p: dict, model: dict | None, device: str,
     if host is not None and pinned > OFFLOAD_MAX_HOST_SHARE * host:
         return False, (f"auto: off ({pinned / GIB:.1f} GiB of checkpoints > {OFFLOAD_MAX_HOST_SHARE:.0%} of the "
                        f"host's {host / GIB:.1f} GiB free)")
-    return True, "auto: on (the layers hide the copies)"
+    return True, (f"auto: on (estimated {on_gpu / GIB:.1f} GiB with the layer inputs on the GPU > "
+                  f"{limit_bytes / GIB:.1f} GiB)")
 
 
-def tiled_mlp(recipe: Any, device: str) -> bool:
-    """`train.tiled_mlp` resolved: the recipe's true/false, or under auto on CUDA for SFT micro-batches of at least
-    TILED_MLP_MIN_TOKENS tokens (batch_size x data.max_length)."""
+def tiled_mlp(recipe: Any, p: dict, est: dict | None, device: str, limit_bytes: int | None = None) -> bool:
+    """`train.tiled_mlp` resolved: the recipe's true/false, or under auto for CUDA SFT runs that would not fit
+    `limit_bytes` with whole MLPs (the estimate `est`'s peak with the layer inputs where plan `p` keeps them)."""
     v = recipe.train.tiled_mlp
     if v != "auto":
         return bool(v)
-    tokens = recipe.train.batch_size * recipe.data.max_length
-    return device == "cuda" and recipe.method == "sft" and tokens >= TILED_MLP_MIN_TOKENS
+    key = "peak_bytes_offloaded" if p.get("offload_activations") else "peak_bytes_layer_inputs_on_gpu"
+    whole = (est or {}).get(key)
+    return (device == "cuda" and recipe.method == "sft" and limit_bytes is not None and whole is not None
+            and whole > limit_bytes)
 
 
 def offload_embeddings(recipe: Any, p: dict) -> bool:
@@ -267,7 +273,7 @@ def offload_embeddings(recipe: Any, p: dict) -> bool:
 def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None, *,
          budget_bytes: int | None = None, compute_dtype: str | None = None, liger_ok: bool | None = None,
          lengths: list[int] | None = None, expandable_segments: bool = False,
-         host_bytes: float | None = None) -> Plan:
+         host_bytes: float | None = None, device_bytes: int | None = None) -> Plan:
     """Decide the speed levers of one run.
 
     Args:
@@ -284,6 +290,8 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         expandable_segments: whether the CUDA allocator grows segments in place for this run (recorded only).
         host_bytes: the host memory available to pin offloaded checkpoints; None: this machine's now;
             float("inf"): not a limit (planning for a machine whose memory is not known).
+        device_bytes: the memory of the GPU the run trains on, where known: offloaded layer inputs and the tiled
+            MLP are turned on under `auto` where the run would not fit it (or the budget) otherwise.
 
     Returns:
         The Plan.
@@ -316,13 +324,13 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
             p["graph_max_row"] = max(recipe.data.max_length, *lengths)  # no pad row longer than the longest row
             notes.append(f"speed: padding-free batches padded to {p['graph_length']} tokens for CUDA graphs "
                          f"({QUANTILE:.0%} of batches fit; longer ones run without)")
-    p["offload_activations"], why = offload_activations(recipe, p, (estimate_result or {}).get("model"), device,
-                                                        host_bytes)
+    limit = p.get("memory_budget_bytes") or device_bytes
+    p["offload_activations"], why = offload_activations(recipe, p, estimate_result, device, host_bytes, limit)
     if p["offload_activations"] and recipe.train.offload_activations == "auto":
         p["checkpointing_reason"] += "; layer inputs in host memory"
     elif "host" in why:  # the one case a user may not expect: the host's memory ruled it out
         notes.append(f"speed: layer inputs stay on the GPU{why[len('auto: off'):]}")
-    p["tiled_mlp"] = tiled_mlp(recipe, device)
+    p["tiled_mlp"] = tiled_mlp(recipe, p, estimate_result, device, limit)
     p["offload_embeddings"] = offload_embeddings(recipe, p)
     p["offload_embeddings_required"] = recipe.train.offload_embeddings is True
     if graphs == "auto" and p["cuda_graphs"]:

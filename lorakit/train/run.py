@@ -29,7 +29,7 @@ from lorakit.estimate.memory import run_plan
 from lorakit.merge import merge_adapter
 from lorakit.model.load import describe_params, load_training_model, load_training_tokenizer
 from lorakit.recipe.loader import located, output_dir, recipe_dir, to_resolved_yaml
-from lorakit.runtime.device import cpu_threads, pick_device
+from lorakit.runtime.device import cpu_threads, local_gpu, pick_device
 from lorakit.runtime.distributed import describe as describe_world
 from lorakit.runtime.distributed import is_main_process, wait_for_everyone, world_size
 from lorakit.runtime.quiet import quiet_libraries
@@ -247,7 +247,9 @@ def run_training(recipe, *, overwrite: bool = False, resume: str | bool | None =
         # brings) is settled on the real rows before the model loads with that attention
         tokenizer, base_dir = load_training_tokenizer(recipe)
         prepared = _prepare_data(recipe, tokenizer)
-        plan = run_plan(recipe, device, lengths=_row_lengths(prepared), expandable_segments=segments)
+        gpu = local_gpu() if device == "cuda" else None  # (name, memory): what the run must fit
+        plan = run_plan(recipe, device, lengths=_row_lengths(prepared), expandable_segments=segments,
+                        device_bytes=gpu[1] if gpu else None)
         for note in plan.notes:
             out.print(note)
         recipe = _settled(recipe, plan)
