@@ -229,7 +229,7 @@ def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json
     """`estimate --max-context`: the longest row at batch 1 within the budget, --gpu's memory or the local GPU's."""
     from lorakit.estimate.max_context import longest_row  # the command's module: loaded when it runs
     from lorakit.estimate.memory import gpu_bytes
-    from lorakit.estimate.view import human
+    from lorakit.estimate.view import human, levers
 
     where = f"a {human(budget_bytes)} budget" if budget_bytes else None
     host: float | None = float("inf")  # another machine's host memory: not known, not a limit
@@ -252,16 +252,12 @@ def _max_context(r, budget_bytes: int | None, gpu: str | None, device: str, json
     if not result["max_context"]:
         c.print(f"No row fits {where} at batch 1: the weights and state alone exceed it.", highlight=False)
         return
-    s = result["setup"]
-    levers = ", ".join(name for key, name in (("offload_activations", "layer inputs in host memory"),
-                                                ("tiled_mlp", "tiled MLP"), ("cuda_graphs", "CUDA graphs"),
-                                                ("liger", "Liger"))
-                       if s.get(key))
+    on = ", ".join(levers(result["setup"]))
     more = " (the search's limit)" if result["limited_by"] == "search limit" else ""
     pinned = result["memory"]["host_checkpoints_bytes"]
     c.print(f"Longest row at batch 1 on {where} ({human(result['budget_bytes'])}): "
             f"{result['max_context']:,} tokens{more}; estimated peak {human(result['peak_bytes'])}"
-            + (f" with {levers}" if levers else "")
+            + (f" with {on}" if on else "")
             + (f"; the layer inputs take {human(pinned)} of pinned host memory" if pinned else "") + ".",
             highlight=False)
 

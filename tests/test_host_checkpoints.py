@@ -136,7 +136,8 @@ def _recipe(**train):
 def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide_the_copies():
     r = _recipe()
     every = {"gradient_checkpointing": True, "checkpoint_layers": None}
-    est = {"model": MODEL_8B, "peak_bytes_layer_inputs_on_gpu": 30 * GIB}
+    # 32 layers x 4096 tokens x 4096 x 2 bytes: 1 GiB pinned (the estimate's host_checkpoints_bytes)
+    est = {"model": MODEL_8B, "peak_bytes_layer_inputs_on_gpu": 30 * GIB, "host_checkpoints_bytes_offloaded": GIB}
     on, why = offload_activations(r, every, est, "cuda", host_bytes=64 * GIB, limit_bytes=24 * GIB)
     assert on and "30.0 GiB with the layer inputs on the GPU > 24.0 GiB" in why
     assert not offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=32 * GIB)[0]  # fits as it is
@@ -147,7 +148,7 @@ def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide
     assert not offload_activations(r, every, est, "cpu", 64 * GIB, 24 * GIB)[0]
     partial = {"gradient_checkpointing": True, "checkpoint_layers": 4}
     assert not offload_activations(r, partial, est, "cuda", 64 * GIB, 24 * GIB)[0]
-    # 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB pinned: not with 1 GiB of host memory free
+    # 1 GiB pinned: not with 1 GiB of host memory free
     on, why = offload_activations(r, every, est, "cuda", host_bytes=GIB, limit_bytes=24 * GIB)
     assert not on and "host" in why
     assert offload_activations(_recipe(offload_activations=True), every, {}, "cuda")[0]

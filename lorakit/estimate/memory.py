@@ -511,7 +511,9 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
                                                               cuda_graphs=False, offload_activations=False,
                                                               tiled_mlp=False),
                   "peak_bytes_offloaded": peak_with(checkpointing=True, checkpoint_layers=None, cuda_graphs=False,
-                                                    offload_activations=True, tiled_mlp=False)}
+                                                    offload_activations=True, tiled_mlp=False),
+                  "host_checkpoints_bytes_offloaded": peak_with("host_checkpoints_bytes", checkpointing=True,
+                                                                checkpoint_layers=None, offload_activations=True)}
     if device == "cuda" and recipe.train.gradient_checkpointing == "auto":
         levers = _plan(recipe, device, shape_info, host_bytes=host_bytes,  # budget, graphs, offloading:
                        device_bytes=device_bytes)  # chosen from these peaks
@@ -549,6 +551,7 @@ def estimate(recipe, *, device: str = "cuda", budget_bytes: int | None = None, g
         "allocated_bytes_graphs_offloaded": shape_info["allocated_bytes_graphs_offloaded"],
         "peak_bytes_layer_inputs_on_gpu": shape_info["peak_bytes_layer_inputs_on_gpu"],
         "peak_bytes_offloaded": shape_info["peak_bytes_offloaded"],
+        "host_checkpoints_bytes_offloaded": shape_info["host_checkpoints_bytes_offloaded"],
     }
 
 

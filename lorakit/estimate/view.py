@@ -40,25 +40,30 @@ def _modules_table(result: dict) -> Table:
     return t
 
 
+_LEVERS = (("liger", "liger"), ("fused_lora", "fused LoRA"), ("lora_dropout_kernel", "LoRA dropout kernel"),
+           ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"),
+           ("offload_embeddings", "input embeddings in host memory"),
+           ("offload_activations", "layer inputs in host memory"), ("tiled_mlp", "tiled MLP"))
+
+
+def levers(setup: dict) -> list[str]:
+    """The names of the levers an estimate's `setup` has on, as the memory table's title shows them."""
+    on = [name for key, name in _LEVERS if setup.get(key)]
+    return on + ([f"frozen {setup['frozen_dtype']}"] if setup.get("frozen_dtype") else [])
+
+
 def _memory_table(result: dict) -> Table:
     m, s = result["memory"], result["setup"]
     bits = f"{s['bits']}-bit" if s["bits"] else "16/32-bit"
     k = s.get("checkpoint_layers")
     gc = ("on" if k is None else f"first {k} layers") if s["gradient_checkpointing"] else "off"
-    levers = [name for key, name in (("liger", "liger"), ("fused_lora", "fused LoRA"),
-                                     ("lora_dropout_kernel", "LoRA dropout kernel"),
-                                     ("fused_lm_head", "chunked LM head"), ("cuda_graphs", "CUDA graphs"),
-                                     ("offload_embeddings", "input embeddings in host memory"),
-                                     ("offload_activations", "layer inputs in host memory"))
-              if s.get(key)]
-    if s.get("frozen_dtype"):
-        levers.append(f"frozen {s['frozen_dtype']}")
+    on = levers(s)
     st = result.get("strategy")
     where = (f"per GPU, {st['name'].upper()} over {st['gpus']} GPUs" if st else f"on one {s['device']} device")
     seq = f"{s['seq_len']} (prompt + completion at most)" if s.get("method") == "grpo" else s["seq_len"]
     t = Table(title=(f"Memory {where}: {bits} base, batch {s['batch_size']} x seq {seq}, "
                      f"checkpointing {gc}, {s['optimizer']}, {s['attention']}"
-                     + "".join(f", {x}" for x in levers)), show_header=False, title_justify="left")
+                     + "".join(f", {x}" for x in on)), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     t.add_column(style="dim")

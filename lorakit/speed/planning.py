@@ -213,8 +213,8 @@ def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, hos
     under auto where the run would not fit `limit_bytes` (the budget or the GPU's memory) with the layer inputs on
     the GPU (the estimate `est`'s `peak_bytes_layer_inputs_on_gpu`), on CUDA in one process with every layer
     checkpointed, where the model's layers hide the copies (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN, from `est`'s
-    model summary) and the pinned copies of a step take at most OFFLOAD_MAX_HOST_SHARE of the host's available
-    memory (`host_bytes`; None: read it; float("inf"): no limit)."""
+    model summary) and the pinned copies of a step (`est`'s `host_checkpoints_bytes_offloaded`) take at most
+    OFFLOAD_MAX_HOST_SHARE of the host's available memory (`host_bytes`; None: read it; float("inf"): no limit)."""
     v = recipe.train.offload_activations
     if v != "auto":
         return bool(v), "recipe"
@@ -232,9 +232,7 @@ def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, hos
     per_layer = (model["total_params"] - embed) / layers
     if per_layer / hidden < OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN:
         return False, "auto: off (the layers are too small to hide the copies)"
-    rows = recipe.train.batch_size * (recipe.data.max_length if recipe.method == "sft"
-                                      else recipe.grpo.max_prompt_length + recipe.grpo.max_completion_length)
-    pinned = layers * rows * hidden * 2
+    pinned = est.get("host_checkpoints_bytes_offloaded") or 0
     host = host_available_bytes() if host_bytes is None else host_bytes
     if host is not None and pinned > OFFLOAD_MAX_HOST_SHARE * host:
         return False, (f"auto: off ({pinned / GIB:.1f} GiB of checkpoints > {OFFLOAD_MAX_HOST_SHARE:.0%} of the "
