@@ -44,7 +44,7 @@ class HostStore:
 
     def __init__(self) -> None:
         self._streams: dict = {}  # device -> side stream for the copies
-        self._last: _Stored | None = None  # the most recently packed, not yet unpacked
+        self._last: _Stored | None = None  # the most recently packed (a new step's first pack: already used)
         self.packed = 0  # tensors offloaded so far (the run's report)
         self.prefetched = 0  # unpacks whose copy back had started ahead of them
 
@@ -103,8 +103,6 @@ class HostStore:
         if s.prev is not None:
             self._fetch(s.prev)
             s.prev = None
-        if self._last is s:
-            self._last = None
         return t
 
 
