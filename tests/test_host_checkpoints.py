@@ -155,6 +155,14 @@ def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide
     assert not offload_activations(_recipe(offload_activations=False), every, est, "cuda", 64 * GIB, 24 * GIB)[0]
 
 
+def test_asking_for_offloading_where_nothing_is_checkpointed_says_so():
+    p = speed.plan(_recipe(offload_activations=True), "cpu")  # checkpointing auto: off on a CPU
+    assert not p.offload_activations and not p.gradient_checkpointing
+    assert any("offload_activations is off: no layer is checkpointed" in n for n in p.notes)
+    on = speed.plan(_recipe(offload_activations=True, gradient_checkpointing=True), "cpu")
+    assert on.offload_activations and not any("offload" in n for n in on.notes)
+
+
 def test_the_estimate_and_train_plan_offloading_for_a_row_that_needs_it():
     from lorakit.estimate.max_context import at_length
     from lorakit.estimate.memory import estimate

@@ -216,6 +216,8 @@ def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, hos
     model summary) and the pinned copies of a step (`est`'s `host_checkpoints_bytes_offloaded`) take at most
     OFFLOAD_MAX_HOST_SHARE of the host's available memory (`host_bytes`; None: read it; float("inf"): no limit)."""
     v = recipe.train.offload_activations
+    if v is True and not p.get("gradient_checkpointing"):  # checkpointing auto resolved off (a CPU)
+        return False, "off: no layer is checkpointed here (set train.gradient_checkpointing: true)"
     if v != "auto":
         return bool(v), "recipe"
     est = est or {}
@@ -328,6 +330,8 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         p["checkpointing_reason"] += "; layer inputs in host memory"
     elif "host" in why:  # the one case a user may not expect: the host's memory ruled it out
         notes.append(f"speed: layer inputs stay on the GPU{why[len('auto: off'):]}")
+    elif why.startswith("off:"):  # asked for, and nothing to offload
+        notes.append(f"speed: train.offload_activations is {why}")
     p["tiled_mlp"] = tiled_mlp(recipe, p, estimate_result, device, limit)
     p["offload_embeddings"] = offload_embeddings(recipe, p)
     p["offload_embeddings_required"] = recipe.train.offload_embeddings is True
