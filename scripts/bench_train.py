@@ -70,6 +70,8 @@ word-level tokenizer, writes the data files, then runs each variant in its own c
   the GPU); lk_adamw_fused:
   train.optimizer adamw_torch_fused (fp32 optimizer states; the default is paged 8-bit AdamW);
   lk_no_padding_free / lk_no_liger / lk_no_fused_lora: one lever off. X@prev: X with the code of --prev-code.
+  lk_offload: train.offload_activations true (each checkpointed layer's input in pinned host memory);
+  lk_offload_tiled: that and train.tiled_mlp true (auto turns both on only where a run would not fit otherwise).
 - unsloth: Unsloth's recipe as its docs show, in a child with `import unsloth` first: FastLanguageModel.from_pretrained
   (the same NF4 checkpoint, load_in_4bit, bf16, max_seq_length = the workload's rows), get_peft_model(r=16, alpha=32,
   dropout 0.05, the 7 linears, use_gradient_checkpointing="unsloth", random_state=42), TRL's SFTConfig/SFTTrainer
@@ -137,12 +139,14 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # Most important first - each 8B workload's lorakit and Unsloth runs, then the plain stack - so that a timeout still
 # leaves the headline numbers. (model, workload, run, steps)
 PLAN = [
-    ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20), ("8b", "fixed", "unsloth", 20),
+    ("8b", "fixed", "baseline", 20), ("8b", "fixed", "lorakit", 20), ("8b", "fixed", "lk_offload", 20),
+    ("8b", "fixed", "unsloth", 20),
     ("8b", "fixed", "lk_no_dropout", 12), ("8b", "fixed", "unsloth_no_dropout", 12),
     # varied: 30 steps (25 timed), the batches' lengths and the host's delays vary from step to step
     ("8b", "varied", "lorakit", 30), ("8b", "varied", "unsloth", 30),
-    ("8b", "long16k", "lorakit", 8), ("8b", "long16k", "unsloth", 8),
-    ("8b", "long32k", "lorakit", 8), ("8b", "long32k", "unsloth", 8),
+    ("8b", "long16k", "lorakit", 8), ("8b", "long16k", "lk_offload", 8), ("8b", "long16k", "unsloth", 8),
+    ("8b", "long32k", "lorakit", 8), ("8b", "long32k", "lk_offload", 8), ("8b", "long32k", "lk_offload_tiled", 8),
+    ("8b", "long32k", "unsloth", 8), ("8b", "varied", "lk_offload", 30),
     ("8b", "varied", "baseline", 30),
     ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
     ("1b", "varied", "baseline", 30), ("1b", "varied", "lorakit", 30),
@@ -499,6 +503,9 @@ def lorakit_recipe(model: str, workload: str, run: str, steps: int, device: str,
         train["optimizer"] = "adamw_torch_fused"
     if run in ("lk_graphs", "lk_no_graphs"):
         train["cuda_graphs"] = run == "lk_graphs"
+    if run in ("lk_offload", "lk_offload_tiled"):  # the memory levers that auto keeps for runs that would not fit
+        train["offload_activations"] = True
+        train["tiled_mlp"] = run == "lk_offload_tiled"
     attn = "auto"  # lorakit's default: varlen attention for padding-free batches on CUDA, else sdpa
     if run in ("lk_flex", "lk_sdpa"):  # padding-free with flex attention (masked blocks skipped) or sdpa (the L x L
         attn = run.removeprefix("lk_").replace("flex", "flex_attention")  # square): what varlen replaced
@@ -1344,7 +1351,9 @@ all-linear, sdpa, paged_adamw_8bit, lr 2e-4 constant, seed 42, same token ids in
   **lk_compile**: `train.torch_compile: true`; **lk_no_dropout**: `lora.dropout: 0` (what dropout costs: not the
   same recipe); **lk_graphs** / **lk_no_graphs**: `train.cuda_graphs: true` / `false` (checkpointed layers replayed
   as CUDA graphs, lorakit/speed/layer_graphs.py; asked for, they keep the embeddings on the GPU); **lk_adamw_fused**:
-  `train.optimizer: adamw_torch_fused`; **X@prev**: run X with the lorakit package of `--prev-code` (the code
+  `train.optimizer: adamw_torch_fused`; **lk_offload** / **lk_offload_tiled**: `train.offload_activations: true`
+  (each checkpointed layer's input in pinned host memory) / and `train.tiled_mlp: true` (auto turns them on only where
+  a run would not fit otherwise); **X@prev**: run X with the lorakit package of `--prev-code` (the code
   before a change, beside it).
 - **unsloth**: Unsloth's recipe as its docs show: `FastLanguageModel.from_pretrained(load_in_4bit=True, dtype=bf16,
   max_seq_length=the row length)` on the same checkpoint, `get_peft_model(r=16, lora_alpha=32, lora_dropout=0.05,
