@@ -96,5 +96,5 @@ def apply_to_model(model: Any, p: Plan, recorder: Any = None) -> dict:
         eager = host_checkpoints.reentrant_checkpoint if p.offload_activations else None
         inner = layer_graphs.enable(layers, recorder, eager) if graphs else eager
         if p.offload_activations:
-            host_checkpoints.enable(layers, inner)
+            host_checkpoints.enable(_unwrap(model), layers, inner)
     return done

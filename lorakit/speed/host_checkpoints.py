@@ -12,8 +12,9 @@ It runs the layer through a checkpoint function whose autograd node saves the la
 `torch.autograd.graph.saved_tensors_hooks`, whose pack hook offloads exactly that tensor (`HostStore.pack`) and
 whose unpack hook returns it (`HostStore.unpack`). Unpacking a layer's input starts the copy back of the
 layer before it (packed just before it, unpacked next). The GPU copy of a packed tensor is freed once its copy
-to the host has run (the allocator waits for the side stream: `record_stream`); host buffers come from torch's
-caching pinned-memory allocator, reused step after step.
+to the host has run (the allocator waits for the side stream: `record_stream`); a copy back is allocated on the
+compute stream, which frees it (its memory stays in that stream's pool); host buffers come from torch's caching
+pinned-memory allocator, reused step after step.
 On a CPU (tests) the same bookkeeping runs with plain copies and no streams.
 """
 
@@ -80,9 +81,15 @@ class HostStore:
             s.device_copy = s.host.to(s.device, copy=True)
             return
         side = self._stream(s.device)
+        current = torch.cuda.current_stream(s.device)
+        # allocated on the compute stream, so that its memory returns to that stream's pool (a block allocated on
+        # the side stream could serve only the side stream again); the side stream waits for what the compute
+        # stream has queued, which may still be using that memory
+        s.device_copy = torch.empty(s.host.shape, dtype=s.host.dtype, device=s.device)
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             side.wait_event(s.copied)
-            s.device_copy = s.host.to(s.device, non_blocking=True)
+            s.device_copy.copy_(s.host, non_blocking=True)
             s.fetched = torch.cuda.Event()
             s.fetched.record(side)
 
@@ -94,9 +101,7 @@ class HostStore:
         self._fetch(s)
         t = s.device_copy
         if s.fetched is not None:
-            current = torch.cuda.current_stream(s.device)
-            current.wait_event(s.fetched)
-            t.record_stream(current)  # allocated on the side stream, used and freed on this one
+            torch.cuda.current_stream(s.device).wait_event(s.fetched)
         # each checkpoint is read once a backward; the host copy lives as long as the autograd node that holds `s`
         s.device_copy, s.fetched, s.used = None, None, True
         self.prefetched += ahead
@@ -149,23 +154,34 @@ class OffloadingCheckpoint:
         return self.store.unpack(x) if isinstance(x, _Stored) else x
 
 
-def enable(layers: list, inner: Callable | None = None) -> OffloadingCheckpoint:
-    """Offload the inputs of the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances):
-    their checkpointing function becomes an OffloadingCheckpoint around `inner` (default: the reentrant
-    checkpoint), and stays it when checkpointing is turned off and on again. Checkpointing itself stays on
-    (lorakit.speed.checkpointing.set_checkpointing)."""
+def enable(model: Any, layers: list, inner: Callable | None = None) -> OffloadingCheckpoint:
+    """Offload the inputs of the checkpointed ones of `layers` (transformers GradientCheckpointingLayer instances
+    inside `model`): their checkpointing function becomes an OffloadingCheckpoint around `inner` (default: the
+    reentrant checkpoint), and stays it when checkpointing is turned off and on again. Checkpointing itself stays
+    on (lorakit.speed.checkpointing.set_checkpointing).
+
+    Args:
+        model: the module whose forward runs the layers; a forward pre-hook on it puts the function back.
+        layers: the decoder layers.
+        inner: the checkpoint function the offloading wraps.
+
+    Returns:
+        The OffloadingCheckpoint the layers share.
+    """
     off = OffloadingCheckpoint(inner or reentrant_checkpoint)
+    checkpointed = [layer for layer in layers if layer.gradient_checkpointing]
 
-    def keep(layer: Any, args: Any) -> None:
+    def keep(module: Any, args: Any) -> None:
         # TRL's generation turns the model's checkpointing off and on again (GRPO), which installs transformers'
-        # own function: put this one back before the layer runs
-        if layer.gradient_checkpointing and layer._gradient_checkpointing_func is not off:
-            layer._gradient_checkpointing_func = off
+        # own function: put this one back before any layer runs. On the model, not the layers: in some
+        # transformers versions a layer chooses its checkpoint function before its own pre-hooks run.
+        for layer in checkpointed:
+            if layer.gradient_checkpointing and layer._gradient_checkpointing_func is not off:
+                layer._gradient_checkpointing_func = off
 
-    for layer in layers:
-        if layer.gradient_checkpointing:
-            layer._gradient_checkpointing_func = off
-            layer.register_forward_pre_hook(keep)
+    for layer in checkpointed:
+        layer._gradient_checkpointing_func = off
+    model.register_forward_pre_hook(keep)
     return off
 
 
