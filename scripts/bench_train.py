@@ -570,6 +570,7 @@ def lorakit(args) -> dict:
     on = [name for key, name in (("liger", "Liger"), ("fused_lora", "fused LoRA"), ("dropout_kernel", "dropout kernel"),
                                  ("padding_free", "padding-free"), ("cuda_graphs", "CUDA graphs"),
                                  ("offload_embeddings", "embeddings in host memory"),
+                                 ("offload_activations", "checkpoints in host memory"), ("tiled_mlp", "tiled MLP"),
                                  ("expandable_segments", "expandable segments")) if o.get(key)]
     on += [{"flex_attention": "flex attention", "varlen": "varlen attention"}.get(o.get("attn_implementation"), "")]
     on = [x for x in on if x]
