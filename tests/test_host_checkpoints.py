@@ -128,20 +128,28 @@ MODEL_135M = {"num_layers": 30, "hidden": 576, "vocab": 49152, "tie_word_embeddi
               "total_params": 134_515_008}
 
 
-def _recipe(**train):
-    return validate_data({"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
-                          "quantization": {"bits": 4}, "train": {"batch_size": 2, **train}})
+def _recipe(method="sft", **train):
+    doc = {"base_model": "llama-3.1-8b", "data": {"path": "d.jsonl", "max_length": 2048},
+           "quantization": {"bits": 4}, "train": {"batch_size": 2, **train}}
+    if method == "grpo":
+        doc.update(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}], "max_prompt_length": 200,
+                                        "max_completion_length": 256, "num_generations": 2})
+    return validate_data(doc)
 
 
-def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide_the_copies():
-    r = _recipe()
+def test_auto_offloads_sft_where_the_layers_hide_the_copies_and_grpo_where_it_would_not_fit():
+    r, grpo = _recipe(), _recipe("grpo")
     every = {"gradient_checkpointing": True, "checkpoint_layers": None}
     # 32 layers x 4096 tokens x 4096 x 2 bytes: 1 GiB pinned (the estimate's host_checkpoints_bytes)
     est = {"model": MODEL_8B, "peak_bytes_layer_inputs_on_gpu": 30 * GIB, "host_checkpoints_bytes_offloaded": GIB}
-    on, why = offload_activations(r, every, est, "cuda", host_bytes=64 * GIB, limit_bytes=24 * GIB)
-    assert on and "30.0 GiB with the layer inputs on the GPU > 24.0 GiB" in why
-    assert not offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=32 * GIB)[0]  # fits as it is
-    assert not offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=None)[0]  # the GPU is not known
+    on, why = offload_activations(r, every, est, "cuda", host_bytes=64 * GIB, limit_bytes=32 * GIB)
+    assert on and why == "auto: on (the layers' compute hides the copies)"  # SFT: although it fits
+    assert offload_activations(r, every, est, "cuda", 64 * GIB, limit_bytes=None)[0]  # the GPU is not known
+    assert not offload_activations(grpo, every, est, "cuda", 64 * GIB, limit_bytes=32 * GIB)[0]  # fits as it is
+    assert not offload_activations(grpo, every, est, "cuda", 64 * GIB, limit_bytes=None)[0]
+    for recipe in (r, grpo):
+        on, why = offload_activations(recipe, every, est, "cuda", host_bytes=64 * GIB, limit_bytes=24 * GIB)
+        assert on and "30.0 GiB with the layer inputs on the GPU > 24.0 GiB" in why
     small = {**est, "model": MODEL_135M}
     on, why = offload_activations(r, every, small, "cuda", 64 * GIB, 24 * GIB)
     assert not on and "too small" in why
@@ -151,6 +159,7 @@ def test_auto_offloads_where_the_run_would_not_fit_otherwise_and_the_layers_hide
     # 1 GiB pinned: not with 1 GiB of host memory free
     on, why = offload_activations(r, every, est, "cuda", host_bytes=GIB, limit_bytes=24 * GIB)
     assert not on and "host" in why
+    assert not offload_activations(r, every, {}, "cuda", 64 * GIB)[0]  # the model's shape is not known
     assert offload_activations(_recipe(offload_activations=True), every, {}, "cuda")[0]
     assert not offload_activations(_recipe(offload_activations=False), every, est, "cuda", 64 * GIB, 24 * GIB)[0]
 
@@ -171,7 +180,8 @@ def test_the_estimate_and_train_plan_offloading_for_a_row_that_needs_it():
     fits = estimate(long, device="cuda", device_bytes=80 * GIB)
     assert fits["setup"]["offload_activations"] and fits["memory"]["peak_bytes"] <= 80 * GIB
     assert fits["peak_bytes_layer_inputs_on_gpu"] > 80 * GIB > fits["peak_bytes_offloaded"]
-    assert not estimate(_recipe(), device="cuda", device_bytes=80 * GIB)["setup"]["offload_activations"]
+    assert estimate(_recipe(), device="cuda", device_bytes=80 * GIB)["setup"]["offload_activations"]  # SFT: fits
+    assert not estimate(_recipe("grpo"), device="cuda", device_bytes=80 * GIB)["setup"]["offload_activations"]
     assert speed.plan(long, "cuda", fits, device_bytes=80 * GIB, host_bytes=float("inf")).offload_activations
 
 

@@ -14,7 +14,9 @@ rounding) and is a recipe option whose `auto` value `plan` resolves (docs/speed.
   else sdpa.
 - train.offload_activations / train.tiled_mlp: the checkpointed layers' inputs in pinned host memory, copied
   on a side stream (lorakit.speed.host_checkpoints), and each layer's MLP over slices of the sequence
-  (lorakit.speed.tiled_mlp): under `auto` where the run would not fit the GPU or the budget otherwise.
+  (lorakit.speed.tiled_mlp): under `auto` offloading for SFT where the layers are large enough to hide the
+  copies (and for GRPO where the run would not fit otherwise), the tiled MLP where the run would not fit the GPU
+  or the budget otherwise.
 - train.cuda_graphs / train.offload_embeddings: the checkpointed layers replayed as CUDA graphs where they hold,
   pay and fit (lorakit.speed.layer_graphs), paid for by the input embeddings in host memory where needed.
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its frozen unquantized weights
@@ -210,11 +212,14 @@ def host_available_bytes() -> int | None:
 def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, host_bytes: float | None = None,
                         limit_bytes: int | None = None) -> tuple[bool, str]:
     """`train.offload_activations` resolved for plan `p`, with the reason for `auto`: the recipe's true/false, or
-    under auto where the run would not fit `limit_bytes` (the budget or the GPU's memory) with the layer inputs on
-    the GPU (the estimate `est`'s `peak_bytes_layer_inputs_on_gpu`), on CUDA in one process with every layer
-    checkpointed, where the model's layers hide the copies (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN, from `est`'s
-    model summary) and the pinned copies of a step (`est`'s `host_checkpoints_bytes_offloaded`) take at most
-    OFFLOAD_MAX_HOST_SHARE of the host's available memory (`host_bytes`; None: read it; float("inf"): no limit)."""
+    under auto on CUDA in one process with every layer checkpointed, where the model's layers hide the copies
+    (OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN, from `est`'s model summary) and the pinned copies of a step (`est`'s
+    `host_checkpoints_bytes_offloaded`) take at most OFFLOAD_MAX_HOST_SHARE of the host's available memory
+    (`host_bytes`; None: read it; float("inf"): no limit). SFT runs then offload whether or not they would fit
+    without it: measured beside the layer inputs on the GPU (bench/train.md), the copies cost SFT steps a few
+    percent at most while the peak falls by all but two layers' inputs, the largest activation term. GRPO runs
+    offload only where they would not fit `limit_bytes` (the budget or the GPU's memory) with the layer inputs on
+    the GPU (`est`'s `peak_bytes_layer_inputs_on_gpu`): their steps with offloading are not measured yet."""
     v = recipe.train.offload_activations
     if v is True and not p.get("gradient_checkpointing"):  # checkpointing auto resolved off (a CPU)
         return False, "off: no layer is checkpointed here (set train.gradient_checkpointing: true)"
@@ -225,7 +230,8 @@ def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, hos
     if device != "cuda" or launched() or not (p.get("gradient_checkpointing") and p.get("checkpoint_layers") is None):
         return False, ""
     on_gpu = est.get("peak_bytes_layer_inputs_on_gpu")
-    if limit_bytes is None or on_gpu is None or on_gpu <= limit_bytes:
+    needed = limit_bytes is not None and on_gpu is not None and on_gpu > limit_bytes
+    if recipe.method != "sft" and not needed:
         return False, ""  # fits as it is (or not known): the copies are not needed
     if not model or not model.get("num_layers") or not model.get("hidden") or not model.get("total_params"):
         return False, "auto: off (the model's shape is not known)"
@@ -239,8 +245,10 @@ def offload_activations(recipe: Any, p: dict, est: dict | None, device: str, hos
     if host is not None and pinned > OFFLOAD_MAX_HOST_SHARE * host:
         return False, (f"auto: off ({pinned / GIB:.1f} GiB of checkpoints > {OFFLOAD_MAX_HOST_SHARE:.0%} of the "
                        f"host's {host / GIB:.1f} GiB free)")
-    return True, (f"auto: on (estimated {on_gpu / GIB:.1f} GiB with the layer inputs on the GPU > "
-                  f"{limit_bytes / GIB:.1f} GiB)")
+    if needed:
+        return True, (f"auto: on (estimated {on_gpu / GIB:.1f} GiB with the layer inputs on the GPU > "
+                      f"{limit_bytes / GIB:.1f} GiB)")
+    return True, "auto: on (the layers' compute hides the copies)"
 
 
 def tiled_mlp(recipe: Any, p: dict, est: dict | None, device: str, limit_bytes: int | None = None) -> bool:
