@@ -17,6 +17,8 @@ the reward file, records `lorakit estimate`'s forecast, then runs each side in i
   compute where the workload is QLoRA), GRPOTrainer(peft_config=LoraConfig(...), args=GRPOConfig(...)) with TRL's
   defaults except the workload's settings below (the recipe's values, spelled as GRPOConfig fields).
 - lorakit: `lorakit train` (lorakit.train.run.run_training, in process) on the equivalent recipe, lorakit's defaults.
+- lk_no_fused_lora / lk_no_liger (workload b, only when named in --only): lorakit with train.fused_lora / train.liger
+  false, to find which lever's cost shows in generation (where each decoding step is a few small matmuls a layer).
 
 Workloads (random weights: speed and memory only; 8 prompts x 8 generations = 64 completions a step, one generate
 call a step, one optimizer step of 64 completions, lr constant, seed 42 on both sides):
@@ -73,9 +75,13 @@ WORKLOADS = {
               optim="adamw_torch", gc=False, liger=False, prompts_per_step=8, generations=8),
 }
 TINY = dict(shape="tiny", prompts=(8, 16), completion=16, prompts_per_step=2, generations=4)
-ORDER = [("b", "plain"), ("b", "lorakit"), ("a", "plain"), ("a", "lorakit")]
+ORDER = [("b", "plain"), ("b", "lorakit"), ("a", "plain"), ("a", "lorakit"),
+         ("b", "lk_no_fused_lora"), ("b", "lk_no_liger")]
+# diagnostic sides (--only): lorakit with one lever off, {side: (train key, value)}; which lever makes lorakit's
+# generation slower than plain TRL's
+ONE_OFF = {"lk_no_fused_lora": ("fused_lora", False), "lk_no_liger": ("liger", False)}
 # rough wall seconds on an H100 (imports, load, per step): what is skipped when it cannot finish before the deadline
-COST = {"8b": {"build": 110, "load": 45, "step": 25}, "smol": {"build": 15, "load": 25, "step": 6},
+COST = {"8b": {"build": 50, "load": 35, "step": 32}, "smol": {"build": 15, "load": 25, "step": 6},
         "tiny": {"build": 30, "load": 40, "step": 10}}
 REWARD = '''"""Random per completion (length-independent); the same draws on both sides (a fresh Random(0) per load)."""
 import random
@@ -176,8 +182,9 @@ def write_inputs(w: dict, steps: int) -> None:
             f.write(json.dumps({"prompt": " ".join(f"t{i}" for i in ids)}) + "\n")
 
 
-def recipe_for(w: dict, steps: int, device: str):
-    """The lorakit recipe of workload `w` (also what `lorakit estimate` forecasts)."""
+def recipe_for(w: dict, steps: int, device: str, side: str = "lorakit"):
+    """The lorakit recipe of workload `w` (also what `lorakit estimate` forecasts); a diagnostic `side` (ONE_OFF)
+    turns one lever off."""
     import yaml
 
     from lorakit.recipe.loader import load_recipe
@@ -190,6 +197,9 @@ def recipe_for(w: dict, steps: int, device: str):
         train["gradient_checkpointing"] = w["gc"]
     if w["liger"] is not None:
         train["liger"] = w["liger"]
+    if side in ONE_OFF:
+        key, value = ONE_OFF[side]
+        train[key] = value
     doc = {"name": f"grpo-speed-{w['name']}", "base_model": str(model_dir(w)), "method": "grpo",
            "quantization": ({"bits": 4, "quant_type": "nf4", "double_quant": True} if w["bits"] == 4
                             else {"bits": "none"}),
@@ -199,8 +209,8 @@ def recipe_for(w: dict, steps: int, device: str):
                     "max_prompt_length": w["prompts"][1], "max_completion_length": w["completion"],
                     "temperature": w["temperature"], "top_p": 1.0, "beta": w["beta"], "loss_type": "dapo",
                     "epsilon": 0.2, "generation_batch_size": g, "log_completions": False},
-           "train": train, "output": {"dir": str(WORK / "runs" / f"lorakit-{w['name']}")}}
-    path = WORK / f"recipe-{w['name']}.yaml"
+           "train": train, "output": {"dir": str(WORK / "runs" / f"{side}-{w['name']}")}}
+    path = WORK / f"recipe-{w['name']}-{side}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return load_recipe(path)
 
@@ -341,11 +351,12 @@ def plain(w: dict, steps: int, device: str) -> dict:
     return {"gradient_checkpointing": bool(args.gradient_checkpointing), "liger": bool(args.use_liger_kernel)}
 
 
-def lorakit(w: dict, steps: int, device: str) -> dict:
-    """`lorakit train` on the same recipe: lorakit.train.run.run_training, in this process."""
+def lorakit(w: dict, steps: int, device: str, side: str = "lorakit") -> dict:
+    """`lorakit train` on the same recipe (a diagnostic side: with one lever off): lorakit.train.run.run_training,
+    in this process."""
     from lorakit.train.run import run_training
 
-    summary = run_training(recipe_for(w, steps, device), overwrite=True, console=PlainConsole())
+    summary = run_training(recipe_for(w, steps, device, side), overwrite=True, console=PlainConsole())
     o = summary["options"]
     return {"options": o, "gradient_checkpointing": o.get("gradient_checkpointing"), "liger": o.get("liger"),
             "levers": ", ".join([k for k in ("fused_lora", "dropout_kernel", "cuda_graphs", "offload_embeddings",
@@ -379,7 +390,10 @@ def child(args) -> None:
     if args.device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
     try:
-        res.update((plain if args.side == "plain" else lorakit)(w, args.steps, args.device))
+        if args.side == "plain":
+            res.update(plain(w, args.steps, args.device))
+        else:
+            res.update(lorakit(w, args.steps, args.device, args.side))
     except BaseException as e:  # noqa: BLE001 - keep what the run measured before it failed
         res["run_error"] = f"{type(e).__name__}: {e}"
         res["traceback"] = traceback.format_exc()[-3000:]
@@ -435,9 +449,9 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['workload']} | {r['side']} | " + " | ".join(_f(r.get(k), d) for k, _, d in COLS)
                      + f" | {rw or '-'} | {note} |")
         p = next((x for x in results if x["workload"] == r["workload"] and x["side"] == "plain"), None)
-        if r["side"] == "lorakit" and p is not None and "step_s" in r and "step_s" in p:
+        if r["side"] != "plain" and p is not None and "step_s" in r and "step_s" in p:
             ratio = [(r.get(k) / p[k]) if r.get(k) is not None and p.get(k) else None for k, _, _ in COLS]
-            lines.append(f"| {r['workload']} | **lorakit/plain** | " + " | ".join(
+            lines.append(f"| {r['workload']} | **{r['side']}/plain** | " + " | ".join(
                 "-" if x is None else f"**{x:.2f}x**" for x in ratio) + " | | |")
     return "\n".join(lines)
 

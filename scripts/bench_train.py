@@ -160,12 +160,13 @@ PLAN = [
     ("1b", "varied", "lk_no_graphs", 30), ("8b", "varied", "lk_graphs", 30),
 ]
 MAX_STEPS = max(p[3] for p in PLAN if p[1] in ("fixed", "varied"))
-# rough wall seconds of a child on an H100 (imports, load, steps): used to skip what cannot finish in time; the long
-# workloads' 8 steps by workload (a 32k step takes ~5 s); Unsloth's runs add UNSLOTH_COST (its imports and patching)
-COST = {"8b": {"build": 100, 30: 70, 20: 60, 16: 55, 12: 45, "long16k": 70, "long32k": 100},
+# rough wall seconds of a child on an H100 (imports, load, steps; measured 2026-12-06 plus ~25%): used to skip what
+# cannot finish in time; the long workloads' 8 steps by workload; Unsloth's runs add UNSLOTH_COST (its imports and
+# patching)
+COST = {"8b": {"build": 60, 30: 55, 20: 50, 16: 45, 12: 40, "long16k": 60, "long32k": 85},
         "1b": {"build": 30, 30: 32, 20: 30, 16: 29, 12: 28, "long16k": 45, "long32k": 60},
         "tiny": {"build": 30, 30: 45, 20: 40, 16: 40, 12: 40, "long16k": 40, "long32k": 40}}
-UNSLOTH_COST = 60
+UNSLOTH_COST = 25
 
 
 def cost_of(model: str, workload: str, run: str, steps: int) -> float:
