@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the GPU command in the docstring is one line, to copy as is)
 """Microseconds a call of the layers one GRPO decoding step runs, lorakit's against plain peft's (issue 26).
 
 In bench/grpo_speed.md lorakit's generation ran slower than the plain TRL recipe's, and a decoding step of 64
@@ -8,7 +9,7 @@ completions is a few small matmuls a layer: the host's time per call decides it.
   lorakit's fused layer (lorakit.speed.fused_lora); also lora_fused_eval / lora_peft_eval (dropout off);
 - norm_hf / norm_liger: transformers' LlamaRMSNorm and Liger's (what train.liger patches in).
 
-GPU command (carry [".gpu-wheels"]; ~30 s after the install):
+GPU command (carry [".gpu-wheels"]; ~30 s after the install; one line, to copy as is):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/bitsandbytes*.whl .gpu-wheels/liger*.whl && PYTHONPATH=/tmp/site:$PWD python3 scripts/bench_decode_calls.py --out $OUT
 

@@ -1,7 +1,8 @@
 # ruff: noqa: E501  (the GPU command in the docstring is one line, to copy as is)
 """GRPO speed and memory: the plain TRL GRPOTrainer recipe against `lorakit train` on the same recipe (issue 26).
 
-GPU command (one call on one H100, carry [".gpu-wheels"], ~7 minutes; results in $OUT and $OUT/bench):
+GPU command (one call on one H100, carry [".gpu-wheels"], ~7 minutes; results in $OUT and $OUT/bench; add
+LKBENCH_COMMIT=<commit> to the exports, which the files record: the device's copy of .git can be stale):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_grpo_speed.py --out $OUT --write-bench $OUT/bench
 
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import SHAPES, PlainConsole, sh, versions  # noqa: E402  (the scripts folder is on the path now)
+from bench_train import SHAPES, PlainConsole, sh, stamp, versions  # noqa: E402  (the scripts folder is on the path now)
 
 WORK = Path(os.environ.get("LKGRPO_DIR", "/tmp/lkgrpo"))
 PAD, UNK = 0, 1
@@ -515,16 +516,6 @@ allocated / reserved in the run's process, load included (by phase in the JSON: 
             shutil.copyfile(out / name, Path(bench) / name)
 
 
-def commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - the device's copy may not be a git checkout
-        return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench-out", help="results and log")
@@ -561,8 +552,7 @@ def main() -> None:
     common = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
         ["--tiny"] if args.tiny else [])
     names = args.workloads.split(",")
-    info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "versions": versions(), "device": args.device,
-            "commit": commit(), "steps": args.steps, "warmup": args.warmup,
+    info = {**stamp(), "versions": versions(), "device": args.device, "steps": args.steps, "warmup": args.warmup,
             "command": "python3 scripts/bench_grpo_speed.py " + " ".join(sys.argv[1:]),
             "workloads": {n: workload(n, args.tiny) for n in names}}
     results: list[dict] = []

@@ -5,7 +5,8 @@
 GPU command (carry [".gpu-wheels", ".uns-wheels"]; results in $OUT and $OUT/bench). Unsloth pins older trl/datasets,
 so its packages go to their own dir, put first on PYTHONPATH for its runs only (`--unsloth-site`; without it they
 are skipped). The whole plan does not fit one 10-minute call: one call per group of workloads, each workload's
-lorakit and Unsloth runs in the same call (~8 minutes each; bench files of the last call only):
+lorakit and Unsloth runs in the same call (~8 minutes each; bench files of the last call only). Add
+LKBENCH_COMMIT=<commit> to the exports: the files record it (the device's copy of .git can be stale):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .uns-wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 scripts/bench_train.py --models 8b --workloads fixed --only baseline,lorakit,unsloth,lk_no_dropout,unsloth_no_dropout --unsloth-site /tmp/usite --out $OUT --write-bench $OUT/bench
 
@@ -167,6 +168,19 @@ COST = {"8b": {"build": 60, 30: 55, 20: 50, 16: 45, 12: 40, "long16k": 60, "long
         "1b": {"build": 30, 30: 32, 20: 30, 16: 29, 12: 28, "long16k": 45, "long32k": 60},
         "tiny": {"build": 30, 30: 45, 20: 40, 16: 40, 12: 40, "long16k": 40, "long32k": 40}}
 UNSLOTH_COST = 25
+
+
+def stamp() -> dict:
+    """The date and the code of a run: LKBENCH_COMMIT where set (the device's copy of .git can be stale, so the GPU
+    command should name the commit it carries: `LKBENCH_COMMIT=abc1234 python3 scripts/...`), else git's HEAD."""
+    code = os.environ.get("LKBENCH_COMMIT")
+    if not code:
+        try:
+            code = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None
+        except Exception:  # noqa: BLE001 - the device's copy may not be a git checkout
+            code = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": code}
 
 
 def cost_of(model: str, workload: str, run: str, steps: int) -> float:
@@ -956,7 +970,7 @@ def main() -> None:
             except (ValueError, AssertionError):
                 ap.error(f"--bisect {args.bisect}: must be LO,HI with 0 <= LO < HI (tokens)")
         return max_context(args, me, log, out, start)
-    info: dict = {"versions": versions(), "device": args.device, "warmup_steps": {"fixed, varied": WARMUP, "long": LONG_WARMUP}, "budget_gb": args.budget_gb,
+    info: dict = {**stamp(), "versions": versions(), "device": args.device, "warmup_steps": {"fixed, varied": WARMUP, "long": LONG_WARMUP}, "budget_gb": args.budget_gb,
                   "logging_steps": args.logging_steps,
                   "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
@@ -1111,7 +1125,7 @@ def max_context(args, me: list[str], log: Path, out: Path, start: float) -> None
     base = "tiny" if args.tiny else "8b"
     full, n = SHAPES[base]["num_hidden_layers"], args.probe_layers
     model = f"{base}-{n}l"
-    info: dict = {"versions": versions(), "device": args.device, "shape": NAMES[base], "probe_layers": n, "full_layers": full,
+    info: dict = {**stamp(), "versions": versions(), "device": args.device, "shape": NAMES[base], "probe_layers": n, "full_layers": full,
                   "probe_steps": PROBE_STEPS, "resolution": args.resolution, "gpu_gib": args.gpu_gib,
                   "command": "python3 scripts/bench_train.py " + " ".join(sys.argv[1:])}
     if args.device == "cuda":
@@ -1320,7 +1334,7 @@ def write(out: Path, bench: str | None, info: dict, results: list[dict], prev_md
     uv = ", ".join(f"{k} {uv.get(k)}" for k in ("unsloth", "unsloth_zoo", "trl", "datasets", "transformers")) if uv else "-"
     md = f"""# Training speed: `lorakit train` vs plain TRL + peft + bitsandbytes and Unsloth (issues 7, 25)
 
-Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']},
+{f"Date: {info['date']}, lorakit at {info.get('commit')}. " if info.get('date') else ''}Machine: {gpu}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']},
 bitsandbytes {v['bitsandbytes']}, liger-kernel {v['liger-kernel']}, accelerate {v['accelerate']}.
 Unsloth's runs (their own site dir, `--unsloth-site`): {uv}.
 Measured bf16 matmul rate (8192^3, median of 5): {f'**{rate:.0f} TFLOP/s**' if rate else 'n/a'}.
