@@ -2,8 +2,8 @@
 
 The answer is the estimate's own: for each candidate length the recipe is planned and forecast as `lorakit
 train` would run it at batch 1 on a GPU of the budget's size (the levers can change with the length: CUDA
-graphs' pool; offloaded layer inputs and the tiled MLP where the row would not fit without them, within the
-host's memory where known), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
+graphs' pool; the tiled MLP where the row would not fit without it; offloaded layer inputs within the host's
+memory where known), doubling from RESOLUTION until the forecast no longer fits, then bisecting to a
 multiple of RESOLUTION. No torch: the budget is a number (a GPU name's memory, or --budget).
 """
 

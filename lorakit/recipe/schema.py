@@ -242,10 +242,10 @@ class TrainSection(Section):
     offload_activations: bool | Literal["auto"] = "auto"
     """Keep each checkpointed decoder layer's input in pinned host memory between the forward and its recompute
     (copied on a side stream, brought back one layer ahead): the GPU holds a couple of layers' checkpoints
-    instead of one per layer (same math). Needs gradient checkpointing. auto = where the run would not fit the GPU
-    (or memory_budget_gb) otherwise, on CUDA in one process with every layer checkpointed, for models whose
-    layers are large enough to hide the copies, while the pinned copies take at most 75% of the host's available
-    memory."""
+    instead of one per layer (same math). Needs gradient checkpointing. auto = on CUDA in one process with every
+    layer checkpointed, for models whose layers are large enough to hide the copies, while the pinned copies take
+    at most 75% of the host's available memory: for SFT always, for GRPO where the run would not fit the GPU (or
+    memory_budget_gb) otherwise."""
     tiled_mlp: bool | Literal["auto"] = "auto"
     """Run each decoder layer's MLP over slices of 8192 tokens, keeping only its input for backward and
     recomputing one slice at a time there: no [tokens x intermediate] buffer is ever whole, for one more MLP

@@ -298,8 +298,9 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
         expandable_segments: whether the CUDA allocator grows segments in place for this run (recorded only).
         host_bytes: the host memory available to pin offloaded checkpoints; None: this machine's now;
             float("inf"): not a limit (planning for a machine whose memory is not known).
-        device_bytes: the memory of the GPU the run trains on, where known: offloaded layer inputs and the tiled
-            MLP are turned on under `auto` where the run would not fit it (or the budget) otherwise.
+        device_bytes: the memory of the GPU the run trains on, where known: the tiled MLP (and for GRPO the
+            offloaded layer inputs) are turned on under `auto` where the run would not fit it (or the budget)
+            otherwise.
 
     Returns:
         The Plan.
