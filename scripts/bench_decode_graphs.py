@@ -65,6 +65,7 @@ class GraphedDecoder:
         self.mask = torch.zeros((batch, 1, 1, max_len), dtype=torch.bool, device=d)
         self.logits = None
         self.graph = None
+        self.mask[..., 0] = True  # the warm-up rows attend to something (no NaN written into the cache)
         self._step()  # allocates the cache's tensors (lazily, on the first update) before any capture
         if graphs:
             side = torch.cuda.Stream()
