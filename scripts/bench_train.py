@@ -147,7 +147,7 @@ PLAN = [
     ("8b", "varied", "lorakit", 30), ("8b", "varied", "unsloth", 30),
     ("8b", "long16k", "lorakit", 8), ("8b", "long16k", "lk_offload", 8), ("8b", "long16k", "unsloth", 8),
     ("8b", "long32k", "lorakit", 8), ("8b", "long32k", "lk_offload", 8), ("8b", "long32k", "lk_offload_tiled", 8),
-    ("8b", "long32k", "unsloth", 8), ("8b", "varied", "lk_offload", 30),
+    ("8b", "long32k", "unsloth", 8), ("8b", "varied", "lk_offload", 30), ("8b", "varied", "lk_no_graphs", 30),
     ("8b", "varied", "baseline", 30),
     ("1b", "fixed", "baseline", 20), ("1b", "fixed", "lorakit", 20),
     ("1b", "varied", "baseline", 30), ("1b", "varied", "lorakit", 30),
