@@ -24,6 +24,13 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from lorakit.speed.planning import TILED_MLP_CHUNK_TOKENS as CHUNK_TOKENS
 
 
+def _by_slices(forward: Callable, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`forward(x)` computed a slice of `chunk` tokens at a time (the rows of an MLP are independent)."""
+    flat = x.reshape(1, -1, x.shape[-1])
+    out = torch.cat([forward(s) for s in flat.split(chunk, dim=1)], dim=1)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class _Tiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Callable, chunk: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
@@ -32,10 +39,8 @@ class _Tiled(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.devices, ctx.device_rng = get_device_states(x)
         ctx.save_for_backward(x, *params)
-        flat = x.reshape(1, -1, x.shape[-1])
         with torch.no_grad():
-            out = [run(s) for s in flat.split(chunk, dim=1)]
-        return torch.cat(out, dim=1).reshape(*x.shape[:-1], out[0].shape[-1])
+            return _by_slices(run, x, chunk)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
@@ -69,9 +74,7 @@ def tiled(forward: Callable, module: Any, chunk: int = CHUNK_TOKENS) -> Callable
         if x.numel() // x.shape[-1] <= chunk:
             return forward(x)
         if not torch.is_grad_enabled():  # e.g. a checkpointed layer's first forward: slices, nothing kept
-            flat = x.reshape(1, -1, x.shape[-1])
-            out = torch.cat([forward(s) for s in flat.split(chunk, dim=1)], dim=1)
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+            return _by_slices(forward, x, chunk)
         params = [p for p in module.parameters() if p.requires_grad]
         return _Tiled.apply(forward, chunk, x, *params)
 
