@@ -275,6 +275,9 @@ def test_parse_bytes_and_gpus():
     assert parse_bytes("512mib") == 512 * 2**20
     with pytest.raises(LorakitError):
         parse_bytes("lots")
+    with pytest.raises(LorakitError) as zero:
+        parse_bytes("0GiB")
+    assert zero.value.message.startswith("--budget: '0GiB'")
     assert gpu_bytes("RTX4090") == 24 * 2**30 and gpu_bytes("a100-40gb") == 40 * 2**30
     with pytest.raises(LorakitError) as e:
         gpu_bytes("voodoo2")

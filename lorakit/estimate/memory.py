@@ -80,14 +80,18 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2,
 
 
 def parse_bytes(text: str | int) -> int:
-    """'24GiB', '80GB', '24g', '1.5 TiB', 1234 -> bytes. GB/G are decimal, GiB binary."""
+    """'24GiB', '80GB', '24g', '1.5 TiB', 1234 -> bytes. GB/G are decimal, GiB binary; a size of no bytes is an
+    error (no run fits it, and `lorakit estimate` would answer as if no budget had been given)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise LorakitError(f"--budget: cannot read {text!r} as a size", hint="write e.g. 24GiB, 80GB or 16000MiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise LorakitError(f"--budget: {text!r} is no memory at all", hint="write e.g. 24GiB, 80GB or 16000MiB")
+    return n
 
 
 def gpu_bytes(name: str) -> int:
