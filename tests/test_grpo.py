@@ -405,3 +405,34 @@ def test_lorakit_train_grpo_subprocess(tmp_path, tiny_model_dir):
         sample = x["completions"]
         assert 0 < len(sample) <= 4 and sample[0]["prompt"].startswith("What is ")
         assert set(sample[0]["rewards"]) == {"exact_answer", "format_regex"}
+
+
+def test_generation_through_lorakits_sampler_gives_trls_completions(tmp_path, tiny_model_dir, lora_model,
+                                                                    monkeypatch):
+    """grpo.generation_graphs: the same completions as TRL's generate for the same seed (the tiny adapter has no
+    dropout, so eval and train mode sample alike), each cut after its first eos, through decode_graphs."""
+    import torch
+
+    from lorakit.speed import decode_graphs
+    from lorakit.train.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_completion_length=12)
+    model, tok = lora_model
+    calls = []
+    real = decode_graphs.generate
+    monkeypatch.setattr(decode_graphs, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    prompt_ids = [tok(f"What is {i} + 1?")["input_ids"] for i in range(3) for _ in range(2)]
+    got = {}
+    for graphs in (False, True):
+        trainer = build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path),
+                                     generation_graphs=graphs)
+        eos = set(trainer.eos_token_ids)
+        trainer.eos_token_ids = sorted(eos | {3, 5, 7})  # some rows end early
+        torch.manual_seed(0)
+        got[graphs], logprobs = trainer._generate_single_turn(prompt_ids, None, {}, 2)
+        assert logprobs is None
+    assert len(calls) == 1 and calls[0]["max_new_tokens"] == 12
+    assert got[True] == got[False]
+    ends = [c for c in got[True] if len(c) < 12]
+    assert ends and all(c[-1] in {3, 5, 7} | eos for c in ends)
+    assert model.training  # the model is back in train mode after sampling in eval mode

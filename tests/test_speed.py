@@ -747,3 +747,17 @@ def test_data_of_one_length_settles_graphs_and_host_embeddings_on(bf16_gpu, tmp_
     levers = speed.plan(r, "cuda", EST_OFFLOAD, lengths=[2048] * 8)
     assert levers.padding_free is False and levers.cuda_graphs is True and levers.offload_embeddings is True
     assert "paid for by the input embeddings in host memory" in speed.describe(levers)
+
+
+def test_generation_graphs_for_grpo_on_cuda_unless_fsdp(bf16_gpu):
+    def grpo(**g):
+        return recipe(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}], **g})
+
+    assert speed.plan(grpo(), "cuda").generation_graphs
+    assert "CUDA graphs" in speed.describe(speed.plan(grpo(), "cuda"))
+    assert not speed.plan(grpo(), "cpu").generation_graphs
+    assert not speed.plan(grpo(generation_graphs=False), "cuda").generation_graphs
+    assert speed.plan(grpo(generation_graphs=True), "cpu").generation_graphs  # the static-cache loop, no graphs
+    assert not speed.plan(recipe(method="grpo", grpo={"rewards": [{"fn": "exact_answer"}]},
+                                 distributed={"strategy": "fsdp"}), "cuda").generation_graphs
+    assert not speed.plan(recipe(), "cuda").generation_graphs  # SFT generates nothing

@@ -19,6 +19,8 @@ rounding) and is a recipe option whose `auto` value `plan` resolves (docs/speed.
   or the budget otherwise.
 - train.cuda_graphs / train.offload_embeddings: the checkpointed layers replayed as CUDA graphs where they hold,
   pay and fit (lorakit.speed.layer_graphs), paid for by the input embeddings in host memory where needed.
+- grpo.generation_graphs: GRPO's completions sampled over a static KV cache with the decoding step replayed as
+  a CUDA graph (lorakit.speed.decode_graphs), on CUDA except under FSDP.
 - Not a switch but the build path: on CUDA a 4-bit base with bf16 compute keeps its frozen unquantized weights
   in bf16 (`frozen_dtype`), as TRL does, instead of peft's fp32 upcast (an fp32 residual stream is slower and
   larger).
@@ -92,6 +94,7 @@ class Plan:
     graph_length: int | None = None
     graph_max_row: int | None = None
     expandable_segments: bool = False
+    generation_graphs: bool = False
     notes: tuple[str, ...] = ()
     settled: tuple[tuple[str, str, Any], ...] = ()
 
@@ -112,6 +115,17 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 # Single decisions
 # ----------------------------------------------------------------------------------------------
+
+
+def generation_graphs(recipe: Any, device: str) -> bool:
+    """`grpo.generation_graphs`: GRPO only; `auto` = on CUDA except under FSDP (whose sharded weights TRL gathers
+    per generate call); `true` anywhere (a CPU runs the same loop without graphs)."""
+    if recipe.method != "grpo" or recipe.grpo is None:
+        return False
+    g = recipe.grpo.generation_graphs
+    if g == "auto":
+        return device == "cuda" and recipe.distributed.strategy != "fsdp"
+    return bool(g)
 
 
 def liger_available() -> bool:
@@ -344,6 +358,7 @@ def plan(recipe: Any, device: str = "cuda", estimate_result: dict | None = None,
     p["tiled_mlp"] = tiled_mlp(recipe, p, estimate_result, device, limit)
     p["offload_embeddings"] = offload_embeddings(recipe, p)
     p["offload_embeddings_required"] = recipe.train.offload_embeddings is True
+    p["generation_graphs"] = generation_graphs(recipe, device)
     if graphs == "auto" and p["cuda_graphs"]:
         p["checkpointing_reason"] += auto_graphs_reason(p)
     elif graphs is True and not p["cuda_graphs"]:
@@ -476,6 +491,8 @@ def describe(p: Plan) -> str:
         on.append("input embeddings in host memory")
     if p.expandable_segments:
         on.append("expandable segments")
+    if p.generation_graphs:
+        on.append("generation over a static cache with CUDA graphs")
     why = p.checkpointing_reason
     return f"speed: {', '.join(on) or 'no levers'}; gradient checkpointing {gc}" + (f" ({why})" if why else "")
 

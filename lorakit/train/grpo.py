@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from lorakit.errors import LorakitError
 from lorakit.recipe.loader import recipe_dir
+from lorakit.train.grpo_trainer import trainer_class
 from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,24 @@ def check_rewards(recipe) -> list[Reward]:
     return load_rewards(recipe.grpo.rewards, recipe_dir(recipe), field="grpo.rewards")
 
 
-def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, callbacks=None):
+def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, callbacks=None, *,
+                       generation_graphs: bool = False):
     """A trl.GRPOTrainer for `recipe` (method grpo) on `model` (already carrying its LoRA adapter).
 
-    `prepared.train` (and optional `prepared.eval`) hold a `prompt` column (text or chat messages)
-    plus the columns the rewards read. `training_args` holds the common TrainingArguments options.
+    Args:
+        recipe: the validated recipe (method grpo).
+        model: the model with its LoRA adapter.
+        tokenizer: the tokenizer (TRL's processing class).
+        prepared: `prepared.train` (and optional `prepared.eval`) hold a `prompt` column (text or chat messages)
+            plus the columns the rewards read.
+        training_args: the common TrainingArguments options.
+        callbacks: TrainerCallbacks to add.
+        generation_graphs: sample through lorakit.speed.decode_graphs (the Plan's `generation_graphs`).
+
+    Returns:
+        The trainer (lorakit.train.grpo_trainer's subclass of trl.GRPOTrainer).
     """
-    from trl import GRPOConfig, GRPOTrainer  # trl is slow to import: only when a GRPO run builds its trainer
+    from trl import GRPOConfig  # trl is slow to import: only when a GRPO run builds its trainer
 
     rewards = check_rewards(recipe)
     g = recipe.grpo
@@ -231,7 +243,7 @@ def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, 
         eval_ds, _ = fit_prompts(eval_ds, tokenizer, g.max_prompt_length)
 
     extra = [completion_log_callback(rewards)] if g.log_completions else []
-    trainer = GRPOTrainer(
+    trainer = trainer_class(generation_graphs)(
         model=model,
         reward_funcs=rewards,
         args=config,

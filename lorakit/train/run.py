@@ -119,7 +119,8 @@ def _columns(ds) -> list[str]:
 def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: list, plan: speed.Plan):
     if recipe.method == "grpo":
         with located(recipe):  # reward loading / GRPO settings errors point at their recipe lines
-            return grpo.build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks)
+            return grpo.build_grpo_trainer(recipe, model, tokenizer, prepared, common, callbacks,
+                                           generation_graphs=plan.generation_graphs)
     config = sft_config(recipe, common, _columns(prepared.train), plan)
     optim = optimizer_cls_and_kwargs(config, model)
     return trainer_class()(model=model, args=config, train_dataset=prepared.train,
