@@ -18,8 +18,8 @@ the reward file, records `lorakit estimate`'s forecast, then runs each side in i
   compute where the workload is QLoRA), GRPOTrainer(peft_config=LoraConfig(...), args=GRPOConfig(...)) with TRL's
   defaults except the workload's settings below (the recipe's values, spelled as GRPOConfig fields).
 - lorakit: `lorakit train` (lorakit.train.run.run_training, in process) on the equivalent recipe, lorakit's defaults.
-- lk_no_fused_lora / lk_no_liger (workload b, only when named in --only): lorakit with train.fused_lora / train.liger
-  false, to find which lever's cost shows in generation (where each decoding step is a few small matmuls a layer).
+- lk_no_generation_graphs / lk_no_fused_lora / lk_no_liger (only when named in --only; the last two on workload b):
+  lorakit with grpo.generation_graphs / train.fused_lora / train.liger false: what each lever is worth.
 
 Workloads (random weights: speed and memory only; 8 prompts x 8 generations = 64 completions a step, one generate
 call a step, one optimizer step of 64 completions, lr constant, seed 42 on both sides):
@@ -76,11 +76,11 @@ WORKLOADS = {
               optim="adamw_torch", gc=False, liger=False, prompts_per_step=8, generations=8),
 }
 TINY = dict(shape="tiny", prompts=(8, 16), completion=16, prompts_per_step=2, generations=4)
-ORDER = [("b", "plain"), ("b", "lorakit"), ("a", "plain"), ("a", "lorakit"),
-         ("b", "lk_no_fused_lora"), ("b", "lk_no_liger")]
-# diagnostic sides (--only): lorakit with one lever off, {side: (train key, value)}; which lever makes lorakit's
-# generation slower than plain TRL's
-ONE_OFF = {"lk_no_fused_lora": ("fused_lora", False), "lk_no_liger": ("liger", False)}
+ORDER = [("b", "plain"), ("b", "lorakit"), ("a", "plain"), ("a", "lorakit"), ("b", "lk_no_generation_graphs"),
+         ("a", "lk_no_generation_graphs"), ("b", "lk_no_fused_lora"), ("b", "lk_no_liger")]
+# diagnostic sides (--only): lorakit with one lever off, {side: (section, key, value)}: what each lever is worth
+ONE_OFF = {"lk_no_fused_lora": ("train", "fused_lora", False), "lk_no_liger": ("train", "liger", False),
+           "lk_no_generation_graphs": ("grpo", "generation_graphs", False)}
 # rough wall seconds on an H100 (imports, load, per step): what is skipped when it cannot finish before the deadline
 COST = {"8b": {"build": 50, "load": 35, "step": 32}, "smol": {"build": 15, "load": 25, "step": 6},
         "tiny": {"build": 30, "load": 40, "step": 10}}
@@ -198,9 +198,10 @@ def recipe_for(w: dict, steps: int, device: str, side: str = "lorakit"):
         train["gradient_checkpointing"] = w["gc"]
     if w["liger"] is not None:
         train["liger"] = w["liger"]
+    grpo_over = {}
     if side in ONE_OFF:
-        key, value = ONE_OFF[side]
-        train[key] = value
+        section, key, value = ONE_OFF[side]
+        (train if section == "train" else grpo_over)[key] = value
     doc = {"name": f"grpo-speed-{w['name']}", "base_model": str(model_dir(w)), "method": "grpo",
            "quantization": ({"bits": 4, "quant_type": "nf4", "double_quant": True} if w["bits"] == 4
                             else {"bits": "none"}),
@@ -209,7 +210,7 @@ def recipe_for(w: dict, steps: int, device: str, side: str = "lorakit"):
            "grpo": {"rewards": [{"fn": "reward_random.py:random_reward"}], "num_generations": w["generations"],
                     "max_prompt_length": w["prompts"][1], "max_completion_length": w["completion"],
                     "temperature": w["temperature"], "top_p": 1.0, "beta": w["beta"], "loss_type": "dapo",
-                    "epsilon": 0.2, "generation_batch_size": g, "log_completions": False},
+                    "epsilon": 0.2, "generation_batch_size": g, "log_completions": False, **grpo_over},
            "train": train, "output": {"dir": str(WORK / "runs" / f"{side}-{w['name']}")}}
     path = WORK / f"recipe-{w['name']}-{side}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
