@@ -396,7 +396,9 @@ def plain_child(model_dir: Path, overrides: list[str], device: str, result: Path
 
     def evaluate(when: str) -> dict:
         t = time.time()
-        r = evaluate_rewards(model, tok, held, rewards, weights, max_new_tokens=ev["max_new_tokens"], batch_size=32)
+        # decoded as `lorakit train` decodes its held-out prompts (grpo.generation_graphs: auto is on with CUDA)
+        r = evaluate_rewards(model, tok, held, rewards, weights, max_new_tokens=ev["max_new_tokens"], batch_size=32,
+                             generation_graphs=cuda)
         out[f"eval_{when}_s"] = round(time.time() - t, 2)
         say(f"plain: held-out reward {when}: {r['reward']:.4f} {r['rewards']}")
         return r
@@ -435,7 +437,8 @@ def plain_markdown(doc: dict) -> str:
              f"Command: `{doc.get('command')}`  ",
              "GRPOTrainer(peft_config=LoraConfig(...), args=GRPOConfig(...)) with recipes/grpo-arithmetic.yaml's "
              f"values (overrides: `{' '.join(doc.get('overrides', [])) or 'none'}`), the recipe's reward functions "
-             "and weights; held-out reward by lorakit.train.grpo.evaluate_rewards (greedy), as `lorakit train`'s.", ""]
+             "and weights; held-out reward by lorakit.train.grpo.evaluate_rewards (greedy, decoded as `lorakit train` "
+             "decodes), as `lorakit train`'s.", ""]
     if b is not None and a is not None:
         lines += [f"Held-out mean reward ({r['after']['n']} prompts): **{b:.3f} -> {a:.3f}** ({a - b:+.3f}) after "
                   f"{r.get('steps')} steps; training {r.get('train_s')} s "

@@ -303,6 +303,11 @@ def test_evaluate_rewards_scores_held_out_prompts(tmp_path, tiny_model_dir, lora
     assert [c["n"] for c in calls[-2:]] == [2, 1] and calls[-1]["answer"] == ["3"]
     assert all(0 < n <= 4 for c in calls[-2:] for n in c["ids"])
     assert len(result["samples"]) == 3 and tok.padding_side == side
+    # decoded through lorakit's sampler (grpo.generation_graphs): the same greedy completions, the same scores
+    again = evaluate_rewards(model, tok, rows(3), rewards, [1.0, 0.5], max_new_tokens=4, batch_size=2,
+                             generation_graphs=True)
+    assert again["samples"] == result["samples"] and again["rewards"] == result["rewards"]
+    assert calls[-1]["ids"] == calls[-3]["ids"]
 
 
 def test_gradient_checkpointing_and_bf16_follow_lorakit_not_trl_defaults(tmp_path):

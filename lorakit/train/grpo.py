@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from lorakit.errors import LorakitError
 from lorakit.recipe.loader import recipe_dir
+from lorakit.speed import decode_graphs
 from lorakit.train.grpo_trainer import trainer_class
 from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
 
@@ -274,10 +275,22 @@ def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
 
 
 def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights: Sequence[float] | None = None, *,
-                     max_new_tokens: int = 128, batch_size: int = 16, samples: int = 4) -> dict:
+                     max_new_tokens: int = 128, batch_size: int = 16, samples: int = 4,
+                     generation_graphs: bool = False) -> dict:
     """Mean reward of greedy completions for `rows` (dicts or a Dataset with `prompt` + reward columns).
 
-    Returns {"n", "reward" (mean weighted total), "rewards": {name: mean}, "samples": [...]}.
+    Args:
+        model: the model to generate with (put in eval mode for the call).
+        tokenizer: its tokenizer (left padding for the call).
+        rows: dicts or a Dataset with `prompt` and the columns the rewards read.
+        rewards: the reward functions; weights: their weights (default 1 each).
+        max_new_tokens: tokens generated at most per completion.
+        batch_size: prompts generated together.
+        samples: prompt/completion pairs returned for the report.
+        generation_graphs: decode through lorakit.speed.decode_graphs (the run's Plan) instead of `generate`.
+
+    Returns:
+        {"n", "reward" (mean weighted total), "rewards": {name: mean}, "samples": [...]}.
     """
     rows = [dict(r) for r in rows]
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
@@ -296,10 +309,15 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
             texts = [_prompt_text(r["prompt"], tokenizer) for r in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
-                                     temperature=None, top_p=None, top_k=None)
-            generated = out[:, enc["input_ids"].shape[1]:].tolist()
+                if generation_graphs and eos:
+                    generated = decode_graphs.generate(
+                        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                        eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id).tolist()
+                else:
+                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
+                                         temperature=None, top_p=None, top_k=None)
+                    generated = out[:, enc["input_ids"].shape[1]:].tolist()
             completion_ids = [_until_eos(ids, eos) for ids in generated]
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             if not isinstance(batch[0]["prompt"], str):
@@ -330,11 +348,13 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
     }
 
 
-def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32) -> dict | None:
+def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32,
+                     generation_graphs: bool = False) -> dict | None:
     """evaluate_rewards on the first `evaluate.samples` held-out prompts with the recipe's rewards.
 
     Completions get `evaluate.max_new_tokens` tokens; prompts longer than grpo.max_prompt_length are
-    left out as in training. None when there are no held-out prompts.
+    left out as in training; `generation_graphs`: the run's Plan decides how they are decoded. None when there
+    are no held-out prompts.
     """
     if eval_ds is None or len(eval_ds) == 0:
         return None
@@ -345,7 +365,8 @@ def held_out_rewards(recipe, model, tokenizer, eval_ds, *, batch_size: int = 32)
         return None
     rewards = load_rewards(g.rewards, recipe_dir(recipe), field="grpo.rewards")
     return evaluate_rewards(model, tokenizer, eval_ds.select(range(n)), rewards, [s.weight for s in g.rewards],
-                            max_new_tokens=recipe.evaluate.max_new_tokens, batch_size=batch_size)
+                            max_new_tokens=recipe.evaluate.max_new_tokens, batch_size=batch_size,
+                            generation_graphs=generation_graphs)
 
 
 def reward_curves(history: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:

@@ -145,7 +145,8 @@ def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str)
         out.print(f"task metrics {when} ({tm['n']} held-out rows, {time.time() - t0:.0f}s): {shown}")
     if recipe.method == "grpo":  # mean reward of greedy completions on held-out prompts
         t0 = time.time()
-        rw = grpo.held_out_rewards(recipe, model, tokenizer, prepared.eval)
+        rw = grpo.held_out_rewards(recipe, model, tokenizer, prepared.eval,
+                                   generation_graphs=getattr(trainer, "lorakit_generation_graphs", False))
         result["reward"] = rw
         if rw is not None:
             parts = ", ".join(f"{k} {fmt(v)}" for k, v in rw["rewards"].items())
