@@ -460,6 +460,7 @@ def run_plain(args, model_dir: Path, data: Path, doc: dict, out: Path) -> int:
     overrides = [f"data.path={data / 'train.jsonl'}", f"data.eval={data / 'eval.jsonl'}"]
     overrides += CPU_SETS if args.device == "cpu" else []
     overrides += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    overrides += [f"train.seed={args.seed}"] if args.seed is not None else []
     doc["overrides"] = overrides
     result = args.work / "plain.json"
     result.unlink(missing_ok=True)
@@ -517,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a small dry run of the same path (" + " ".join(CPU_SETS) + ")")
     ap.add_argument("--max-steps", type=int, default=None, help="override train.max_steps (default: the recipe's)")
+    ap.add_argument("--seed", type=int, default=None, help="override train.seed (both sides: the same seed)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds this script may take (default 330 on cuda, 7200 on cpu); training is stopped "
                          "early to keep time for the after-evaluation")
@@ -581,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides += CPU_SETS
         if args.max_steps:
             overrides.append(f"train.max_steps={args.max_steps}")
+        if args.seed is not None:
+            overrides.append(f"train.seed={args.seed}")
         sets = [x for o in overrides for x in ("--set", o)]
         env = {**os.environ, "LORAKIT_CACHE": str(cache), "CI": "true", "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
