@@ -327,8 +327,8 @@ class GrpoSection(Section):
     """Sample the completions over a static KV cache, each decoding step replayed as one CUDA graph, instead of
     through transformers' eager generate (which launches every kernel of every layer from Python per token); same
     sampling settings, and the policy samples in eval mode (no LoRA dropout), as TRL's vLLM path does. Settings
-    the sampler does not implement (beams, repetition penalty, ...) keep transformers' generate. auto = on CUDA,
-    except under FSDP; true also runs the static-cache loop on a CPU, without graphs."""
+    the sampler does not implement (beams, repetition penalty, ...) and FSDP keep transformers' generate. auto = on
+    CUDA, except under FSDP; true also runs the static-cache loop on a CPU, without graphs."""
 
     _generation_graphs_value = field_validator("generation_graphs", mode="before")(_auto_or_bool)
 

@@ -5,10 +5,11 @@ at a time (lorakit.speed.decode_graphs says why a static cache alone does not he
 
 What changes: only `_generate_single_turn`'s plain transformers path - the left-padded prompts, the completions
 cut after their first end-of-sequence token and no log-probs are what TRL's own code returns. The policy samples
-in eval mode (no LoRA dropout), as TRL's vLLM path does: with one optimization pass per generation the
-sampling distribution does not enter the loss (the old policy's log-probs are the training forward's, detached),
-and a captured dropout would replay one mask. vLLM, transformers' continuous batching, images and settings the
-sampler does not implement (`decode_graphs.unsupported`) keep TRL's path.
+in eval mode (no LoRA dropout), as TRL's vLLM path does: the loss's importance ratio reads log-probs TRL computes
+itself (a scoring pass, or the training forward detached), so the sampler only has to draw from the policy, and
+without dropout it draws from the policy itself rather than from one dropout mask of it (a captured dropout
+would also replay one mask). vLLM, transformers' continuous batching, FSDP, images and settings the sampler does
+not implement (`decode_graphs.unsupported`) keep TRL's path.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def trainer_class(generation_graphs: bool) -> type:
                 return ""
             if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
                 return ""
+            if getattr(self, "is_fsdp_enabled", False):
+                return "FSDP (sharded weights are gathered per generate call)"
             if images is not None and any(i is not None for i in images) or multimodal_fields:
                 return "prompts with images"
             if self.args.cast_lm_head_to_fp32:
