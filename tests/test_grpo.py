@@ -441,3 +441,23 @@ def test_generation_through_lorakits_sampler_gives_trls_completions(tmp_path, ti
     ends = [c for c in got[True] if len(c) < 12]
     assert ends and all(c[-1] in {3, 5, 7} | eos for c in ends)
     assert model.training  # the model is back in train mode after sampling in eval mode
+
+
+def test_settings_the_sampler_lacks_keep_trls_generate(tmp_path, tiny_model_dir, lora_model, monkeypatch, caplog):
+    from lorakit.speed import decode_graphs
+    from lorakit.train.grpo import build_grpo_trainer
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_completion_length=6)
+    model, tok = lora_model
+    calls = []
+    monkeypatch.setattr(decode_graphs, "generate", lambda *a, **k: calls.append(k))
+    trainer = build_grpo_trainer(recipe, model, tok, prepared(4), training_args(tmp_path), generation_graphs=True)
+    trainer.generation_config.repetition_penalty = 1.3  # e.g. GRPOConfig(repetition_penalty=1.3)
+    prompt_ids = [tok(f"What is {i} + 1?")["input_ids"] for i in range(2)]
+    with caplog.at_level("WARNING", logger="lorakit.train.grpo_trainer"):
+        for _ in range(2):
+            completions, _ = trainer._generate_single_turn(prompt_ids, None, {}, 2)
+            assert len(completions) == 2 and all(0 < len(c) <= 6 for c in completions)
+    assert calls == []
+    said = [r.getMessage() for r in caplog.records if "repetition_penalty" in r.getMessage()]
+    assert len(said) == 1  # said once, not every step
