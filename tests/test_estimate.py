@@ -372,6 +372,19 @@ def test_grpo_estimate_uses_prompt_plus_completion_and_the_generation_phase():
     assert sft["memory"]["phases_bytes"] == {} and sft["memory"]["peak_phase"] == "training"
 
 
+def test_grpo_generation_over_a_static_cache_counts_its_rounded_length():
+    """grpo.generation_graphs (on by default on CUDA) sizes the KV cache at prompt + completion rounded up to 64
+    tokens, as lorakit.speed.decode_graphs allocates it; transformers' dynamic cache holds exactly the tokens."""
+    def grpo(graphs):
+        return _recipe(method="grpo", data={"path": "x.jsonl"}, train={"batch_size": 8},
+                       grpo={"rewards": [{"fn": "exact_answer"}], "max_prompt_length": 200,
+                             "max_completion_length": 60, "generation_graphs": graphs})
+
+    static, dynamic = estimate(grpo("auto"))["memory"], estimate(grpo(False))["memory"]
+    per_token = 128 * 1024  # Llama-3.1-8B: 32 layers x 2 x 8 kv heads x 128 x bf16
+    assert static["generation_bytes"] - dynamic["generation_bytes"] == 8 * (320 - 260) * per_token
+
+
 def test_more_checkpointed_layers_than_the_model_has_is_an_input_error():
     """The same shape check as validate: `lorakit train` would otherwise fail only after loading the weights."""
     with pytest.raises(LorakitError) as e:

@@ -31,7 +31,7 @@ from lorakit.model.shapes import ModelShape, check_checkpoint_layers, check_modu
 from lorakit.recipe.loader import located
 from lorakit.recipe.rules import resolved_optimizer
 from lorakit.speed import Plan
-from lorakit.speed.planning import TILED_MLP_CHUNK_TOKENS
+from lorakit.speed.planning import TILED_MLP_CHUNK_TOKENS, generation_cache_tokens
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -138,6 +138,9 @@ class Setup:
     """With checkpointing: None = every decoder layer, K = the first K layers (train.gradient_checkpointing: K)."""
     gen_batch: int = 0
     """GRPO: sequences generated at once (their KV cache is the generation phase's memory); 0 for SFT."""
+    gen_seq: int = 0
+    """GRPO: tokens each generated sequence's KV cache holds (0: `seq`); a static cache rounds them up
+    (lorakit.speed.planning.generation_cache_tokens)."""
     cuda_graphs: bool = False
     """Checkpointed layers replayed as CUDA graphs (lorakit.speed.layer_graphs): a layer's recompute-and-backward
     working set lives in the graphs' own memory pool for the whole run, plus four hidden-state buffers."""
@@ -220,7 +223,7 @@ def generation_bytes(shape: ModelShape, s: Setup) -> int:
     the compute dtype) and the fp32 logits and probabilities of the position being sampled."""
     if not s.gen_batch:
         return 0
-    kv = s.gen_batch * s.seq * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * s.act_bytes
+    kv = s.gen_batch * (s.gen_seq or s.seq) * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * s.act_bytes
     return int(kv + s.gen_batch * shape.vocab * 4 * 2)
 
 
@@ -409,6 +412,7 @@ def _setup(recipe, device: str, levers: Plan) -> Setup:
                  dropout_kernel=levers.dropout_kernel,
                  fused_lm_head=_trl_fused_lm_head(),
                  checkpoint_layers=levers.checkpoint_layers, gen_batch=_gen_batch(recipe),
+                 gen_seq=generation_cache_tokens(_seq_len(recipe)) if levers.generation_graphs else 0,
                  cuda_graphs=levers.cuda_graphs,
                  offload_embeddings=levers.offload_embeddings,
                  offload_activations=levers.offload_activations,

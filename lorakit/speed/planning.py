@@ -59,6 +59,8 @@ OFFLOAD_MIN_LAYER_PARAMS_PER_HIDDEN = 16_000
 TILED_MLP_CHUNK_TOKENS = 8192
 # The share of the host's available memory offloaded checkpoints may pin.
 OFFLOAD_MAX_HOST_SHARE = 0.75
+# grpo.generation_graphs: the static KV cache holds prompt + completion tokens rounded up to a multiple of this.
+GENERATION_CACHE_ROUND = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,12 @@ def generation_graphs(recipe: Any, device: str) -> bool:
     if g == "auto":
         return device == "cuda" and recipe.distributed.strategy != "fsdp"
     return bool(g)
+
+
+def generation_cache_tokens(tokens: int) -> int:
+    """Tokens a sequence's static KV cache holds under grpo.generation_graphs for `tokens` prompt + completion
+    tokens (lorakit.speed.decode_graphs sizes it so, the estimate counts it so)."""
+    return -(-tokens // GENERATION_CACHE_ROUND) * GENERATION_CACHE_ROUND
 
 
 def liger_available() -> bool:
