@@ -21,13 +21,22 @@ def render_prompt(tokenizer, prompt: Any) -> str:
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos and the model's (as TRL does)."""
+    ids: list[int] = []
     gen = getattr(model, "generation_config", None)
     for value in (tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
         for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if v is not None and v not in ids:
+            if v is not None and int(v) not in ids:
                 ids.append(int(v))
+    return ids
+
+
+def until_eos(ids: list[int], eos) -> list[int]:
+    """Generated ids up to and including the first end-of-sequence token (TRL's completion_ids)."""
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[: j + 1]
     return ids
 
 
@@ -40,7 +49,7 @@ def generate_batch(model, tokenizer, prompts: list, *, max_new_tokens: int = 64,
     tokenizer.padding_side = "left"
     model.eval()
     out: list[str] = []
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     try:
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):

@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 from lorakit.errors import LorakitError
 from lorakit.recipe.loader import recipe_dir
 from lorakit.speed import decode_graphs
+from lorakit.train.evaluate import eos_ids, until_eos
 from lorakit.train.grpo_trainer import trainer_class
 from lorakit.train.rewards import Reward, combine, completion_text, load_rewards
 
@@ -256,24 +257,6 @@ def build_grpo_trainer(recipe, model, tokenizer, prepared, training_args: dict, 
     return trainer
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's eos and the model's (as TRL does)."""
-    ids: list[int] = []
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
-
-
-def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
-    """Generated ids up to and including the first end-of-sequence token (TRL's completion_ids)."""
-    for j, t in enumerate(ids):
-        if t in eos:
-            return ids[: j + 1]
-    return ids
-
-
 def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights: Sequence[float] | None = None, *,
                      max_new_tokens: int = 128, batch_size: int = 16, samples: int = 4,
                      generation_graphs: bool = False) -> dict:
@@ -298,7 +281,7 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     per_reward: list[list] = [[] for _ in rewards]
     completions_all: list[str] = []
     was_training = model.training
@@ -318,7 +301,7 @@ def evaluate_rewards(model, tokenizer, rows, rewards: Sequence[Reward], weights:
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
                                          temperature=None, top_p=None, top_k=None)
                     generated = out[:, enc["input_ids"].shape[1]:].tolist()
-            completion_ids = [_until_eos(ids, eos) for ids in generated]
+            completion_ids = [until_eos(ids, eos) for ids in generated]
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             if not isinstance(batch[0]["prompt"], str):
                 completions_fmt: list = [[{"role": "assistant", "content": c}] for c in completions]

@@ -19,6 +19,7 @@ import logging
 import torch
 
 from lorakit.speed import decode_graphs
+from lorakit.train.evaluate import until_eos
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def trainer_class(generation_graphs: bool) -> type:
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
-            why = self._why_not_graphs(images, multimodal_fields)
+            config = self._sampling_config()
+            why = self._why_not_graphs(images, multimodal_fields, config)
             if why is not None:
                 if why and not self._fallback_said:
                     log.warning("generation through transformers' generate: %s", why)
@@ -62,20 +64,18 @@ def trainer_class(generation_graphs: bool) -> type:
                 try:
                     new = decode_graphs.generate(
                         model, ids, mask, max_new_tokens=self.max_completion_length, eos_token_ids=self.eos_token_ids,
-                        pad_token_id=self._tokenizer.pad_token_id, config=self._sampling_config(model))
+                        pad_token_id=self._tokenizer.pad_token_id, config=config)
                 finally:
                     model.train(was_training)
             eos = set(self.eos_token_ids)
-            completion_ids = []
-            for row in new.tolist():  # one read back; each completion up to and including its first eos
-                end = next((j for j, t in enumerate(row) if t in eos), len(row) - 1)
-                completion_ids.append(row[: end + 1])
-            return completion_ids, None
+            return [until_eos(row, eos) for row in new.tolist()], None  # one read back from the GPU
 
-        def _sampling_config(self, model):
+        def _sampling_config(self):
+            """The GenerationConfig TRL's generate would sample with (TRL's settings over the model's own)."""
+            model = self.accelerator.unwrap_model(self.model_wrapped)
             return decode_graphs.merged_config(getattr(model, "generation_config", None), self.generation_config)
 
-        def _why_not_graphs(self, images, multimodal_fields) -> str | None:
+        def _why_not_graphs(self, images, multimodal_fields, config) -> str | None:
             """None where lorakit's sampler generates; else why not ("" when it was not asked for)."""
             if not self.lorakit_generation_graphs:
                 return ""
@@ -87,7 +87,6 @@ def trainer_class(generation_graphs: bool) -> type:
                 return "prompts with images"
             if self.args.cast_lm_head_to_fp32:
                 return "cast_lm_head_to_fp32"
-            model = self.accelerator.unwrap_model(self.model_wrapped)
-            return decode_graphs.unsupported(self._sampling_config(model))
+            return decode_graphs.unsupported(config)
 
     return LorakitGRPOTrainer

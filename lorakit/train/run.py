@@ -128,7 +128,7 @@ def _build_trainer(recipe, model, tokenizer, prepared, common: dict, callbacks: 
                            processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optim)
 
 
-def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str) -> dict:
+def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str, plan: speed.Plan) -> dict:
     """Eval loss (SFT with eval rows) and task metrics (when the recipe names metrics)."""
     result: dict[str, Any] = {"eval_loss": None, "metrics": None, "samples": []}
     if recipe.method == "sft" and prepared.eval is not None and len(prepared.eval) > 0:
@@ -146,7 +146,7 @@ def _evaluate(trainer, recipe, model, tokenizer, prepared, out: _Out, when: str)
     if recipe.method == "grpo":  # mean reward of greedy completions on held-out prompts
         t0 = time.time()
         rw = grpo.held_out_rewards(recipe, model, tokenizer, prepared.eval,
-                                   generation_graphs=getattr(trainer, "lorakit_generation_graphs", False))
+                                   generation_graphs=plan.generation_graphs)
         result["reward"] = rw
         if rw is not None:
             parts = ", ".join(f"{k} {fmt(v)}" for k, v in rw["rewards"].items())
@@ -339,7 +339,7 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
     if checkpoint is not None and before_path.exists():
         before = json.loads(before_path.read_text(encoding="utf-8"))
     else:
-        before = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "before")
+        before = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "before", plan)
         run.write_json(BEFORE_FILE, before)
 
     t_train = time.time()
@@ -368,7 +368,7 @@ def _train_and_save(recipe, run: RunDir, device, plan: speed.Plan, options: dict
         run.set_state(FAILED, error=learning.problem, step=state.global_step)
         raise learning.error()
 
-    after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after")
+    after = _evaluate(trainer, recipe, model, tokenizer, prepared, out, "after", plan)
     _save_adapter(model, tokenizer, run, trainer)
 
     history = list(state.log_history)
